@@ -1,0 +1,149 @@
+//! Wiring of each pipeline process from the configuration: the same functions serve the
+//! `sluice` subcommands, the demo and the integration tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_core::Config;
+use sluice_ingest::Ingest;
+use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
+use sluice_sinks::timescale::{self, TimescaleWriter};
+use sluice_sinks::{run_sink, SinkSpec, SinkStats};
+use sluice_stages::enrich::{Enricher, IpTable};
+use sluice_stages::parse::Parser;
+use sluice_stages::{run_stage, StageSpec, StageStats};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The stages `sluice stage` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StageName {
+    /// Raw JSON lines → ClickEvent.
+    Parse,
+    /// ClickEvent → EnrichedEvent.
+    Enrich,
+}
+
+/// The sinks `sluice sink` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkName {
+    /// TimescaleDB / PostgreSQL.
+    Timescale,
+    /// Elasticsearch.
+    Elasticsearch,
+}
+
+/// Run a stage until `shutdown`.
+pub async fn run_stage_named(config: &Config, name: StageName, shutdown: CancellationToken) -> Result<StageStats> {
+    let t = &config.topics;
+    let stats = match name {
+        StageName::Parse => {
+            let spec = StageSpec {
+                group: config.parse.group.clone(),
+                input: t.raw.clone(),
+                output: t.parsed.clone(),
+                dlq: t.dlq(&t.raw),
+                max_in_flight: config.parse.max_in_flight,
+            };
+            run_stage(&config.kafka, &spec, Arc::new(Parser), shutdown).await?
+        }
+        StageName::Enrich => {
+            let ips = match &config.enrich.geo_csv {
+                Some(path) => IpTable::load(path)?,
+                None => IpTable::default(),
+            };
+            let spec = StageSpec {
+                group: config.enrich.group.clone(),
+                input: t.parsed.clone(),
+                output: t.enriched.clone(),
+                dlq: t.dlq(&t.parsed),
+                max_in_flight: config.enrich.max_in_flight,
+            };
+            run_stage(&config.kafka, &spec, Arc::new(Enricher::new(ips)), shutdown).await?
+        }
+    };
+    Ok(stats)
+}
+
+/// Run a sink until `shutdown` (migrations or the index template first).
+pub async fn run_sink_named(config: &Config, name: SinkName, shutdown: CancellationToken) -> Result<SinkStats> {
+    let t = &config.topics;
+    let stats = match name {
+        SinkName::Timescale => {
+            let c = &config.timescale;
+            let pool = timescale::pool(c)?;
+            let timescale = timescale::migrate(&pool, c).await.context("database migrations")?;
+            tracing::info!(timescale, schema = %c.schema, "database ready");
+            let spec = SinkSpec {
+                group: c.group.clone(),
+                input: t.enriched.clone(),
+                dlq: t.dlq(&t.enriched),
+                batch_size: c.batch_size,
+                linger: Duration::from_millis(c.linger_ms),
+            };
+            let stats = run_sink(&config.kafka, &spec, TimescaleWriter::new(pool.clone(), &c.schema), shutdown).await?;
+            // Release the connection: PGlite serves one session at a time.
+            pool.close();
+            stats
+        }
+        SinkName::Elasticsearch => {
+            let c = &config.elasticsearch;
+            let client = es::client(c)?;
+            es::put_template(&client, c).await.context("elasticsearch index template")?;
+            let spec = SinkSpec {
+                group: c.group.clone(),
+                input: t.enriched.clone(),
+                dlq: t.dlq(&t.enriched),
+                batch_size: c.bulk_max_docs * 4,
+                linger: Duration::from_millis(c.linger_ms),
+            };
+            run_sink(&config.kafka, &spec, ElasticsearchWriter::new(client, c.clone()), shutdown).await?
+        }
+    };
+    Ok(stats)
+}
+
+/// Start the HTTP ingest server; returns its address and the task serving it.
+pub async fn start_ingest(
+    config: &Config,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
+    let ingest = Ingest::new(&config.kafka, &config.topics.raw, config.ingest.clone(), metrics)?;
+    let (listener, addr) = ingest.bind().await.with_context(|| format!("binding {}", config.ingest.listen))?;
+    tracing::info!(%addr, topic = %config.topics.raw, "ingest listening");
+    let task = tokio::spawn(async move {
+        ingest.serve(listener, async move { shutdown.cancelled().await }).await?;
+        Ok(())
+    });
+    Ok((addr, task))
+}
+
+/// Load the configuration from `file` (if any) plus the stack settings and environment.
+pub fn load_config(file: Option<&Path>) -> Result<Config> {
+    Config::load(file).context("loading configuration")
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}

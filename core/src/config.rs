@@ -1,0 +1,481 @@
+//! Sluice configuration: one TOML file, then the stack settings file, then `SLUICE__*`
+//! environment variables, each overriding the one before.
+//!
+//! An environment variable `SLUICE__SECTION__KEY=value` sets `section.key`. The value is
+//! read as a TOML value when it parses as one (numbers, booleans, arrays) and as a string
+//! otherwise. For tables of client properties (`kafka.properties`, `kafka.producer`,
+//! `kafka.consumer`) the value is a comma-separated list of `name=value` pairs that is
+//! merged into the table, because librdkafka property names contain dots.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("invalid TOML in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+    /// An override names a key that is not a table where a table is needed.
+    #[error("override {var}: `{key}` is not a table")]
+    NotATable {
+        /// The variable that asked for the override.
+        var: String,
+        /// The key that is not a table.
+        key: String,
+    },
+    /// A merged configuration has a wrong type or unknown key.
+    #[error("invalid configuration: {0}")]
+    Invalid(toml::de::Error),
+}
+
+/// The whole Sluice configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection and client properties.
+    pub kafka: KafkaConfig,
+    /// Pipeline topic names and their creation settings.
+    pub topics: TopicsConfig,
+    /// The HTTP ingest endpoint.
+    pub ingest: IngestConfig,
+    /// The parse stage.
+    pub parse: ParseConfig,
+    /// The enrich stage.
+    pub enrich: EnrichConfig,
+    /// The TimescaleDB / PostgreSQL sink.
+    pub timescale: TimescaleConfig,
+    /// The Elasticsearch sink.
+    pub elasticsearch: ElasticsearchConfig,
+    /// The Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Kafka connection settings and librdkafka properties passed through as they are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// librdkafka properties for every client.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for producers only.
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only.
+    pub consumer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            properties: BTreeMap::new(),
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Names of the pipeline's topics and how they are created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Raw events as received by ingest.
+    pub raw: String,
+    /// Parsed events (Avro).
+    pub parsed: String,
+    /// Enriched events (Avro).
+    pub enriched: String,
+    /// Suffix of each topic's dead-letter topic.
+    pub dlq_suffix: String,
+    /// Partitions of each topic created by Sluice.
+    pub partitions: i32,
+    /// Replication factor of each topic created by Sluice.
+    pub replication_factor: i32,
+    /// Retention of the raw topic, in milliseconds (kept long, for replays).
+    pub raw_retention_ms: i64,
+    /// Retention of every other topic, in milliseconds.
+    pub retention_ms: i64,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            raw: "sluice.raw".into(),
+            parsed: "sluice.parsed".into(),
+            enriched: "sluice.enriched".into(),
+            dlq_suffix: ".dlq".into(),
+            partitions: 6,
+            replication_factor: 1,
+            raw_retention_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: 3 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl TopicsConfig {
+    /// The dead-letter topic of `topic`.
+    pub fn dlq(&self, topic: &str) -> String {
+        format!("{topic}{}", self.dlq_suffix)
+    }
+
+    /// Every topic of the pipeline with its retention, raw first.
+    pub fn all(&self) -> Vec<(String, i64)> {
+        vec![
+            (self.raw.clone(), self.raw_retention_ms),
+            (self.dlq(&self.raw), self.raw_retention_ms),
+            (self.parsed.clone(), self.retention_ms),
+            (self.dlq(&self.parsed), self.retention_ms),
+            (self.enriched.clone(), self.retention_ms),
+            (self.dlq(&self.enriched), self.retention_ms),
+        ]
+    }
+}
+
+/// One tenant's API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The tenant this key writes as.
+    pub tenant: String,
+    /// The bearer token.
+    pub key: String,
+}
+
+/// The HTTP ingest endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most lines accepted in one NDJSON request.
+    pub max_lines: usize,
+    /// How long to wait for the broker to acknowledge a request's records.
+    pub ack_timeout_ms: u64,
+    /// Fields of an event, tried in order, whose value keys its record.
+    pub partition_key_fields: Vec<String>,
+    /// Accepted API keys.
+    pub api_keys: Vec<ApiKey>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_lines: 10_000,
+            ack_timeout_ms: 10_000,
+            partition_key_fields: vec!["user_id".into(), "session_id".into()],
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+/// The parse stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParseConfig {
+    /// Consumer group.
+    pub group: String,
+    /// Records processed concurrently (awaiting broker acks).
+    pub max_in_flight: usize,
+}
+
+impl Default for ParseConfig {
+    fn default() -> Self {
+        Self { group: "sluice-parse".into(), max_in_flight: 10_000 }
+    }
+}
+
+/// The enrich stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Consumer group.
+    pub group: String,
+    /// Records processed concurrently (awaiting broker acks).
+    pub max_in_flight: usize,
+    /// CSV of `cidr,network,country` rows for IP lookups; none means no IP enrichment.
+    pub geo_csv: Option<PathBuf>,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        Self { group: "sluice-enrich".into(), max_in_flight: 10_000, geo_csv: None }
+    }
+}
+
+/// Which database features the TimescaleDB sink uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbMode {
+    /// TimescaleDB when the extension is available, plain PostgreSQL otherwise.
+    Auto,
+    /// Require TimescaleDB.
+    Timescale,
+    /// Plain PostgreSQL tables, no continuous aggregates.
+    Postgres,
+}
+
+/// The TimescaleDB / PostgreSQL sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimescaleConfig {
+    /// Connection URL (`postgres://user:pass@host:port/db`).
+    pub url: String,
+    /// Schema that holds Sluice's tables.
+    pub schema: String,
+    /// Database features to use.
+    pub mode: DbMode,
+    /// Consumer group.
+    pub group: String,
+    /// Connections in the pool (PGlite serves one session: keep 1 there).
+    pub pool_size: usize,
+    /// Most rows in one INSERT.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    pub linger_ms: u64,
+}
+
+impl Default for TimescaleConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            schema: "sluice".into(),
+            mode: DbMode::Auto,
+            group: "sluice-sink-timescale".into(),
+            pool_size: 1,
+            batch_size: 2_000,
+            linger_ms: 200,
+        }
+    }
+}
+
+/// The Elasticsearch sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ElasticsearchConfig {
+    /// Base URL of the cluster.
+    pub url: String,
+    /// Indices are named `<index_prefix>-<tenant>-YYYY.MM.DD` from the event time.
+    pub index_prefix: String,
+    /// Consumer group.
+    pub group: String,
+    /// Most documents in one `_bulk` request.
+    pub bulk_max_docs: usize,
+    /// Most bytes in one `_bulk` request.
+    pub bulk_max_bytes: usize,
+    /// Longest wait for a bulk request to fill, in milliseconds.
+    pub linger_ms: u64,
+}
+
+impl Default for ElasticsearchConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:9200".into(),
+            index_prefix: "sluice-events".into(),
+            group: "sluice-sink-elasticsearch".into(),
+            bulk_max_docs: 1_000,
+            bulk_max_bytes: 5 * 1024 * 1024,
+            linger_ms: 200,
+        }
+    }
+}
+
+/// The Prometheus metrics endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on this address; none turns the listener off.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
+    }
+}
+
+/// Tables whose overrides merge `name=value` lists instead of replacing the value.
+const PROPERTY_TABLES: &[&str] = &["kafka.properties", "kafka.producer", "kafka.consumer"];
+
+impl Config {
+    /// Load the configuration: the TOML file (if any), then the stack settings file
+    /// named by `SLUICE_STACK_ENV` (if set), then the process's `SLUICE__*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut vars: Vec<(String, String)> = Vec::new();
+        if let Ok(stack_env) = std::env::var("SLUICE_STACK_ENV") {
+            vars.extend(read_env_file(Path::new(&stack_env))?);
+        }
+        vars.extend(std::env::vars());
+        Self::load_with(file, vars)
+    }
+
+    /// Load from a file (if any) and the given variables, in order.
+    pub fn load_with(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                toml::from_str::<toml::Value>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.into(), source })?
+            }
+            None => toml::Value::Table(Default::default()),
+        };
+        for (var, value) in vars {
+            if let Some(rest) = var.strip_prefix("SLUICE__") {
+                let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+                apply_override(&mut root, &var, &path, &value)?;
+            }
+        }
+        root.try_into().map_err(ConfigError::Invalid)
+    }
+}
+
+/// Read `KEY=VALUE` lines, skipping blanks and `#` comments.
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    Ok(parse_env_lines(&text))
+}
+
+/// Parse `KEY=VALUE` lines, skipping blanks and `#` comments.
+pub fn parse_env_lines(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn apply_override(
+    root: &mut toml::Value,
+    var: &str,
+    path: &[String],
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let dotted = path.join(".");
+    let mut node = root;
+    for (i, key) in path.iter().enumerate() {
+        let table = node.as_table_mut().ok_or_else(|| ConfigError::NotATable {
+            var: var.into(),
+            key: path[..i].join("."),
+        })?;
+        if i + 1 == path.len() {
+            if PROPERTY_TABLES.contains(&dotted.as_str()) {
+                let entry = table
+                    .entry(key.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                let props = entry.as_table_mut().ok_or_else(|| ConfigError::NotATable {
+                    var: var.into(),
+                    key: dotted.clone(),
+                })?;
+                for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                    if let Some((k, v)) = pair.split_once('=') {
+                        props.insert(k.trim().into(), toml::Value::String(v.trim().into()));
+                    }
+                }
+            } else {
+                table.insert(key.clone(), parse_value(raw));
+            }
+            return Ok(());
+        }
+        node = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    Ok(())
+}
+
+/// A TOML value if `raw` is one, otherwise the string itself.
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let c = Config::load_with(None, vec![]).unwrap();
+        assert_eq!(c.topics.raw, "sluice.raw");
+        assert_eq!(c.topics.dlq("sluice.parsed"), "sluice.parsed.dlq");
+    }
+
+    #[test]
+    fn env_overrides_file_and_merges_properties() {
+        let dir = std::env::temp_dir().join(format!("sluice-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[kafka]\nbrokers = \"a:1\"\n[kafka.properties]\n\"client.id\" = \"x\"\n[ingest]\nmax_lines = 5\n",
+        )
+        .unwrap();
+        let c = Config::load_with(
+            Some(&file),
+            vars(&[
+                ("SLUICE__KAFKA__BROKERS", "b:2"),
+                ("SLUICE__KAFKA__PROPERTIES", "receive.message.max.bytes=100, linger.ms=5"),
+                ("SLUICE__INGEST__MAX_LINES", "7"),
+                ("SLUICE__TIMESCALE__MODE", "postgres"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b:2");
+        assert_eq!(c.kafka.properties["client.id"], "x");
+        assert_eq!(c.kafka.properties["receive.message.max.bytes"], "100");
+        assert_eq!(c.kafka.properties["linger.ms"], "5");
+        assert_eq!(c.ingest.max_lines, 7);
+        assert_eq!(c.timescale.mode, DbMode::Postgres);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Config::load_with(None, vars(&[("SLUICE__INGEST__MAX_LINEZ", "7")])).unwrap_err();
+        assert!(err.to_string().contains("max_linez"), "{err}");
+    }
+
+    #[test]
+    fn bad_type_is_an_error() {
+        let err = Config::load_with(None, vars(&[("SLUICE__INGEST__MAX_LINES", "lots")])).unwrap_err();
+        assert!(err.to_string().contains("invalid configuration"), "{err}");
+    }
+
+    #[test]
+    fn env_file_lines() {
+        let v = parse_env_lines("# c\n\nA=1\nB = two=2\n");
+        assert_eq!(v, vec![("A".into(), "1".into()), ("B".into(), "two=2".into())]);
+    }
+}

@@ -1,0 +1,206 @@
+//! Kafka client configuration and topic administration.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::config::{KafkaConfig, TopicsConfig};
+
+/// Why a Kafka administration call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaAdminError {
+    /// The client could not be created or the request failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker refused to create a topic.
+    #[error("cannot create topic {topic}: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+}
+
+impl KafkaConfig {
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Settings of a durable producer: idempotent, `acks=all`, plus the configured properties.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4");
+        for (k, v) in &self.producer {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Settings of a consumer in `group` that commits only offsets it stored itself.
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &self.consumer {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Settings of an admin client.
+    pub fn admin_config(&self) -> ClientConfig {
+        self.base()
+    }
+}
+
+/// Create the pipeline's topics that do not exist yet; existing ones are left alone.
+/// Returns the names of the topics it created.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &TopicsConfig,
+) -> Result<Vec<String>, KafkaAdminError> {
+    let wanted: Vec<(String, String)> = topics
+        .all()
+        .into_iter()
+        .map(|(name, retention)| (name, retention.to_string()))
+        .collect();
+    create_topics(kafka, topics.partitions, topics.replication_factor, &wanted).await
+}
+
+/// Create `topics` (name, retention ms) with the given partitions; existing ones are kept.
+pub async fn create_topics(
+    kafka: &KafkaConfig,
+    partitions: i32,
+    replication: i32,
+    topics: &[(String, String)],
+) -> Result<Vec<String>, KafkaAdminError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, retention)| {
+            NewTopic::new(name, partitions, TopicReplication::Fixed(replication))
+                .set("retention.ms", retention)
+                .set("cleanup.policy", "delete")
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut created = Vec::new();
+    for result in admin.create_topics(new.iter(), &opts).await? {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaAdminError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(created)
+}
+
+/// Delete topics, ignoring ones that do not exist.
+pub async fn delete_topics(kafka: &KafkaConfig, names: &[String]) -> Result<(), KafkaAdminError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&refs, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => return Err(KafkaAdminError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// The end offset (high watermark) of every partition of `topic`, by partition.
+/// Blocking: call from a blocking context.
+pub fn end_offsets(kafka: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>, KafkaAdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut out = Vec::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            out.push((p.id(), high));
+        }
+    }
+    Ok(out)
+}
+
+/// The offsets `group` committed on each partition of `topic` (0 where none).
+/// Blocking: call from a blocking context.
+pub fn committed_offsets(kafka: &KafkaConfig, group: &str, topic: &str) -> Result<Vec<(i32, i64)>, KafkaAdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = kafka.consumer_config(group).create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+        .collect())
+}
+
+/// Every record of `topic` from the beginning up to its end offsets at call time.
+/// Blocking: call from a blocking context.
+pub fn read_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<rdkafka::message::OwnedMessage>, KafkaAdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let ends = end_offsets(kafka, topic)?;
+    let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for &(p, end) in &ends {
+        if end > 0 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            remaining += end;
+        }
+    }
+    let mut out = Vec::new();
+    if remaining == 0 {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let end_of = |p: i32| ends.iter().find(|(q, _)| *q == p).map_or(0, |(_, e)| *e);
+    while remaining > 0 && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() < end_of(m.partition()) => {
+                remaining -= 1;
+                out.push(m.detach());
+            }
+            Some(Err(e)) => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,14 @@
+//! Shared pieces of every Sluice process: configuration, Kafka client settings and topic
+//! administration, record header names, and logging/metrics set-up.
+
+pub mod config;
+pub mod headers;
+pub mod kafka;
+pub mod telemetry;
+
+pub use config::Config;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

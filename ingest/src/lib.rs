@@ -1,0 +1,309 @@
+//! The HTTP ingest endpoint. It authenticates a request, bounds it, stamps each line
+//! with headers and writes the raw bytes to the raw topic. It does not parse events:
+//! that is the parse stage's job, so a malformed line is kept raw and dead-lettered there.
+//!
+//! `POST /v1/events` answers `202` only once the broker acknowledged every record of
+//! the request (idempotent producer, `acks=all`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::future::join_all;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use sluice_core::config::{IngestConfig, KafkaConfig};
+use sluice_core::headers;
+use tokio::net::TcpListener;
+
+/// Why the ingest server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The Kafka producer could not be created.
+    #[error("kafka producer: {0}")]
+    Producer(#[from] KafkaError),
+    /// The listen address could not be bound or serving failed.
+    #[error("http server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A request rejected before or while writing it, with its HTTP status and JSON reason.
+#[derive(Debug)]
+pub struct Rejection {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+    retry_after_s: Option<u64>,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
+        Self { status, error, reason: reason.into(), retry_after_s: None }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    reason: &'a str,
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        metrics::counter!("sluice_ingest_requests_total", "status" => self.status.as_u16().to_string())
+            .increment(1);
+        let mut resp =
+            (self.status, Json(ErrorBody { error: self.error, reason: &self.reason })).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    /// Records written.
+    pub accepted: usize,
+    /// Id of this request, also in every record's headers.
+    pub ingest_id: String,
+}
+
+/// Shared state of the ingest server.
+pub struct Ingest {
+    producer: FutureProducer,
+    topic: String,
+    config: IngestConfig,
+    /// Bearer token → tenant.
+    keys: HashMap<String, String>,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl Ingest {
+    /// Create the producer and the request handler state.
+    pub fn new(
+        kafka: &KafkaConfig,
+        topic: &str,
+        config: IngestConfig,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Arc<Self>, IngestError> {
+        let mut pc = kafka.producer_config();
+        // Fail deliveries that the broker cannot ack in time, so the client gets a 503.
+        pc.set("message.timeout.ms", config.ack_timeout_ms.to_string());
+        let producer: FutureProducer = pc.create()?;
+        let keys = config.api_keys.iter().map(|k| (k.key.clone(), k.tenant.clone())).collect();
+        Ok(Arc::new(Self { producer, topic: topic.into(), config, keys, metrics }))
+    }
+
+    /// The HTTP routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/events", post(post_events))
+            .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(render_metrics))
+            // Limit enforced by us, with a JSON answer; axum's own limit is lifted to it.
+            .layer(DefaultBodyLimit::max(self.config.max_body_bytes.saturating_add(1)))
+            .with_state(self.clone())
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, then flush the producer.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), IngestError> {
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        // Requests that got a 202 were already acked; this only drains stragglers.
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
+            .await
+            .ok();
+        Ok(())
+    }
+
+    /// Bind the configured address.
+    pub async fn bind(&self) -> Result<(TcpListener, SocketAddr), IngestError> {
+        let listener = TcpListener::bind(self.config.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok((listener, addr))
+    }
+
+    fn tenant_of(&self, headers: &HeaderMap) -> Result<&str, Rejection> {
+        let unauthorized = |r: &str| Rejection::new(StatusCode::UNAUTHORIZED, "unauthorized", r);
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("missing Authorization: Bearer <api key>"))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("Authorization must be `Bearer <api key>`"))?;
+        self.keys.get(token.trim()).map(String::as_str).ok_or_else(|| unauthorized("unknown API key"))
+    }
+
+    /// Key of a record: tenant plus the first configured key field present in the line.
+    fn record_key(&self, tenant: &str, line: &str, event_id: &str) -> String {
+        let fields: Option<HashMap<String, &RawValue>> = serde_json::from_str(line).ok();
+        let value = fields.as_ref().and_then(|f| {
+            self.config.partition_key_fields.iter().find_map(|k| {
+                let raw = f.get(k)?.get();
+                let v = raw.trim_matches('"');
+                (!v.is_empty() && v != "null").then_some(v)
+            })
+        });
+        format!("{tenant}:{}", value.unwrap_or(event_id))
+    }
+
+    async fn write(
+        &self,
+        tenant: &str,
+        source: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Accepted, Rejection> {
+        let text = std::str::from_utf8(body).map_err(|e| {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("body is not UTF-8 (first bad byte at {})", e.valid_up_to()),
+            )
+        })?;
+        let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            return Err(Rejection::new(StatusCode::BAD_REQUEST, "empty_body", "no events in the body"));
+        }
+        if lines.len() > self.config.max_lines {
+            return Err(Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_lines",
+                format!("{} lines; at most {} per request", lines.len(), self.config.max_lines),
+            ));
+        }
+        let ingest_id = uuid::Uuid::now_v7().to_string();
+        let received_at = sluice_core::now_ms().to_string();
+        let mut deliveries = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let event_id = uuid::Uuid::now_v7().to_string();
+            let key = self.record_key(tenant, line, &event_id);
+            let hdrs = OwnedHeaders::new_with_capacity(6)
+                .insert(Header { key: headers::TENANT, value: Some(tenant) })
+                .insert(Header { key: headers::SOURCE, value: Some(source) })
+                .insert(Header { key: headers::CONTENT_TYPE, value: Some(content_type) })
+                .insert(Header { key: headers::RECEIVED_AT_MS, value: Some(&received_at) })
+                .insert(Header { key: headers::INGEST_ID, value: Some(&ingest_id) })
+                .insert(Header { key: headers::EVENT_ID, value: Some(&event_id) });
+            let record = FutureRecord::to(&self.topic).key(&key).payload(line.as_bytes()).headers(hdrs);
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Err(Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "producer queue is full; retry later (records of this request may be partly written)",
+                    )
+                    .retry_after(1));
+                }
+                Err((e, _)) => {
+                    return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "kafka_error", e.to_string())
+                        .retry_after(1));
+                }
+            }
+        }
+        let timeout = Duration::from_millis(self.config.ack_timeout_ms);
+        let results = tokio::time::timeout(timeout + Duration::from_secs(1), join_all(deliveries))
+            .await
+            .map_err(|_| broker_unavailable("broker did not acknowledge in time"))?;
+        for r in results {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(broker_unavailable(&e.to_string())),
+                Err(_) => return Err(broker_unavailable("delivery cancelled")),
+            }
+        }
+        metrics::counter!("sluice_ingest_events_total", "tenant" => tenant.to_string())
+            .increment(lines.len() as u64);
+        Ok(Accepted { accepted: lines.len(), ingest_id })
+    }
+}
+
+fn broker_unavailable(why: &str) -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        format!("events not stored: {why}; retry later"),
+    )
+    .retry_after(5)
+}
+
+/// Content types accepted by `POST /v1/events`.
+const ACCEPTED_TYPES: &[&str] = &["application/json", "application/x-ndjson", "application/jsonl"];
+
+async fn post_events(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Accepted>), Rejection> {
+    let tenant = ingest.tenant_of(&headers)?.to_string();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !ACCEPTED_TYPES.contains(&content_type.as_str()) {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            format!("content type `{content_type}`; send one of {}", ACCEPTED_TYPES.join(", ")),
+        ));
+    }
+    if body.len() > ingest.config.max_body_bytes {
+        return Err(Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body over {} bytes", ingest.config.max_body_bytes),
+        ));
+    }
+    let source = headers.get("x-source").and_then(|v| v.to_str().ok()).unwrap_or("http").to_string();
+    let accepted = ingest.write(&tenant, &source, &content_type, &body).await?;
+    metrics::counter!("sluice_ingest_requests_total", "status" => "202").increment(1);
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
+    let producer = ingest.producer.clone();
+    let topic = ingest.topic.clone();
+    let check = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).map(|_| ())
+    })
+    .await;
+    match check {
+        Ok(Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Ok(Err(e)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()).into_response(),
+        Err(e) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()).into_response(),
+    }
+}
+
+async fn render_metrics(State(ingest): State<Arc<Ingest>>) -> Response {
+    match &ingest.metrics {
+        Some(h) => h.render().into_response(),
+        None => Rejection::new(StatusCode::NOT_FOUND, "no_metrics", "metrics are off").into_response(),
+    }
+}

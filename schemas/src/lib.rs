@@ -1,0 +1,262 @@
+//! The Avro schemas of the pipeline's records (`schemas/avro/*.avsc`, compiled in) and
+//! their embedded encoding: Avro single-object encoding (a two-byte marker, the schema's
+//! 64-bit Rabin fingerprint, then the datum), which needs no schema registry.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::LazyLock;
+
+use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::{GenericSingleObjectReader, Schema};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Text of the ClickEvent schema.
+pub const CLICK_EVENT_AVSC: &str = include_str!("../avro/click_event.avsc");
+/// Text of the EnrichedEvent schema.
+pub const ENRICHED_EVENT_AVSC: &str = include_str!("../avro/enriched_event.avsc");
+
+/// Why a record could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// A compiled-in schema does not parse (a build defect).
+    #[error("schema {name} is invalid: {source}")]
+    Schema {
+        /// The schema's name.
+        name: &'static str,
+        /// The parse error.
+        source: Box<apache_avro::Error>,
+    },
+    /// The bytes are not a record of this schema (wrong fingerprint or bad datum).
+    #[error("cannot decode {name}: {source}")]
+    Decode {
+        /// The schema's name.
+        name: &'static str,
+        /// The Avro error.
+        source: Box<apache_avro::Error>,
+    },
+    /// The value does not fit the schema.
+    #[error("cannot encode {name}: {source}")]
+    Encode {
+        /// The schema's name.
+        name: &'static str,
+        /// The Avro error.
+        source: Box<apache_avro::Error>,
+    },
+}
+
+/// A record type with a compiled-in Avro schema.
+pub trait AvroRecord: Serialize + DeserializeOwned {
+    /// The schema's name, for messages.
+    const NAME: &'static str;
+    /// The schema's text.
+    const AVSC: &'static str;
+}
+
+/// A parsed clickstream/log event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClickEvent {
+    /// Unique id; sinks use it for idempotence.
+    pub event_id: String,
+    /// Tenant that sent it.
+    pub tenant: String,
+    /// User that did it.
+    pub user_id: String,
+    /// Client-side session id, if sent.
+    pub session_id: Option<String>,
+    /// `page_view`, `click`, ...
+    pub event_type: String,
+    /// Page URL.
+    pub url: Option<String>,
+    /// Referrer URL.
+    pub referrer: Option<String>,
+    /// When it happened, Unix milliseconds.
+    pub event_time: i64,
+    /// When ingest received it, Unix milliseconds.
+    pub received_at: i64,
+    /// Client user-agent string.
+    pub user_agent: Option<String>,
+    /// Client IP address.
+    pub ip: Option<String>,
+    /// Unknown fields, as JSON text.
+    pub extra: HashMap<String, String>,
+}
+
+impl AvroRecord for ClickEvent {
+    const NAME: &'static str = "ClickEvent";
+    const AVSC: &'static str = CLICK_EVENT_AVSC;
+}
+
+/// A ClickEvent with user-agent, network/geo and tenant details added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrichedEvent {
+    /// Unique id; sinks use it for idempotence.
+    pub event_id: String,
+    /// Tenant that sent it.
+    pub tenant: String,
+    /// User that did it.
+    pub user_id: String,
+    /// Client-side session id, if sent.
+    pub session_id: Option<String>,
+    /// `page_view`, `click`, ...
+    pub event_type: String,
+    /// Page URL.
+    pub url: Option<String>,
+    /// Referrer URL.
+    pub referrer: Option<String>,
+    /// When it happened, Unix milliseconds.
+    pub event_time: i64,
+    /// When ingest received it, Unix milliseconds.
+    pub received_at: i64,
+    /// Client user-agent string.
+    pub user_agent: Option<String>,
+    /// Client IP address.
+    pub ip: Option<String>,
+    /// Unknown fields, as JSON text.
+    pub extra: HashMap<String, String>,
+    /// Browser name from the user agent.
+    pub browser: Option<String>,
+    /// Browser version from the user agent.
+    pub browser_version: Option<String>,
+    /// Operating system from the user agent.
+    pub os: Option<String>,
+    /// Device category from the user agent (pc, smartphone, crawler...).
+    pub device: Option<String>,
+    /// Coarse network from the IP lookup table.
+    pub network: Option<String>,
+    /// Country from the IP lookup table.
+    pub country: Option<String>,
+}
+
+impl AvroRecord for EnrichedEvent {
+    const NAME: &'static str = "EnrichedEvent";
+    const AVSC: &'static str = ENRICHED_EVENT_AVSC;
+}
+
+impl EnrichedEvent {
+    /// An enriched event with every enrichment empty.
+    pub fn from_click(e: ClickEvent) -> Self {
+        Self {
+            event_id: e.event_id,
+            tenant: e.tenant,
+            user_id: e.user_id,
+            session_id: e.session_id,
+            event_type: e.event_type,
+            url: e.url,
+            referrer: e.referrer,
+            event_time: e.event_time,
+            received_at: e.received_at,
+            user_agent: e.user_agent,
+            ip: e.ip,
+            extra: e.extra,
+            browser: None,
+            browser_version: None,
+            os: None,
+            device: None,
+            network: None,
+            country: None,
+        }
+    }
+}
+
+/// Encodes and decodes one record type in Avro single-object encoding.
+pub struct SingleObjectCodec<T> {
+    schema: Schema,
+    header: Vec<u8>,
+    reader: GenericSingleObjectReader,
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T: AvroRecord> SingleObjectCodec<T> {
+    /// A codec for `T`'s compiled-in schema.
+    pub fn new() -> Result<Self, CodecError> {
+        let schema_err = |e| CodecError::Schema { name: T::NAME, source: Box::new(e) };
+        let schema = Schema::parse_str(T::AVSC).map_err(schema_err)?;
+        let header = RabinFingerprintHeader::from_schema(&schema).build_header();
+        let reader = GenericSingleObjectReader::builder()
+            .schema(schema.clone())
+            .build()
+            .map_err(schema_err)?;
+        Ok(Self { schema, header, reader, _record: PhantomData })
+    }
+
+    /// The parsed schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The 10-byte single-object header (marker and fingerprint) of this schema.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// Encode one record.
+    pub fn encode(&self, record: &T) -> Result<Vec<u8>, CodecError> {
+        let err = |e| CodecError::Encode { name: T::NAME, source: Box::new(e) };
+        let writer = GenericDatumWriter::builder(&self.schema).build().map_err(err)?;
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&self.header);
+        writer.write_ser(&mut out, record).map_err(err)?;
+        Ok(out)
+    }
+
+    /// Decode one record; fails on a different schema's fingerprint or a bad datum.
+    pub fn decode(&self, mut bytes: &[u8]) -> Result<T, CodecError> {
+        self.reader
+            .read_deser(&mut bytes)
+            .map_err(|e| CodecError::Decode { name: T::NAME, source: Box::new(e) })
+    }
+}
+
+/// The shared ClickEvent codec.
+pub static CLICK_EVENTS: LazyLock<SingleObjectCodec<ClickEvent>> =
+    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in ClickEvent schema parses"));
+/// The shared EnrichedEvent codec.
+pub static ENRICHED_EVENTS: LazyLock<SingleObjectCodec<EnrichedEvent>> =
+    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in EnrichedEvent schema parses"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn click() -> ClickEvent {
+        ClickEvent {
+            event_id: "e1".into(),
+            tenant: "acme".into(),
+            user_id: "u1".into(),
+            session_id: Some("s1".into()),
+            event_type: "page_view".into(),
+            url: Some("/home".into()),
+            referrer: None,
+            event_time: 1_700_000_000_000,
+            received_at: 1_700_000_000_500,
+            user_agent: None,
+            ip: Some("10.0.0.1".into()),
+            extra: HashMap::from([("k".into(), "\"v\"".into())]),
+        }
+    }
+
+    #[test]
+    fn round_trip_click() {
+        let bytes = CLICK_EVENTS.encode(&click()).unwrap();
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        assert_eq!(CLICK_EVENTS.decode(&bytes).unwrap(), click());
+    }
+
+    #[test]
+    fn round_trip_enriched() {
+        let mut e = EnrichedEvent::from_click(click());
+        e.browser = Some("Firefox".into());
+        let bytes = ENRICHED_EVENTS.encode(&e).unwrap();
+        assert_eq!(ENRICHED_EVENTS.decode(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn wrong_schema_is_rejected() {
+        let bytes = CLICK_EVENTS.encode(&click()).unwrap();
+        let err = ENRICHED_EVENTS.decode(&bytes).unwrap_err();
+        assert!(err.to_string().contains("EnrichedEvent"), "{err}");
+        assert!(CLICK_EVENTS.decode(b"{\"json\":1}").is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! The TimescaleDB / PostgreSQL sink: enriched events into a hypertable keyed by
+//! (time, event_id), with continuous aggregates for dashboards. Without the timescaledb
+//! extension it uses ordinary tables with the same keys and no aggregates.
+//!
+//! Writes are `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING`: one round trip
+//! per batch, idempotent, and it works on PGlite, which has no `COPY FROM STDIN`.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use sluice_core::config::{DbMode, TimescaleConfig};
+use sluice_schemas::EnrichedEvent;
+use sluice_stages::Failure;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::consumer::{BatchWriter, WriteError};
+
+/// Why the database could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The connection URL is wrong.
+    #[error("invalid database url: {0}")]
+    Url(tokio_postgres::Error),
+    /// The pool could not be built.
+    #[error("connection pool: {0}")]
+    Pool(String),
+    /// A statement failed.
+    #[error("database: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    /// TimescaleDB was required but is not available.
+    #[error("mode = \"timescale\" but the timescaledb extension is not available on this server")]
+    NoTimescale,
+    /// The schema name is not a plain identifier.
+    #[error("schema name {0:?}: use letters, digits and _ only")]
+    SchemaName(String),
+}
+
+/// Connect a pool to the configured database.
+pub fn pool(config: &TimescaleConfig) -> Result<Pool, DbError> {
+    let pg = tokio_postgres::Config::from_str(&config.url).map_err(DbError::Url)?;
+    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager).max_size(config.pool_size.max(1)).build().map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// One schema migration; `timescale_only` ones are skipped on plain PostgreSQL.
+struct Migration {
+    version: i32,
+    name: &'static str,
+    timescale_only: bool,
+    /// Statements, run one by one (continuous aggregates cannot be created in a transaction).
+    sql: &'static [&'static str],
+}
+
+/// `{s}` stands for the schema. Every statement is idempotent, so a migration that died
+/// half-way is simply run again.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events table",
+        timescale_only: false,
+        sql: &["CREATE TABLE IF NOT EXISTS {s}.events (
+            time timestamptz NOT NULL,
+            event_id text NOT NULL,
+            tenant text NOT NULL,
+            user_id text NOT NULL,
+            session_id text,
+            event_type text NOT NULL,
+            url text,
+            referrer text,
+            received_at timestamptz NOT NULL,
+            user_agent text,
+            ip text,
+            browser text,
+            browser_version text,
+            os text,
+            device text,
+            network text,
+            country text,
+            extra jsonb NOT NULL DEFAULT '{}',
+            PRIMARY KEY (time, event_id))",
+            "CREATE INDEX IF NOT EXISTS events_tenant_time ON {s}.events (tenant, time DESC)"],
+    },
+    Migration {
+        version: 2,
+        name: "events hypertable",
+        timescale_only: true,
+        sql: &["SELECT create_hypertable('{s}.events', 'time', chunk_time_interval => interval '1 day', if_not_exists => TRUE, migrate_data => TRUE)"],
+    },
+    Migration {
+        version: 3,
+        name: "continuous aggregates",
+        timescale_only: true,
+        sql: &[
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.page_views_1m WITH (timescaledb.continuous) AS
+             SELECT time_bucket('1 minute', time) AS bucket, tenant, url, count(*) AS views
+             FROM {s}.events WHERE event_type = 'page_view'
+             GROUP BY 1, tenant, url WITH NO DATA",
+            // Hierarchical: hourly views roll up the per-minute aggregate.
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.page_views_1h WITH (timescaledb.continuous) AS
+             SELECT time_bucket('1 hour', bucket) AS bucket, tenant, url, sum(views)::bigint AS views
+             FROM {s}.page_views_1m GROUP BY 1, tenant, url WITH NO DATA",
+            // Distinct counts cannot roll up, so unique users come from the hypertable.
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.users_1h WITH (timescaledb.continuous) AS
+             SELECT time_bucket('1 hour', time) AS bucket, tenant, count(DISTINCT user_id) AS users
+             FROM {s}.events GROUP BY 1, tenant WITH NO DATA",
+        ],
+    },
+];
+
+/// Continuous aggregates in refresh order (a hierarchical one after its source).
+pub const AGGREGATES: &[&str] = &["page_views_1m", "page_views_1h", "users_1h"];
+
+/// Run the migrations that have not run yet. Returns whether TimescaleDB is used.
+pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbError> {
+    let s = &config.schema;
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DbError::SchemaName(s.clone()));
+    }
+    let client = pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+    let available = client
+        .query_one("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'", &[])
+        .await?
+        .get::<_, i64>(0)
+        > 0;
+    let timescale = match config.mode {
+        DbMode::Postgres => false,
+        DbMode::Timescale if !available => return Err(DbError::NoTimescale),
+        DbMode::Timescale => true,
+        DbMode::Auto => available,
+    };
+    if timescale {
+        client.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await?;
+    } else {
+        tracing::info!(
+            "timescaledb extension {}: using plain PostgreSQL tables without continuous aggregates",
+            if available { "not wanted (mode = postgres)" } else { "not available" }
+        );
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.sluice_migrations (
+               version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .await?;
+    let done: Vec<i32> =
+        client.query(&format!("SELECT version FROM {s}.sluice_migrations"), &[]).await?.iter().map(|r| r.get(0)).collect();
+    for m in MIGRATIONS {
+        if done.contains(&m.version) || (m.timescale_only && !timescale) {
+            continue;
+        }
+        for stmt in m.sql {
+            client.batch_execute(&stmt.replace("{s}", s)).await?;
+        }
+        client
+            .execute(
+                &format!("INSERT INTO {s}.sluice_migrations (version, name) VALUES ($1, $2) ON CONFLICT DO NOTHING"),
+                &[&m.version, &m.name],
+            )
+            .await?;
+        tracing::info!(schema = %s, version = m.version, name = m.name, "migration applied");
+    }
+    Ok(timescale)
+}
+
+/// Refresh every continuous aggregate over all time (tests and the demo; production
+/// relies on refresh policies).
+pub async fn refresh_aggregates(client: &tokio_postgres::Client, schema: &str) -> Result<(), DbError> {
+    for agg in AGGREGATES {
+        client.batch_execute(&format!("CALL refresh_continuous_aggregate('{schema}.{agg}', NULL, NULL)")).await?;
+    }
+    Ok(())
+}
+
+/// Writes batches of enriched events to the events table.
+pub struct TimescaleWriter {
+    pool: Pool,
+    insert: String,
+}
+
+impl TimescaleWriter {
+    /// A writer into `schema`'s tables through `pool` (already migrated).
+    pub fn new(pool: Pool, schema: &str) -> Self {
+        let insert = format!(
+            "INSERT INTO {schema}.events (time, event_id, tenant, user_id, session_id, event_type, url, referrer,
+               received_at, user_agent, ip, browser, browser_version, os, device, network, country, extra)
+             SELECT t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex::jsonb
+             FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+               $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::text[],
+               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])
+               AS r(t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex)
+             ON CONFLICT DO NOTHING"
+        );
+        Self { pool, insert }
+    }
+
+    async fn insert(&self, rows: &[&EnrichedEvent]) -> Result<(), InsertError> {
+        let client = self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => InsertError::Db(e),
+            other => InsertError::Pool(other.to_string()),
+        })?;
+        let cols = Columns::of(rows);
+        let params: [&(dyn ToSql + Sync); 18] = [
+            &cols.time,
+            &cols.event_id,
+            &cols.tenant,
+            &cols.user_id,
+            &cols.session_id,
+            &cols.event_type,
+            &cols.url,
+            &cols.referrer,
+            &cols.received_at,
+            &cols.user_agent,
+            &cols.ip,
+            &cols.browser,
+            &cols.browser_version,
+            &cols.os,
+            &cols.device,
+            &cols.network,
+            &cols.country,
+            &cols.extra,
+        ];
+        let stmt = client.prepare_cached(&self.insert).await.map_err(InsertError::Db)?;
+        client.execute(&stmt, &params).await.map_err(InsertError::Db)?;
+        Ok(())
+    }
+}
+
+/// Why one INSERT failed.
+#[derive(Debug, thiserror::Error)]
+enum InsertError {
+    /// No connection could be had (server down, pool timeout).
+    #[error("no connection: {0}")]
+    Pool(String),
+    /// The statement failed.
+    #[error("{}", db_reason(.0))]
+    Db(tokio_postgres::Error),
+}
+
+/// How to treat a failed INSERT.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The connection or server state: retry the batch later.
+    Transient,
+    /// The data of a row: that row can never be written.
+    Row,
+    /// Anything else (missing table, permissions): stop.
+    Fatal,
+}
+
+impl InsertError {
+    fn verdict(&self) -> Verdict {
+        let Self::Db(e) = self else { return Verdict::Transient };
+        match e.code() {
+            None => Verdict::Transient,
+            Some(code) => match &code.code()[..2] {
+                "22" | "23" => Verdict::Row,
+                "08" | "53" | "57" | "58" | "40" => Verdict::Transient,
+                _ if *code == SqlState::LOCK_NOT_AVAILABLE => Verdict::Transient,
+                _ => Verdict::Fatal,
+            },
+        }
+    }
+}
+
+impl BatchWriter for TimescaleWriter {
+    fn name(&self) -> &'static str {
+        "timescale"
+    }
+
+    async fn write(&mut self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
+        let mut failures = Vec::new();
+        let mut rows = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            if DateTime::from_timestamp_millis(e.event_time).is_none()
+                || DateTime::from_timestamp_millis(e.received_at).is_none()
+            {
+                failures.push((i, Failure::new("write", "event_time or received_at out of range")));
+            } else {
+                rows.push((i, e));
+            }
+        }
+        let all: Vec<&EnrichedEvent> = rows.iter().map(|(_, e)| *e).collect();
+        match self.insert(&all).await {
+            Ok(()) => return Ok(failures),
+            Err(e) => match e.verdict() {
+                Verdict::Transient => return Err(WriteError::Transient(e.to_string())),
+                Verdict::Fatal => return Err(WriteError::Fatal(e.to_string())),
+                Verdict::Row => tracing::info!(error = %e, "batch rejected for its data; writing rows one by one"),
+            },
+        }
+        // Find the rows the database refuses, so the rest of the batch goes on.
+        for (i, e) in rows {
+            if let Err(err) = self.insert(&[e]).await {
+                match err.verdict() {
+                    Verdict::Row => failures.push((i, Failure::new("write", err.to_string()))),
+                    Verdict::Transient => return Err(WriteError::Transient(err.to_string())),
+                    Verdict::Fatal => return Err(WriteError::Fatal(err.to_string())),
+                }
+            }
+        }
+        Ok(failures)
+    }
+}
+
+fn db_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// The batch as one array per column.
+struct Columns {
+    time: Vec<DateTime<Utc>>,
+    event_id: Vec<String>,
+    tenant: Vec<String>,
+    user_id: Vec<String>,
+    session_id: Vec<Option<String>>,
+    event_type: Vec<String>,
+    url: Vec<Option<String>>,
+    referrer: Vec<Option<String>>,
+    received_at: Vec<DateTime<Utc>>,
+    user_agent: Vec<Option<String>>,
+    ip: Vec<Option<String>>,
+    browser: Vec<Option<String>>,
+    browser_version: Vec<Option<String>>,
+    os: Vec<Option<String>>,
+    device: Vec<Option<String>>,
+    network: Vec<Option<String>>,
+    country: Vec<Option<String>>,
+    extra: Vec<String>,
+}
+
+impl Columns {
+    fn of(rows: &[&EnrichedEvent]) -> Self {
+        let ts = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        Self {
+            time: rows.iter().map(|e| ts(e.event_time)).collect(),
+            event_id: rows.iter().map(|e| e.event_id.clone()).collect(),
+            tenant: rows.iter().map(|e| e.tenant.clone()).collect(),
+            user_id: rows.iter().map(|e| e.user_id.clone()).collect(),
+            session_id: rows.iter().map(|e| e.session_id.clone()).collect(),
+            event_type: rows.iter().map(|e| e.event_type.clone()).collect(),
+            url: rows.iter().map(|e| e.url.clone()).collect(),
+            referrer: rows.iter().map(|e| e.referrer.clone()).collect(),
+            received_at: rows.iter().map(|e| ts(e.received_at)).collect(),
+            user_agent: rows.iter().map(|e| e.user_agent.clone()).collect(),
+            ip: rows.iter().map(|e| e.ip.clone()).collect(),
+            browser: rows.iter().map(|e| e.browser.clone()).collect(),
+            browser_version: rows.iter().map(|e| e.browser_version.clone()).collect(),
+            os: rows.iter().map(|e| e.os.clone()).collect(),
+            device: rows.iter().map(|e| e.device.clone()).collect(),
+            network: rows.iter().map(|e| e.network.clone()).collect(),
+            country: rows.iter().map(|e| e.country.clone()).collect(),
+            extra: rows.iter().map(|e| extra_json(e).to_string()).collect(),
+        }
+    }
+}
+
+/// The `extra` map as one JSON object, each value parsed back from its JSON text.
+pub fn extra_json(e: &EnrichedEvent) -> serde_json::Value {
+    serde_json::Value::Object(
+        e.extra
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))))
+            .collect(),
+    )
+}

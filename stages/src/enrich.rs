@@ -1,0 +1,186 @@
+//! The enrich stage: `ClickEvent` → `EnrichedEvent`, adding browser/OS/device from the
+//! user agent (woothee) and a coarse network and country from a CIDR lookup table.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use rdkafka::message::{BorrowedMessage, Header, Message};
+use sluice_core::headers;
+use sluice_schemas::{ClickEvent, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
+
+use crate::dead_letter::Failure;
+use crate::parse::AVRO_SINGLE_OBJECT;
+use crate::runtime::{Output, Transform};
+
+/// Why the enrich stage could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichError {
+    /// The lookup table could not be read.
+    #[error("cannot read IP lookup table {path}: {source}")]
+    Csv {
+        /// The file.
+        path: String,
+        /// The CSV error.
+        source: csv::Error,
+    },
+    /// A row of the lookup table is wrong.
+    #[error("IP lookup table {path}, line {line}: {reason}")]
+    Row {
+        /// The file.
+        path: String,
+        /// The 1-based line.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One row of the IP lookup table.
+#[derive(Debug, Clone)]
+struct NetworkRow {
+    net: IpNet,
+    network: String,
+    country: String,
+}
+
+/// A CIDR → (network, country) table; the longest matching prefix wins.
+#[derive(Debug, Clone, Default)]
+pub struct IpTable {
+    /// Sorted by prefix length, longest first.
+    rows: Vec<NetworkRow>,
+}
+
+impl IpTable {
+    /// Load `cidr,network,country` rows (with a header line) from a CSV file.
+    pub fn load(path: &Path) -> Result<Self, EnrichError> {
+        let p = path.display().to_string();
+        let mut reader = csv::Reader::from_path(path).map_err(|source| EnrichError::Csv { path: p.clone(), source })?;
+        let mut rows = Vec::new();
+        for record in reader.records() {
+            let record = record.map_err(|source| EnrichError::Csv { path: p.clone(), source })?;
+            let line = record.position().map_or(0, |pos| pos.line());
+            let row_err = |reason: String| EnrichError::Row { path: p.clone(), line, reason };
+            let cidr = record.get(0).ok_or_else(|| row_err("missing cidr".into()))?;
+            let net: IpNet = cidr.trim().parse().map_err(|e| row_err(format!("cidr {cidr:?}: {e}")))?;
+            rows.push(NetworkRow {
+                net,
+                network: record.get(1).unwrap_or_default().trim().to_string(),
+                country: record.get(2).unwrap_or_default().trim().to_string(),
+            });
+        }
+        rows.sort_by_key(|r| std::cmp::Reverse(r.net.prefix_len()));
+        Ok(Self { rows })
+    }
+
+    /// The network and country of `ip`, if a row covers it.
+    pub fn lookup(&self, ip: IpAddr) -> Option<(&str, &str)> {
+        self.rows.iter().find(|r| r.net.contains(&ip)).map(|r| (r.network.as_str(), r.country.as_str()))
+    }
+}
+
+/// The enrich stage.
+pub struct Enricher {
+    ua: woothee::parser::Parser,
+    ips: IpTable,
+}
+
+impl Enricher {
+    /// An enricher using `ips` for IP lookups.
+    pub fn new(ips: IpTable) -> Self {
+        Self { ua: woothee::parser::Parser::new(), ips }
+    }
+
+    /// Enrich one event.
+    pub fn enrich(&self, event: ClickEvent) -> EnrichedEvent {
+        let mut out = EnrichedEvent::from_click(event);
+        let known = |s: &str| (s != woothee::woothee::VALUE_UNKNOWN).then(|| s.to_string());
+        if let Some(ua) = out.user_agent.as_deref().and_then(|ua| self.ua.parse(ua)) {
+            out.browser = known(ua.name);
+            out.browser_version = known(ua.version);
+            out.os = known(ua.os);
+            out.device = known(ua.category);
+        }
+        let ip = out.ip.as_deref().and_then(|ip| ip.trim().parse::<IpAddr>().ok());
+        if let Some((network, country)) = ip.and_then(|ip| self.ips.lookup(ip)) {
+            out.network = Some(network.to_string()).filter(|s| !s.is_empty());
+            out.country = Some(country.to_string()).filter(|s| !s.is_empty());
+        }
+        out
+    }
+}
+
+impl Transform for Enricher {
+    fn name(&self) -> &'static str {
+        "enrich"
+    }
+
+    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure> {
+        let event = CLICK_EVENTS
+            .decode(msg.payload().unwrap_or_default())
+            .map_err(|e| Failure::new("decode", e.to_string()))?;
+        let enriched = self.enrich(event);
+        let payload = ENRICHED_EVENTS.encode(&enriched).map_err(|e| Failure::new("encode", e.to_string()))?;
+        let out_headers = headers::without(msg.headers(), &[headers::ENCODING])
+            .insert(Header { key: headers::ENCODING, value: Some(AVRO_SINGLE_OBJECT) });
+        Ok(vec![Output { key: msg.key().map(<[u8]>::to_vec), payload, headers: out_headers }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> IpTable {
+        let dir = std::env::temp_dir().join(format!("sluice-ip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t.csv");
+        std::fs::write(&f, "cidr,network,country\n10.0.0.0/8,corp,DE\n10.1.0.0/16,lab,FR\n2001:db8::/32,doc,NL\n").unwrap();
+        IpTable::load(&f).unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table();
+        assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(("lab", "FR")));
+        assert_eq!(t.lookup("10.2.2.3".parse().unwrap()), Some(("corp", "DE")));
+        assert_eq!(t.lookup("2001:db8::1".parse().unwrap()), Some(("doc", "NL")));
+        assert_eq!(t.lookup("192.168.0.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn bad_row_names_line() {
+        let dir = std::env::temp_dir().join(format!("sluice-ipbad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.csv");
+        std::fs::write(&f, "cidr,network,country\n10.0.0.0/8,a,b\nnot-a-net,x,y\n").unwrap();
+        let err = IpTable::load(&f).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("not-a-net"), "{err}");
+    }
+
+    #[test]
+    fn enriches_user_agent_and_ip() {
+        let e = Enricher::new(table()).enrich(ClickEvent {
+            event_id: "e".into(),
+            tenant: "t".into(),
+            user_id: "u".into(),
+            session_id: None,
+            event_type: "click".into(),
+            url: None,
+            referrer: None,
+            event_time: 1,
+            received_at: 1,
+            user_agent: Some(
+                "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:120.0) Gecko/20100101 Firefox/120.0".into(),
+            ),
+            ip: Some("10.1.0.9".into()),
+            extra: Default::default(),
+        });
+        assert_eq!(e.browser.as_deref(), Some("Firefox"));
+        assert_eq!(e.browser_version.as_deref(), Some("120.0"));
+        assert_eq!(e.os.as_deref(), Some("Windows 10"));
+        assert_eq!(e.device.as_deref(), Some("pc"));
+        assert_eq!(e.network.as_deref(), Some("lab"));
+        assert_eq!(e.country.as_deref(), Some("FR"));
+    }
+}

@@ -1,0 +1,12 @@
+//! Stages: independent consumer-group processes that read one topic, transform each
+//! record and publish to the next, dead-lettering what fails. Holds the runtime and the
+//! built-in parse and enrich stages.
+
+pub mod dead_letter;
+pub mod enrich;
+pub mod offsets;
+pub mod parse;
+pub mod runtime;
+
+pub use dead_letter::{DeadLetter, Failure};
+pub use runtime::{run_stage, Output, StageSpec, StageStats, Transform};

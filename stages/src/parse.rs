@@ -1,0 +1,275 @@
+//! The parse stage: one raw JSON line → one `ClickEvent` in Avro.
+//!
+//! Required: `user_id` (string or integer), `type` or `event_type` (string), and a time
+//! in `ts`, `timestamp` or `event_time` (RFC 3339, or epoch milliseconds or seconds).
+//! Known optional fields: `session_id`, `url`, `referrer`, `user_agent`, `ip`, `event_id`.
+//! Every other field is kept, as JSON text, in `extra`. The tenant and the event id
+//! come from the headers ingest stamped (a client may send its own `event_id` to make
+//! its retries idempotent).
+
+use std::collections::HashMap;
+
+use rdkafka::message::{BorrowedMessage, Header, Message};
+use serde_json::{Map, Value};
+use sluice_core::headers;
+use sluice_schemas::{ClickEvent, CLICK_EVENTS};
+
+use crate::dead_letter::Failure;
+use crate::runtime::{Output, Transform};
+
+/// Encoding header value of Avro single-object records.
+pub const AVRO_SINGLE_OBJECT: &str = "avro-single-object";
+
+/// Epoch values below this are seconds (in seconds it is year 5138; in ms, 1973).
+const SECONDS_BELOW: i64 = 100_000_000_000;
+
+/// The parse stage.
+#[derive(Debug, Default)]
+pub struct Parser;
+
+/// What the parser needs of a raw record besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RawMeta<'a> {
+    /// Tenant stamped by ingest.
+    pub tenant: &'a str,
+    /// Event id stamped by ingest.
+    pub event_id: &'a str,
+    /// When ingest received it, Unix milliseconds.
+    pub received_at: i64,
+}
+
+impl Parser {
+    /// Parse one raw line.
+    pub fn parse(&self, line: &[u8], meta: RawMeta<'_>) -> Result<ClickEvent, Failure> {
+        let mut obj: Map<String, Value> = match serde_json::from_slice(line) {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => {
+                return Err(Failure::new(
+                    "validation",
+                    format!("event: expected a JSON object, got {}", kind(&other)),
+                ))
+            }
+            Err(e) => return Err(Failure::new("decode", format!("malformed JSON: {e}"))),
+        };
+        let user_id = take_id(&mut obj, "user_id")?
+            .ok_or_else(|| Failure::new("validation", "field `user_id`: required, missing"))?;
+        let event_type = match take_str(&mut obj, "type")? {
+            Some(t) => t,
+            None => take_str(&mut obj, "event_type")?
+                .ok_or_else(|| Failure::new("validation", "field `type`: required, missing"))?,
+        };
+        let mut event_time = None;
+        for field in ["ts", "timestamp", "event_time"] {
+            if let Some(v) = obj.remove(field) {
+                event_time = Some(parse_time(field, &v)?);
+                break;
+            }
+        }
+        let event_time = event_time
+            .ok_or_else(|| Failure::new("validation", "field `ts`: required (RFC 3339 or epoch ms/s), missing"))?;
+        let event_id = take_str(&mut obj, "event_id")?.unwrap_or_else(|| meta.event_id.to_string());
+        if event_id.is_empty() {
+            return Err(Failure::new("validation", "field `event_id`: expected a non-empty string, got \"\""));
+        }
+        Ok(ClickEvent {
+            event_id,
+            tenant: meta.tenant.to_string(),
+            user_id,
+            session_id: take_id(&mut obj, "session_id")?,
+            event_type,
+            url: take_str(&mut obj, "url")?,
+            referrer: take_str(&mut obj, "referrer")?,
+            event_time,
+            received_at: meta.received_at,
+            user_agent: take_str(&mut obj, "user_agent")?,
+            ip: take_str(&mut obj, "ip")?,
+            extra: obj.into_iter().map(|(k, v)| (k, v.to_string())).collect::<HashMap<_, _>>(),
+        })
+    }
+}
+
+impl Transform for Parser {
+    fn name(&self) -> &'static str {
+        "parse"
+    }
+
+    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure> {
+        let h = msg.headers();
+        let tenant = headers::get(h, headers::TENANT)
+            .ok_or_else(|| Failure::new("validation", format!("header `{}`: required, missing", headers::TENANT)))?;
+        let event_id = headers::get(h, headers::EVENT_ID)
+            .ok_or_else(|| Failure::new("validation", format!("header `{}`: required, missing", headers::EVENT_ID)))?;
+        let received_at = headers::get(h, headers::RECEIVED_AT_MS)
+            .and_then(|v| v.parse().ok())
+            .or_else(|| msg.timestamp().to_millis())
+            .unwrap_or(0);
+        let line = msg.payload().unwrap_or_default();
+        let event = self.parse(line, RawMeta { tenant, event_id, received_at })?;
+        let payload = CLICK_EVENTS.encode(&event).map_err(|e| Failure::new("encode", e.to_string()))?;
+        let out_headers = headers::without(h, &[headers::EVENT_ID, headers::ENCODING])
+            .insert(Header { key: headers::EVENT_ID, value: Some(event.event_id.as_str()) })
+            .insert(Header { key: headers::ENCODING, value: Some(AVRO_SINGLE_OBJECT) });
+        Ok(vec![Output {
+            key: Some(format!("{}:{}", event.tenant, event.user_id).into_bytes()),
+            payload,
+            headers: out_headers,
+        }])
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An optional string field; null counts as absent.
+fn take_str(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Failure> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(Failure::new(
+            "validation",
+            format!("field `{field}`: expected a string, got {}", kind(&other)),
+        )),
+    }
+}
+
+/// An optional id field: a string, or an integer taken as its decimal text.
+fn take_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Failure> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
+        Some(other) => Err(Failure::new(
+            "validation",
+            format!("field `{field}`: expected a non-empty string or an integer, got {}", describe(&other)),
+        )),
+    }
+}
+
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.is_empty() => "an empty string".into(),
+        Value::Number(n) => format!("the number {n}"),
+        other => kind(other).into(),
+    }
+}
+
+/// A time as Unix milliseconds: RFC 3339 text, or epoch milliseconds or seconds.
+fn parse_time(field: &str, v: &Value) -> Result<i64, Failure> {
+    let bad = |got: String| {
+        Failure::new("validation", format!("field `{field}`: expected RFC 3339 or epoch ms/s, got {got}"))
+    };
+    match v {
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .or_else(|_| s.parse::<i64>().map(epoch_to_ms))
+            .map_err(|_| bad(format!("{s:?}"))),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(epoch_to_ms(i)),
+            (None, Some(f)) if f.is_finite() && f.abs() < 1e16 => Ok(epoch_to_ms_f(f)),
+            _ => Err(bad(format!("the number {n}"))),
+        },
+        other => Err(bad(kind(other).into())),
+    }
+    .and_then(|ms| {
+        // Avro timestamp-millis and the sinks' timestamptz both hold this range easily.
+        if (0..=253_402_300_799_999).contains(&ms) {
+            Ok(ms)
+        } else {
+            Err(bad(format!("{ms} ms, outside years 1970..9999")))
+        }
+    })
+}
+
+fn epoch_to_ms(i: i64) -> i64 {
+    if i.abs() < SECONDS_BELOW {
+        i.saturating_mul(1000)
+    } else {
+        i
+    }
+}
+
+fn epoch_to_ms_f(f: f64) -> i64 {
+    if f.abs() < SECONDS_BELOW as f64 {
+        (f * 1000.0).round() as i64
+    } else {
+        f.round() as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const META: RawMeta<'static> = RawMeta { tenant: "acme", event_id: "ev-1", received_at: 5 };
+
+    fn parse(s: &str) -> Result<ClickEvent, Failure> {
+        Parser.parse(s.as_bytes(), META)
+    }
+
+    #[test]
+    fn full_event() {
+        let e = parse(
+            r#"{"user_id":"u1","type":"page_view","ts":"2026-11-23T10:00:00.250Z","url":"/a","session_id":7,"color":"red","n":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(e.user_id, "u1");
+        assert_eq!(e.event_type, "page_view");
+        assert_eq!(e.event_time, 1_795_428_000_250);
+        assert_eq!(e.session_id.as_deref(), Some("7"));
+        assert_eq!(e.event_id, "ev-1");
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.received_at, 5);
+        assert_eq!(e.extra["color"], "\"red\"");
+        assert_eq!(e.extra["n"], "[1]");
+    }
+
+    #[test]
+    fn epoch_seconds_and_millis() {
+        let s = parse(r#"{"user_id":1,"type":"click","ts":1795428000}"#).unwrap();
+        let ms = parse(r#"{"user_id":1,"type":"click","timestamp":1795428000000}"#).unwrap();
+        let f = parse(r#"{"user_id":1,"type":"click","event_time":1795428000.5}"#).unwrap();
+        assert_eq!(s.event_time, 1_795_428_000_000);
+        assert_eq!(ms.event_time, 1_795_428_000_000);
+        assert_eq!(f.event_time, 1_795_428_000_500);
+    }
+
+    #[test]
+    fn client_event_id_wins() {
+        let e = parse(r#"{"user_id":"u","type":"click","ts":1,"event_id":"mine"}"#).unwrap();
+        assert_eq!(e.event_id, "mine");
+    }
+
+    #[test]
+    fn precise_reasons() {
+        let reason = |s: &str| parse(s).unwrap_err().to_string();
+        assert!(reason("{not json").starts_with("decode: malformed JSON"));
+        assert_eq!(reason("[1]"), "validation: event: expected a JSON object, got an array");
+        assert_eq!(reason(r#"{"type":"x","ts":1}"#), "validation: field `user_id`: required, missing");
+        assert_eq!(
+            reason(r#"{"user_id":true,"type":"x","ts":1}"#),
+            "validation: field `user_id`: expected a non-empty string or an integer, got a boolean"
+        );
+        assert_eq!(reason(r#"{"user_id":"u","ts":1}"#), "validation: field `type`: required, missing");
+        assert_eq!(
+            reason(r#"{"user_id":"u","type":"x","ts":"yesterday"}"#),
+            "validation: field `ts`: expected RFC 3339 or epoch ms/s, got \"yesterday\""
+        );
+        assert_eq!(
+            reason(r#"{"user_id":"u","type":"x"}"#),
+            "validation: field `ts`: required (RFC 3339 or epoch ms/s), missing"
+        );
+        assert_eq!(
+            reason(r#"{"user_id":"u","type":"x","ts":1,"url":5}"#),
+            "validation: field `url`: expected a string, got a number"
+        );
+        assert!(reason(r#"{"user_id":"u","type":"x","ts":-5}"#).contains("outside years"));
+    }
+}

@@ -1,0 +1,233 @@
+//! The stage runtime: consume one topic in a consumer group, transform each record,
+//! publish the outputs to the next topic, and dead-letter what fails.
+//!
+//! At-least-once: an offset is stored for commit only once every output of it (and of
+//! every earlier record of its partition) was acked by the broker. Records are
+//! transformed in order and their outputs enqueued in order, so per-key order holds;
+//! acks are awaited concurrently, up to `max_in_flight` records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_core::config::KafkaConfig;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::{DeadLetter, Failure};
+use crate::offsets::OffsetTracker;
+
+/// One record a transform produces for the stage's output topic.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Record key (decides the partition).
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Record headers.
+    pub headers: OwnedHeaders,
+}
+
+/// What a stage does to each record.
+pub trait Transform: Send + Sync + 'static {
+    /// Name used in metrics, logs and dead-letter headers.
+    fn name(&self) -> &'static str;
+    /// Turn one input record into zero or more outputs, or say why it cannot be.
+    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure>;
+}
+
+/// Why a stage stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A Kafka client failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// Where a stage reads from and writes to.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Consumer group.
+    pub group: String,
+    /// Topic consumed.
+    pub input: String,
+    /// Topic the outputs go to.
+    pub output: String,
+    /// Topic the dead letters go to.
+    pub dlq: String,
+    /// Most records awaiting broker acks at once.
+    pub max_in_flight: usize,
+}
+
+/// Counts of what a stage did, returned when it stops.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageStats {
+    /// Records consumed.
+    pub consumed: u64,
+    /// Output records published.
+    pub published: u64,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+}
+
+/// A record enqueued to the producer, kept so it can be re-sent if its delivery fails.
+struct Pending {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
+/// Run `transform` as a stage until `shutdown` is cancelled; then drain in-flight
+/// records, commit, and return what was done.
+pub async fn run_stage<T: Transform>(
+    kafka: &KafkaConfig,
+    spec: &StageSpec,
+    transform: Arc<T>,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    let name = transform.name();
+    let consumer: StreamConsumer = kafka.consumer_config(&spec.group).create()?;
+    consumer.subscribe(&[&spec.input])?;
+    let producer: FutureProducer = kafka.producer_config().create()?;
+    let permits = Arc::new(Semaphore::new(spec.max_in_flight.max(1)));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i32, i64)>();
+    let mut tracker = OffsetTracker::default();
+    let mut stats = StageStats::default();
+    tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some((partition, offset)) = done_rx.recv() => {
+                store(&consumer, &mut tracker, &spec.input, partition, offset);
+            }
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(stage = name, error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
+                stats.consumed += 1;
+                metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
+                tracker.begin(msg.topic(), msg.partition(), msg.offset());
+                let pending = match transform.process(&msg) {
+                    Ok(outputs) => {
+                        stats.published += outputs.len() as u64;
+                        metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
+                            .increment(outputs.len() as u64);
+                        outputs
+                            .into_iter()
+                            .map(|o| Pending { topic: spec.output.clone(), key: o.key, payload: o.payload, headers: o.headers })
+                            .collect()
+                    }
+                    Err(failure) => {
+                        stats.dead_lettered += 1;
+                        metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "class" => failure.class)
+                            .increment(1);
+                        tracing::debug!(stage = name, offset = msg.offset(), %failure, "dead-lettered");
+                        let dl = DeadLetter::of(&msg, name, &failure, 1);
+                        vec![Pending { topic: spec.dlq.clone(), key: dl.key, payload: dl.payload, headers: dl.headers }]
+                    }
+                };
+                let (partition, offset) = (msg.partition(), msg.offset());
+                drop(msg);
+                let mut deliveries = Vec::with_capacity(pending.len());
+                for p in pending {
+                    deliveries.push(enqueue(&producer, p).await);
+                }
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    join_all(deliveries).await;
+                    let _ = done.send((partition, offset));
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    // Drain: wait (bounded) for every in-flight record's acks, then commit.
+    drop(done_tx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tracker.in_flight() > 0 {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some((partition, offset))) => store(&consumer, &mut tracker, &spec.input, partition, offset),
+            _ => break,
+        }
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing stored since the last auto-commit is the usual cause; not an error.
+        tracing::debug!(stage = name, error = %e, "final commit");
+    }
+    tracing::info!(stage = name, ?stats, "stage stopped");
+    Ok(stats)
+}
+
+fn store(consumer: &StreamConsumer, tracker: &mut OffsetTracker, topic: &str, partition: i32, offset: i64) {
+    if let Some(through) = tracker.complete(topic, partition, offset) {
+        // Fails only for a partition revoked meanwhile; its new owner re-reads from the last commit.
+        if let Err(e) = consumer.store_offset(topic, partition, through) {
+            tracing::debug!(topic, partition, error = %e, "offset not stored");
+        }
+    }
+}
+
+/// Enqueue one record, waiting while the producer queue is full. Returns a future that
+/// completes once the broker acked it, re-sending after a failed delivery.
+async fn enqueue(
+    producer: &FutureProducer,
+    p: Pending,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let first = loop {
+        match send(producer, &p) {
+            Ok(d) => break d,
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "produce failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let producer = producer.clone();
+    async move {
+        let mut delivery = first;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match delivery.await {
+                Ok(Ok(_)) => return,
+                Ok(Err((e, _))) => tracing::warn!(topic = %p.topic, error = %e, "delivery failed; re-sending"),
+                Err(_) => tracing::warn!(topic = %p.topic, "delivery cancelled; re-sending"),
+            }
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                match send(&producer, &p) {
+                    Ok(d) => {
+                        delivery = d;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "re-send failed"),
+                }
+            }
+        }
+    }
+}
+
+fn send(producer: &FutureProducer, p: &Pending) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+    let mut record = FutureRecord::to(&p.topic).payload(&p.payload).headers(p.headers.clone());
+    if let Some(k) = &p.key {
+        record = record.key(k);
+    }
+    producer.send_result(record).map_err(|(e, _)| e)
+}

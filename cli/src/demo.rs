@@ -39,20 +39,38 @@ pub struct Clickstream {
     pub lines: usize,
     /// Lines that the parse stage must dead-letter.
     pub malformed: usize,
+    /// Those lines, in the order they were generated.
+    pub malformed_lines: Vec<String>,
     /// Valid `page_view` events.
     pub page_views: usize,
     /// Distinct (tenant, user) pairs with valid events.
     pub users: usize,
 }
 
-const PAGES: &[&str] = &["/", "/pricing", "/docs", "/docs/install", "/blog", "/signup", "/cart", "/checkout"];
+const PAGES: &[&str] = &[
+    "/",
+    "/pricing",
+    "/docs",
+    "/docs/install",
+    "/blog",
+    "/signup",
+    "/cart",
+    "/checkout",
+];
 const AGENTS: &[&str] = &[
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:120.0) Gecko/20100101 Firefox/120.0",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/119.0.0.0 Safari/537.36",
 ];
-const IPS: &[&str] = &["10.1.4.7", "10.20.0.3", "192.0.2.15", "198.51.100.23", "203.0.113.9", "2001:db8::42"];
+const IPS: &[&str] = &[
+    "10.1.4.7",
+    "10.20.0.3",
+    "192.0.2.15",
+    "198.51.100.23",
+    "203.0.113.9",
+    "2001:db8::42",
+];
 
 /// Lines that the parse stage must reject, one per kind of mistake.
 const MALFORMED: &[&str] = &[
@@ -66,7 +84,12 @@ const MALFORMED: &[&str] = &[
 /// Generate sessions of page views and clicks for `users` users of each tenant,
 /// starting at `start_ms`, with a malformed line every 25 lines or so. Deterministic
 /// for a seed.
-pub fn generate(seed: u64, tenants: &[(String, String)], users: usize, start_ms: i64) -> Clickstream {
+pub fn generate(
+    seed: u64,
+    tenants: &[(String, String)],
+    users: usize,
+    start_ms: i64,
+) -> Clickstream {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Clickstream::default();
     let mut seen_users = HashSet::new();
@@ -89,7 +112,9 @@ pub fn generate(seed: u64, tenants: &[(String, String)], users: usize, start_ms:
                     });
                     // Mix the accepted time formats.
                     event["ts"] = match rng.random_range(0..3) {
-                        0 => json!(chrono::DateTime::from_timestamp_millis(t).unwrap_or_default().to_rfc3339()),
+                        0 => json!(chrono::DateTime::from_timestamp_millis(t)
+                            .unwrap_or_default()
+                            .to_rfc3339()),
                         1 => json!(t),
                         _ => json!(t / 1000),
                     };
@@ -100,7 +125,9 @@ pub fn generate(seed: u64, tenants: &[(String, String)], users: usize, start_ms:
                     out.page_views += usize::from(page_view);
                     seen_users.insert((tenant.clone(), user.clone()));
                     if rng.random_range(0..25) == 0 {
-                        lines.push(MALFORMED[out.malformed % MALFORMED.len()].to_string());
+                        let bad = MALFORMED[out.malformed % MALFORMED.len()].to_string();
+                        lines.push(bad.clone());
+                        out.malformed_lines.push(bad);
                         out.malformed += 1;
                     }
                     t += rng.random_range(2_000..90_000);
@@ -179,27 +206,51 @@ impl Summary {
     pub fn checks(&self) -> Vec<(String, bool)> {
         let sink_dl = |s: &str| self.sink_dead_letters.get(s).copied().unwrap_or(0);
         let mut checks = vec![
-            (format!("ingested {} = raw {}", self.ingested, self.raw), self.ingested == self.raw),
             (
-                format!("raw {} = parsed {} + dead-lettered {}", self.raw, self.parsed, self.parse_dead_lettered()),
+                format!("ingested {} = raw {}", self.ingested, self.raw),
+                self.ingested == self.raw,
+            ),
+            (
+                format!(
+                    "raw {} = parsed {} + dead-lettered {}",
+                    self.raw,
+                    self.parsed,
+                    self.parse_dead_lettered()
+                ),
                 self.raw == self.parsed + self.parse_dead_lettered(),
             ),
             (
-                format!("parsed {} = enriched {} + dead-lettered {}", self.parsed, self.enriched, self.enrich_dead_letters),
+                format!(
+                    "parsed {} = enriched {} + dead-lettered {}",
+                    self.parsed, self.enriched, self.enrich_dead_letters
+                ),
                 self.parsed == self.enriched + self.enrich_dead_letters,
             ),
             (
-                format!("enriched {} = TimescaleDB rows {} + dead-lettered {}", self.enriched, self.db_rows, sink_dl("timescale")),
+                format!(
+                    "enriched {} = TimescaleDB rows {} + dead-lettered {}",
+                    self.enriched,
+                    self.db_rows,
+                    sink_dl("timescale")
+                ),
                 self.enriched == self.db_rows + sink_dl("timescale"),
             ),
             (
-                format!("enriched {} = Elasticsearch docs {} + dead-lettered {}", self.enriched, self.es_docs, sink_dl("elasticsearch")),
+                format!(
+                    "enriched {} = Elasticsearch docs {} + dead-lettered {}",
+                    self.enriched,
+                    self.es_docs,
+                    sink_dl("elasticsearch")
+                ),
                 self.enriched == self.es_docs + sink_dl("elasticsearch"),
             ),
         ];
         if self.timescale {
             checks.push((
-                format!("page-view rows {} = views in the hourly aggregate {}", self.db_page_view_rows, self.cagg_views),
+                format!(
+                    "page-view rows {} = views in the hourly aggregate {}",
+                    self.db_page_view_rows, self.cagg_views
+                ),
                 self.db_page_view_rows == self.cagg_views,
             ));
         }
@@ -209,14 +260,31 @@ impl Summary {
     /// Print the summary table and the checks.
     pub fn print(&self) {
         let n = |v: u64| v.to_string();
-        let reasons: Vec<String> = self.parse_dead_letters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let reasons: Vec<String> = self
+            .parse_dead_letters
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         println!();
         println!("Sluice demo summary");
-        println!("  {:<34}{:>8}", "events ingested (HTTP 202)", n(self.ingested));
+        println!(
+            "  {:<34}{:>8}",
+            "events ingested (HTTP 202)",
+            n(self.ingested)
+        );
         println!("  {:<34}{:>8}", "parsed", n(self.parsed));
-        println!("  {:<34}{:>8}   ({})", "dead-lettered by parse", n(self.parse_dead_lettered()), reasons.join(", "));
+        println!(
+            "  {:<34}{:>8}   ({})",
+            "dead-lettered by parse",
+            n(self.parse_dead_lettered()),
+            reasons.join(", ")
+        );
         println!("  {:<34}{:>8}", "enriched", n(self.enriched));
-        println!("  {:<34}{:>8}", "rows in TimescaleDB (events)", n(self.db_rows));
+        println!(
+            "  {:<34}{:>8}",
+            "rows in TimescaleDB (events)",
+            n(self.db_rows)
+        );
         if self.timescale {
             println!(
                 "  {:<34}{:>8}   (page_views_1h: {} views)",
@@ -225,7 +293,10 @@ impl Summary {
                 self.cagg_views
             );
         } else {
-            println!("  {:<34}{:>8}", "continuous aggregate", "n/a (plain PostgreSQL)");
+            println!(
+                "  {:<34}{:>8}",
+                "continuous aggregate", "n/a (plain PostgreSQL)"
+            );
         }
         println!("  {:<34}{:>8}", "docs in Elasticsearch", n(self.es_docs));
         println!();
@@ -247,17 +318,30 @@ pub async fn topic_count(config: &Config, topic: &str) -> Result<u64> {
 }
 
 /// Wait until `group` has committed everything on `topic`, or fail after `timeout`.
-pub async fn wait_caught_up(config: &Config, group: &str, topic: &str, timeout: Duration) -> Result<()> {
+pub async fn wait_caught_up(
+    config: &Config,
+    group: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (k, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
         let (ends, committed) = tokio::task::spawn_blocking(move || {
-            Ok::<_, kafka::KafkaAdminError>((kafka::end_offsets(&k, &t)?, kafka::committed_offsets(&k, &g, &t)?))
+            Ok::<_, kafka::KafkaAdminError>((
+                kafka::end_offsets(&k, &t)?,
+                kafka::committed_offsets(&k, &g, &t)?,
+            ))
         })
         .await??;
         let lag: i64 = ends
             .iter()
-            .map(|(p, end)| end - committed.iter().find(|(q, _)| q == p).map_or(0, |(_, c)| *c))
+            .map(|(p, end)| {
+                end - committed
+                    .iter()
+                    .find(|(q, _)| q == p)
+                    .map_or(0, |(_, c)| *c)
+            })
             .sum();
         if lag <= 0 {
             return Ok(());
@@ -270,12 +354,20 @@ pub async fn wait_caught_up(config: &Config, group: &str, topic: &str, timeout: 
 }
 
 /// Dead letters on `topic`, counted by the header `by`.
-pub async fn dead_letters_by(config: &Config, topic: &str, by: &'static str) -> Result<BTreeMap<String, u64>> {
+pub async fn dead_letters_by(
+    config: &Config,
+    topic: &str,
+    by: &'static str,
+) -> Result<BTreeMap<String, u64>> {
     let (k, t) = (config.kafka.clone(), topic.to_string());
-    let records = tokio::task::spawn_blocking(move || kafka::read_all(&k, &t, Duration::from_secs(30))).await??;
+    let records =
+        tokio::task::spawn_blocking(move || kafka::read_all(&k, &t, Duration::from_secs(30)))
+            .await??;
     let mut out = BTreeMap::new();
     for r in &records {
-        let key = headers::get(r.headers(), by).unwrap_or("unknown").to_string();
+        let key = headers::get(r.headers(), by)
+            .unwrap_or("unknown")
+            .to_string();
         *out.entry(key).or_insert(0) += 1;
     }
     Ok(out)
@@ -310,20 +402,32 @@ pub async fn count_sinks(config: &Config, summary: &mut Summary) -> Result<()> {
     let pool = timescale::pool(&config.timescale)?;
     let client = pool.get().await.context("connecting to the database")?;
     let s = &config.timescale.schema;
-    summary.db_rows = client.query_one(&format!("SELECT count(*) FROM {s}.events"), &[]).await?.get::<_, i64>(0) as u64;
+    summary.db_rows = client
+        .query_one(&format!("SELECT count(*) FROM {s}.events"), &[])
+        .await?
+        .get::<_, i64>(0) as u64;
     summary.db_page_view_rows = client
-        .query_one(&format!("SELECT count(*) FROM {s}.events WHERE event_type = 'page_view'"), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {s}.events WHERE event_type = 'page_view'"),
+            &[],
+        )
         .await?
         .get::<_, i64>(0) as u64;
     summary.timescale = client
-        .query_one("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'",
+            &[],
+        )
         .await?
         .get::<_, i64>(0)
         > 0;
     if summary.timescale {
         timescale::refresh_aggregates(&client, s).await?;
         let row = client
-            .query_one(&format!("SELECT count(*), coalesce(sum(views), 0)::bigint FROM {s}.page_views_1h"), &[])
+            .query_one(
+                &format!("SELECT count(*), coalesce(sum(views), 0)::bigint FROM {s}.page_views_1h"),
+                &[],
+            )
             .await?;
         summary.cagg_rows = row.get::<_, i64>(0) as u64;
         summary.cagg_views = row.get::<_, i64>(1) as u64;
@@ -334,7 +438,9 @@ pub async fn count_sinks(config: &Config, summary: &mut Summary) -> Result<()> {
     let es = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
     let pattern = format!("{}-*", config.elasticsearch.index_prefix);
     es.indices()
-        .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[&pattern]))
+        .refresh(elasticsearch::indices::IndicesRefreshParts::Index(&[
+            &pattern,
+        ]))
         .send()
         .await
         .context("elasticsearch refresh")?;
@@ -344,7 +450,9 @@ pub async fn count_sinks(config: &Config, summary: &mut Summary) -> Result<()> {
         .await
         .context("elasticsearch count")?;
     let body: serde_json::Value = resp.json().await?;
-    summary.es_docs = body["count"].as_u64().context("elasticsearch count has no `count`")?;
+    summary.es_docs = body["count"]
+        .as_u64()
+        .context("elasticsearch count has no `count`")?;
     Ok(())
 }
 
@@ -352,13 +460,20 @@ pub async fn count_sinks(config: &Config, summary: &mut Summary) -> Result<()> {
 pub async fn reset_sinks(config: &Config) -> Result<()> {
     let pool = timescale::pool(&config.timescale)?;
     let client = pool.get().await.context("connecting to the database")?;
-    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", config.timescale.schema)).await?;
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            config.timescale.schema
+        ))
+        .await?;
     drop(client);
     pool.close();
     let es = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
     let pattern = format!("{}-*", config.elasticsearch.index_prefix);
     es.indices()
-        .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[&pattern]))
+        .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[
+            &pattern,
+        ]))
         .send()
         .await
         .context("deleting old demo indices")?;
@@ -383,15 +498,26 @@ pub struct DemoOptions {
 
 /// Run the whole pipeline in one process on a generated clickstream and count every
 /// layer. `config` must already point at its namespace (see [`use_namespace`]).
-pub async fn run_pipeline(mut config: Config, options: &DemoOptions) -> Result<(Summary, Clickstream)> {
+pub async fn run_pipeline(
+    mut config: Config,
+    options: &DemoOptions,
+) -> Result<(Summary, Clickstream)> {
     let tenants: Vec<(String, String)> = TENANTS
         .iter()
         .take(options.tenants)
         .map(|t| (t.to_string(), format!("key-{t}-{}", options.seed)))
         .collect();
-    config.ingest.api_keys = tenants.iter().map(|(t, k)| ApiKey { tenant: t.clone(), key: k.clone() }).collect();
+    config.ingest.api_keys = tenants
+        .iter()
+        .map(|(t, k)| ApiKey {
+            tenant: t.clone(),
+            key: k.clone(),
+        })
+        .collect();
     config.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let created = kafka::ensure_topics(&config.kafka, &config.topics).await.context("creating topics")?;
+    let created = kafka::ensure_topics(&config.kafka, &config.topics)
+        .await
+        .context("creating topics")?;
     tracing::info!(?created, "topics ready");
     reset_sinks(&config).await?;
 
@@ -402,12 +528,16 @@ pub async fn run_pipeline(mut config: Config, options: &DemoOptions) -> Result<(
     let mut stages = Vec::new();
     for name in [StageName::Parse, StageName::Enrich] {
         let (c, s) = (config.clone(), stage_stop.clone());
-        stages.push(tokio::spawn(async move { run_stage_named(&c, name, s).await }));
+        stages.push(tokio::spawn(
+            async move { run_stage_named(&c, name, s).await },
+        ));
     }
     let mut sinks = Vec::new();
     for name in [SinkName::Timescale, SinkName::Elasticsearch] {
         let (c, s) = (config.clone(), sink_stop.clone());
-        sinks.push(tokio::spawn(async move { run_sink_named(&c, name, s).await }));
+        sinks.push(tokio::spawn(
+            async move { run_sink_named(&c, name, s).await },
+        ));
     }
 
     let start = chrono::Utc::now().timestamp_millis() - 3 * 3600 * 1000;
@@ -418,7 +548,10 @@ pub async fn run_pipeline(mut config: Config, options: &DemoOptions) -> Result<(
         stream.malformed,
         tenants.len()
     );
-    let mut summary = Summary { ingested: post_clickstream(addr, &stream).await?, ..Default::default() };
+    let mut summary = Summary {
+        ingested: post_clickstream(addr, &stream).await?,
+        ..Default::default()
+    };
 
     let t = &config.topics;
     let wait = |group: String, topic: String| {
@@ -444,9 +577,11 @@ pub async fn run_pipeline(mut config: Config, options: &DemoOptions) -> Result<(
     summary.raw = topic_count(&config, &t.raw).await?;
     summary.parsed = topic_count(&config, &t.parsed).await?;
     summary.enriched = topic_count(&config, &t.enriched).await?;
-    summary.parse_dead_letters = dead_letters_by(&config, &t.dlq(&t.raw), headers::DLQ_ERROR_CLASS).await?;
+    summary.parse_dead_letters =
+        dead_letters_by(&config, &t.dlq(&t.raw), headers::DLQ_ERROR_CLASS).await?;
     summary.enrich_dead_letters = topic_count(&config, &t.dlq(&t.parsed)).await?;
-    summary.sink_dead_letters = dead_letters_by(&config, &t.dlq(&t.enriched), headers::DLQ_STAGE).await?;
+    summary.sink_dead_letters =
+        dead_letters_by(&config, &t.dlq(&t.enriched), headers::DLQ_STAGE).await?;
     count_sinks(&config, &mut summary).await?;
     Ok((summary, stream))
 }

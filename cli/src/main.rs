@@ -69,31 +69,48 @@ async fn main() -> Result<()> {
         }
         Command::Stage { name } => {
             telemetry::install_metrics(config.metrics.listen).context("metrics endpoint")?;
-            let stats = pipeline::run_stage_named(&config, name, pipeline::shutdown_on_signals()).await?;
+            let stats =
+                pipeline::run_stage_named(&config, name, pipeline::shutdown_on_signals()).await?;
             tracing::info!(?stats, "done");
         }
         Command::Sink { name } => {
             telemetry::install_metrics(config.metrics.listen).context("metrics endpoint")?;
-            let stats = pipeline::run_sink_named(&config, name, pipeline::shutdown_on_signals()).await?;
+            let stats =
+                pipeline::run_sink_named(&config, name, pipeline::shutdown_on_signals()).await?;
             tracing::info!(?stats, "done");
         }
         Command::Topics => {
             let created = sluice_core::kafka::ensure_topics(&config.kafka, &config.topics).await?;
             for (topic, _) in config.topics.all() {
-                let state = if created.contains(&topic) { "created" } else { "exists" };
+                let state = if created.contains(&topic) {
+                    "created"
+                } else {
+                    "exists"
+                };
                 println!("{topic:<40} {state}");
             }
         }
-        Command::Demo { users, tenants, seed, timeout } => {
+        Command::Demo {
+            users,
+            tenants,
+            seed,
+            timeout,
+        } => {
             let mut config = config;
             let run = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
             demo::use_namespace(&mut config, &format!("demo-{run}"), "demo");
             // Sinks use a fixed schema and index prefix so each run replaces the last one.
             config.elasticsearch.index_prefix = "demo-events".into();
             if config.enrich.geo_csv.is_none() {
-                config.enrich.geo_csv = Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/ip-networks.csv").into());
+                config.enrich.geo_csv =
+                    Some(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/ip-networks.csv").into());
             }
-            let options = DemoOptions { users, tenants: tenants.into(), seed, timeout: Duration::from_secs(timeout) };
+            let options = DemoOptions {
+                users,
+                tenants: tenants.into(),
+                seed,
+                timeout: Duration::from_secs(timeout),
+            };
             let (summary, _) = demo::run_pipeline(config, &options).await?;
             summary.print();
             if summary.checks().iter().any(|(_, ok)| !ok) {

@@ -38,7 +38,11 @@ pub enum SinkName {
 }
 
 /// Run a stage until `shutdown`.
-pub async fn run_stage_named(config: &Config, name: StageName, shutdown: CancellationToken) -> Result<StageStats> {
+pub async fn run_stage_named(
+    config: &Config,
+    name: StageName,
+    shutdown: CancellationToken,
+) -> Result<StageStats> {
     let t = &config.topics;
     let stats = match name {
         StageName::Parse => {
@@ -70,13 +74,19 @@ pub async fn run_stage_named(config: &Config, name: StageName, shutdown: Cancell
 }
 
 /// Run a sink until `shutdown` (migrations or the index template first).
-pub async fn run_sink_named(config: &Config, name: SinkName, shutdown: CancellationToken) -> Result<SinkStats> {
+pub async fn run_sink_named(
+    config: &Config,
+    name: SinkName,
+    shutdown: CancellationToken,
+) -> Result<SinkStats> {
     let t = &config.topics;
     let stats = match name {
         SinkName::Timescale => {
             let c = &config.timescale;
             let pool = timescale::pool(c)?;
-            let timescale = timescale::migrate(&pool, c).await.context("database migrations")?;
+            let timescale = timescale::migrate(&pool, c)
+                .await
+                .context("database migrations")?;
             tracing::info!(timescale, schema = %c.schema, "database ready");
             let spec = SinkSpec {
                 group: c.group.clone(),
@@ -85,7 +95,13 @@ pub async fn run_sink_named(config: &Config, name: SinkName, shutdown: Cancellat
                 batch_size: c.batch_size,
                 linger: Duration::from_millis(c.linger_ms),
             };
-            let stats = run_sink(&config.kafka, &spec, TimescaleWriter::new(pool.clone(), &c.schema), shutdown).await?;
+            let stats = run_sink(
+                &config.kafka,
+                &spec,
+                TimescaleWriter::new(pool.clone(), &c.schema),
+                shutdown,
+            )
+            .await?;
             // Release the connection: PGlite serves one session at a time.
             pool.close();
             stats
@@ -93,7 +109,9 @@ pub async fn run_sink_named(config: &Config, name: SinkName, shutdown: Cancellat
         SinkName::Elasticsearch => {
             let c = &config.elasticsearch;
             let client = es::client(c)?;
-            es::put_template(&client, c).await.context("elasticsearch index template")?;
+            es::put_template(&client, c)
+                .await
+                .context("elasticsearch index template")?;
             let spec = SinkSpec {
                 group: c.group.clone(),
                 input: t.enriched.clone(),
@@ -101,7 +119,13 @@ pub async fn run_sink_named(config: &Config, name: SinkName, shutdown: Cancellat
                 batch_size: c.bulk_max_docs * 4,
                 linger: Duration::from_millis(c.linger_ms),
             };
-            run_sink(&config.kafka, &spec, ElasticsearchWriter::new(client, c.clone()), shutdown).await?
+            run_sink(
+                &config.kafka,
+                &spec,
+                ElasticsearchWriter::new(client, c.clone()),
+                shutdown,
+            )
+            .await?
         }
     };
     Ok(stats)
@@ -113,11 +137,21 @@ pub async fn start_ingest(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
-    let ingest = Ingest::new(&config.kafka, &config.topics.raw, config.ingest.clone(), metrics)?;
-    let (listener, addr) = ingest.bind().await.with_context(|| format!("binding {}", config.ingest.listen))?;
+    let ingest = Ingest::new(
+        &config.kafka,
+        &config.topics.raw,
+        config.ingest.clone(),
+        metrics,
+    )?;
+    let (listener, addr) = ingest
+        .bind()
+        .await
+        .with_context(|| format!("binding {}", config.ingest.listen))?;
     tracing::info!(%addr, topic = %config.topics.raw, "ingest listening");
     let task = tokio::spawn(async move {
-        ingest.serve(listener, async move { shutdown.cancelled().await }).await?;
+        ingest
+            .serve(listener, async move { shutdown.cancelled().await })
+            .await?;
         Ok(())
     });
     Ok((addr, task))
@@ -136,8 +170,9 @@ pub fn shutdown_on_signals() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]

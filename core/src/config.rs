@@ -201,7 +201,10 @@ pub struct ParseConfig {
 
 impl Default for ParseConfig {
     fn default() -> Self {
-        Self { group: "sluice-parse".into(), max_in_flight: 10_000 }
+        Self {
+            group: "sluice-parse".into(),
+            max_in_flight: 10_000,
+        }
     }
 }
 
@@ -219,7 +222,11 @@ pub struct EnrichConfig {
 
 impl Default for EnrichConfig {
     fn default() -> Self {
-        Self { group: "sluice-enrich".into(), max_in_flight: 10_000, geo_csv: None }
+        Self {
+            group: "sluice-enrich".into(),
+            max_in_flight: 10_000,
+            geo_csv: None,
+        }
     }
 }
 
@@ -310,7 +317,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
     }
 }
 
@@ -336,10 +345,14 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut root = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-                toml::from_str::<toml::Value>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.into(), source })?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str::<toml::Value>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                })?
             }
             None => toml::Value::Table(Default::default()),
         };
@@ -355,8 +368,10 @@ impl Config {
 
 /// Read `KEY=VALUE` lines, skipping blanks and `#` comments.
 pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     Ok(parse_env_lines(&text))
 }
 
@@ -422,7 +437,9 @@ mod tests {
     use super::*;
 
     fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -446,7 +463,10 @@ mod tests {
             Some(&file),
             vars(&[
                 ("SLUICE__KAFKA__BROKERS", "b:2"),
-                ("SLUICE__KAFKA__PROPERTIES", "receive.message.max.bytes=100, linger.ms=5"),
+                (
+                    "SLUICE__KAFKA__PROPERTIES",
+                    "receive.message.max.bytes=100, linger.ms=5",
+                ),
                 ("SLUICE__INGEST__MAX_LINES", "7"),
                 ("SLUICE__TIMESCALE__MODE", "postgres"),
                 ("OTHER", "ignored"),
@@ -469,13 +489,17 @@ mod tests {
 
     #[test]
     fn bad_type_is_an_error() {
-        let err = Config::load_with(None, vars(&[("SLUICE__INGEST__MAX_LINES", "lots")])).unwrap_err();
+        let err =
+            Config::load_with(None, vars(&[("SLUICE__INGEST__MAX_LINES", "lots")])).unwrap_err();
         assert!(err.to_string().contains("invalid configuration"), "{err}");
     }
 
     #[test]
     fn env_file_lines() {
         let v = parse_env_lines("# c\n\nA=1\nB = two=2\n");
-        assert_eq!(v, vec![("A".into(), "1".into()), ("B".into(), "two=2".into())]);
+        assert_eq!(
+            v,
+            vec![("A".into(), "1".into()), ("B".into(), "two=2".into())]
+        );
     }
 }

@@ -145,7 +145,11 @@ pub fn end_offsets(kafka: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>, 
 
 /// The offsets `group` committed on each partition of `topic` (0 where none).
 /// Blocking: call from a blocking context.
-pub fn committed_offsets(kafka: &KafkaConfig, group: &str, topic: &str) -> Result<Vec<(i32, i64)>, KafkaAdminError> {
+pub fn committed_offsets(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<(i32, i64)>, KafkaAdminError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = kafka.consumer_config(group).create()?;
@@ -161,7 +165,16 @@ pub fn committed_offsets(kafka: &KafkaConfig, group: &str, topic: &str) -> Resul
     Ok(committed
         .elements()
         .iter()
-        .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+        .map(|e| {
+            (
+                e.partition(),
+                if let Offset::Offset(o) = e.offset() {
+                    o
+                } else {
+                    0
+                },
+            )
+        })
         .collect())
 }
 

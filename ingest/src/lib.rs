@@ -49,7 +49,12 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
-        Self { status, error, reason: reason.into(), retry_after_s: None }
+        Self {
+            status,
+            error,
+            reason: reason.into(),
+            retry_after_s: None,
+        }
     }
 
     fn retry_after(mut self, seconds: u64) -> Self {
@@ -68,10 +73,17 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         metrics::counter!("sluice_ingest_requests_total", "status" => self.status.as_u16().to_string())
             .increment(1);
-        let mut resp =
-            (self.status, Json(ErrorBody { error: self.error, reason: &self.reason })).into_response();
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.error,
+                reason: &self.reason,
+            }),
+        )
+            .into_response();
         if let Some(s) = self.retry_after_s {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
     }
@@ -108,19 +120,34 @@ impl Ingest {
         // Fail deliveries that the broker cannot ack in time, so the client gets a 503.
         pc.set("message.timeout.ms", config.ack_timeout_ms.to_string());
         let producer: FutureProducer = pc.create()?;
-        let keys = config.api_keys.iter().map(|k| (k.key.clone(), k.tenant.clone())).collect();
-        Ok(Arc::new(Self { producer, topic: topic.into(), config, keys, metrics }))
+        let keys = config
+            .api_keys
+            .iter()
+            .map(|k| (k.key.clone(), k.tenant.clone()))
+            .collect();
+        Ok(Arc::new(Self {
+            producer,
+            topic: topic.into(),
+            config,
+            keys,
+            metrics,
+        }))
     }
 
     /// The HTTP routes.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/events", post(post_events))
-            .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+            .route(
+                "/healthz",
+                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            )
             .route("/readyz", get(readyz))
             .route("/metrics", get(render_metrics))
             // Limit enforced by us, with a JSON answer; axum's own limit is lifted to it.
-            .layer(DefaultBodyLimit::max(self.config.max_body_bytes.saturating_add(1)))
+            .layer(DefaultBodyLimit::max(
+                self.config.max_body_bytes.saturating_add(1),
+            ))
             .with_state(self.clone())
     }
 
@@ -130,7 +157,9 @@ impl Ingest {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), IngestError> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await?;
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await?;
         // Requests that got a 202 were already acked; this only drains stragglers.
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
@@ -156,7 +185,10 @@ impl Ingest {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| unauthorized("Authorization must be `Bearer <api key>`"))?;
-        self.keys.get(token.trim()).map(String::as_str).ok_or_else(|| unauthorized("unknown API key"))
+        self.keys
+            .get(token.trim())
+            .map(String::as_str)
+            .ok_or_else(|| unauthorized("unknown API key"))
     }
 
     /// Key of a record: tenant plus the first configured key field present in the line.
@@ -188,13 +220,21 @@ impl Ingest {
         })?;
         let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
         if lines.is_empty() {
-            return Err(Rejection::new(StatusCode::BAD_REQUEST, "empty_body", "no events in the body"));
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "empty_body",
+                "no events in the body",
+            ));
         }
         if lines.len() > self.config.max_lines {
             return Err(Rejection::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_many_lines",
-                format!("{} lines; at most {} per request", lines.len(), self.config.max_lines),
+                format!(
+                    "{} lines; at most {} per request",
+                    lines.len(),
+                    self.config.max_lines
+                ),
             ));
         }
         let ingest_id = uuid::Uuid::now_v7().to_string();
@@ -204,13 +244,34 @@ impl Ingest {
             let event_id = uuid::Uuid::now_v7().to_string();
             let key = self.record_key(tenant, line, &event_id);
             let hdrs = OwnedHeaders::new_with_capacity(6)
-                .insert(Header { key: headers::TENANT, value: Some(tenant) })
-                .insert(Header { key: headers::SOURCE, value: Some(source) })
-                .insert(Header { key: headers::CONTENT_TYPE, value: Some(content_type) })
-                .insert(Header { key: headers::RECEIVED_AT_MS, value: Some(&received_at) })
-                .insert(Header { key: headers::INGEST_ID, value: Some(&ingest_id) })
-                .insert(Header { key: headers::EVENT_ID, value: Some(&event_id) });
-            let record = FutureRecord::to(&self.topic).key(&key).payload(line.as_bytes()).headers(hdrs);
+                .insert(Header {
+                    key: headers::TENANT,
+                    value: Some(tenant),
+                })
+                .insert(Header {
+                    key: headers::SOURCE,
+                    value: Some(source),
+                })
+                .insert(Header {
+                    key: headers::CONTENT_TYPE,
+                    value: Some(content_type),
+                })
+                .insert(Header {
+                    key: headers::RECEIVED_AT_MS,
+                    value: Some(&received_at),
+                })
+                .insert(Header {
+                    key: headers::INGEST_ID,
+                    value: Some(&ingest_id),
+                })
+                .insert(Header {
+                    key: headers::EVENT_ID,
+                    value: Some(&event_id),
+                });
+            let record = FutureRecord::to(&self.topic)
+                .key(&key)
+                .payload(line.as_bytes())
+                .headers(hdrs);
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -222,8 +283,12 @@ impl Ingest {
                     .retry_after(1));
                 }
                 Err((e, _)) => {
-                    return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "kafka_error", e.to_string())
-                        .retry_after(1));
+                    return Err(Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "kafka_error",
+                        e.to_string(),
+                    )
+                    .retry_after(1));
                 }
             }
         }
@@ -240,7 +305,10 @@ impl Ingest {
         }
         metrics::counter!("sluice_ingest_events_total", "tenant" => tenant.to_string())
             .increment(lines.len() as u64);
-        Ok(Accepted { accepted: lines.len(), ingest_id })
+        Ok(Accepted {
+            accepted: lines.len(),
+            ingest_id,
+        })
     }
 }
 
@@ -254,7 +322,11 @@ fn broker_unavailable(why: &str) -> Rejection {
 }
 
 /// Content types accepted by `POST /v1/events`.
-const ACCEPTED_TYPES: &[&str] = &["application/json", "application/x-ndjson", "application/jsonl"];
+const ACCEPTED_TYPES: &[&str] = &[
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+];
 
 async fn post_events(
     State(ingest): State<Arc<Ingest>>,
@@ -265,13 +337,22 @@ async fn post_events(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     if !ACCEPTED_TYPES.contains(&content_type.as_str()) {
         return Err(Rejection::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_content_type",
-            format!("content type `{content_type}`; send one of {}", ACCEPTED_TYPES.join(", ")),
+            format!(
+                "content type `{content_type}`; send one of {}",
+                ACCEPTED_TYPES.join(", ")
+            ),
         ));
     }
     if body.len() > ingest.config.max_body_bytes {
@@ -281,7 +362,11 @@ async fn post_events(
             format!("body over {} bytes", ingest.config.max_body_bytes),
         ));
     }
-    let source = headers.get("x-source").and_then(|v| v.to_str().ok()).unwrap_or("http").to_string();
+    let source = headers
+        .get("x-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http")
+        .to_string();
     let accepted = ingest.write(&tenant, &source, &content_type, &body).await?;
     metrics::counter!("sluice_ingest_requests_total", "status" => "202").increment(1);
     Ok((StatusCode::ACCEPTED, Json(accepted)))
@@ -291,19 +376,26 @@ async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
     let producer = ingest.producer.clone();
     let topic = ingest.topic.clone();
     let check = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).map(|_| ())
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map(|_| ())
     })
     .await;
     match check {
         Ok(Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()).into_response(),
-        Err(e) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()).into_response(),
+        Ok(Err(e)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+            .into_response(),
+        Err(e) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+            .into_response(),
     }
 }
 
 async fn render_metrics(State(ingest): State<Arc<Ingest>>) -> Response {
     match &ingest.metrics {
         Some(h) => h.render().into_response(),
-        None => Rejection::new(StatusCode::NOT_FOUND, "no_metrics", "metrics are off").into_response(),
+        None => {
+            Rejection::new(StatusCode::NOT_FOUND, "no_metrics", "metrics are off").into_response()
+        }
     }
 }

@@ -171,14 +171,22 @@ pub struct SingleObjectCodec<T> {
 impl<T: AvroRecord> SingleObjectCodec<T> {
     /// A codec for `T`'s compiled-in schema.
     pub fn new() -> Result<Self, CodecError> {
-        let schema_err = |e| CodecError::Schema { name: T::NAME, source: Box::new(e) };
+        let schema_err = |e| CodecError::Schema {
+            name: T::NAME,
+            source: Box::new(e),
+        };
         let schema = Schema::parse_str(T::AVSC).map_err(schema_err)?;
         let header = RabinFingerprintHeader::from_schema(&schema).build_header();
         let reader = GenericSingleObjectReader::builder()
             .schema(schema.clone())
             .build()
             .map_err(schema_err)?;
-        Ok(Self { schema, header, reader, _record: PhantomData })
+        Ok(Self {
+            schema,
+            header,
+            reader,
+            _record: PhantomData,
+        })
     }
 
     /// The parsed schema.
@@ -193,8 +201,13 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
 
     /// Encode one record.
     pub fn encode(&self, record: &T) -> Result<Vec<u8>, CodecError> {
-        let err = |e| CodecError::Encode { name: T::NAME, source: Box::new(e) };
-        let writer = GenericDatumWriter::builder(&self.schema).build().map_err(err)?;
+        let err = |e| CodecError::Encode {
+            name: T::NAME,
+            source: Box::new(e),
+        };
+        let writer = GenericDatumWriter::builder(&self.schema)
+            .build()
+            .map_err(err)?;
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&self.header);
         writer.write_ser(&mut out, record).map_err(err)?;
@@ -205,7 +218,10 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
     pub fn decode(&self, mut bytes: &[u8]) -> Result<T, CodecError> {
         self.reader
             .read_deser(&mut bytes)
-            .map_err(|e| CodecError::Decode { name: T::NAME, source: Box::new(e) })
+            .map_err(|e| CodecError::Decode {
+                name: T::NAME,
+                source: Box::new(e),
+            })
     }
 }
 

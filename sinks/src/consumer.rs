@@ -103,9 +103,12 @@ pub async fn run_sink<W: BatchWriter>(
     tracing::info!(sink = name, input = %spec.input, group = %spec.group, "sink started");
 
     'batches: loop {
-        let Some(batch) = next_batch(&consumer, spec, &shutdown).await else { break };
+        let Some(batch) = next_batch(&consumer, spec, &shutdown).await else {
+            break;
+        };
         stats.consumed += batch.len() as u64;
-        metrics::histogram!("sluice_sink_batch_size_records", "sink" => name).record(batch.len() as f64);
+        metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
+            .record(batch.len() as f64);
 
         // Decode; what does not decode is dead-lettered without reaching the writer.
         let mut events = Vec::with_capacity(batch.len());
@@ -143,7 +146,12 @@ pub async fn run_sink<W: BatchWriter>(
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                Err(fatal) => return Err(SinkError::Write { sink: name, source: fatal }),
+                Err(fatal) => {
+                    return Err(SinkError::Write {
+                        sink: name,
+                        source: fatal,
+                    })
+                }
             }
         };
         stats.written += (events.len() - failures.len()) as u64;
@@ -151,12 +159,18 @@ pub async fn run_sink<W: BatchWriter>(
         for (i, failure) in &dead {
             metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "class" => failure.class).increment(1);
             tracing::debug!(sink = name, %failure, "dead-lettered");
-            send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1)).await;
+            send_dead_letter(
+                &producer,
+                &spec.dlq,
+                DeadLetter::of(&batch[*i], name, failure, 1),
+            )
+            .await;
         }
         stats.dead_lettered += dead.len() as u64;
         stats.batches += 1;
         commit(&consumer, &batch);
-        metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(batch.len() as u64);
+        metrics::counter!("sluice_sink_records_written_total", "sink" => name)
+            .increment(batch.len() as u64);
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = name, error = %e, "final commit");
@@ -204,7 +218,10 @@ fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
     }
     let mut tpl = TopicPartitionList::new();
     for ((topic, partition), offset) in next {
-        if tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).is_err() {
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .is_err()
+        {
             continue;
         }
     }
@@ -218,7 +235,9 @@ fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
 pub async fn send_dead_letter(producer: &FutureProducer, topic: &str, dl: DeadLetter) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut record = FutureRecord::to(topic).payload(&dl.payload).headers(dl.headers.clone());
+        let mut record = FutureRecord::to(topic)
+            .payload(&dl.payload)
+            .headers(dl.headers.clone());
         if let Some(k) = &dl.key {
             record = record.key(k);
         }

@@ -52,7 +52,10 @@ pub fn template_name(prefix: &str) -> String {
 }
 
 /// Create or update the index template with explicit mappings for `<prefix>-*` indices.
-pub async fn put_template(client: &Elasticsearch, config: &ElasticsearchConfig) -> Result<(), EsError> {
+pub async fn put_template(
+    client: &Elasticsearch,
+    config: &ElasticsearchConfig,
+) -> Result<(), EsError> {
     let keyword = json!({"type": "keyword"});
     let body = json!({
         "index_patterns": [format!("{}-*", config.index_prefix)],
@@ -75,7 +78,9 @@ pub async fn put_template(client: &Elasticsearch, config: &ElasticsearchConfig) 
     });
     let resp = client
         .indices()
-        .put_index_template(IndicesPutIndexTemplateParts::Name(&template_name(&config.index_prefix)))
+        .put_index_template(IndicesPutIndexTemplateParts::Name(&template_name(
+            &config.index_prefix,
+        )))
         .body(body)
         .send()
         .await?;
@@ -96,14 +101,23 @@ pub fn index_name(prefix: &str, e: &EnrichedEvent) -> String {
     let tenant: String = e
         .tenant
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("{prefix}-{tenant}-{day}")
 }
 
 /// The document of an event.
 pub fn document(e: &EnrichedEvent) -> Value {
-    let ts = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    let ts = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
     json!({
         "event_id": e.event_id, "tenant": e.tenant, "user_id": e.user_id, "session_id": e.session_id,
         "event_type": e.event_type, "url": e.url, "referrer": e.referrer,
@@ -128,7 +142,11 @@ impl ElasticsearchWriter {
 
     /// One `_bulk` request for `items` (index into the batch). Returns, per item,
     /// `None` for success or the item's status and error.
-    async fn bulk(&self, events: &[EnrichedEvent], items: &[usize]) -> Result<Vec<Option<(u16, Value)>>, WriteError> {
+    async fn bulk(
+        &self,
+        events: &[EnrichedEvent],
+        items: &[usize],
+    ) -> Result<Vec<Option<(u16, Value)>>, WriteError> {
         let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(items.len() * 2);
         for &i in items {
             let e = &events[i];
@@ -144,13 +162,20 @@ impl ElasticsearchWriter {
             .map_err(|e| WriteError::Transient(format!("bulk request: {e}")))?;
         let status = resp.status_code().as_u16();
         if status == 429 || status >= 500 {
-            return Err(WriteError::Transient(format!("bulk request answered {status}")));
+            return Err(WriteError::Transient(format!(
+                "bulk request answered {status}"
+            )));
         }
         if status >= 400 {
             let text = resp.text().await.unwrap_or_default();
-            return Err(WriteError::Fatal(format!("bulk request answered {status}: {text}")));
+            return Err(WriteError::Fatal(format!(
+                "bulk request answered {status}: {text}"
+            )));
         }
-        let body: Value = resp.json().await.map_err(|e| WriteError::Transient(format!("bulk response: {e}")))?;
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| WriteError::Transient(format!("bulk response: {e}")))?;
         let answers = body["items"].as_array().cloned().unwrap_or_default();
         if answers.len() != items.len() {
             return Err(WriteError::Transient(format!(
@@ -162,7 +187,11 @@ impl ElasticsearchWriter {
         Ok(answers
             .into_iter()
             .map(|item| {
-                let result = item.as_object().and_then(|o| o.values().next()).cloned().unwrap_or(Value::Null);
+                let result = item
+                    .as_object()
+                    .and_then(|o| o.values().next())
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 let status = result["status"].as_u64().unwrap_or(500) as u16;
                 (status >= 300).then(|| (status, result["error"].clone()))
             })
@@ -175,17 +204,25 @@ impl BatchWriter for ElasticsearchWriter {
         "elasticsearch"
     }
 
-    async fn write(&mut self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
+    async fn write(
+        &mut self,
+        events: &[EnrichedEvent],
+    ) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         // Split into requests bounded by count and (approximate) bytes.
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
         let mut bytes = 0usize;
         for (i, e) in events.iter().enumerate() {
-            let size = 200 + e.event_id.len() + e.user_agent.as_ref().map_or(0, String::len)
+            let size = 200
+                + e.event_id.len()
+                + e.user_agent.as_ref().map_or(0, String::len)
                 + e.url.as_ref().map_or(0, String::len)
                 + e.extra.values().map(|v| v.len() + 16).sum::<usize>();
             let current = chunks.last_mut().expect("never empty");
-            if !current.is_empty() && (current.len() >= self.config.bulk_max_docs || bytes + size > self.config.bulk_max_bytes) {
+            if !current.is_empty()
+                && (current.len() >= self.config.bulk_max_docs
+                    || bytes + size > self.config.bulk_max_bytes)
+            {
                 chunks.push(Vec::new());
                 bytes = 0;
             }
@@ -205,12 +242,16 @@ impl BatchWriter for ElasticsearchWriter {
                         Some((status, error)) => {
                             let kind = error["type"].as_str().unwrap_or("error");
                             let reason = error["reason"].as_str().unwrap_or("no reason given");
-                            failures.push((i, Failure::new("write", format!("{status} {kind}: {reason}"))));
+                            failures.push((
+                                i,
+                                Failure::new("write", format!("{status} {kind}: {reason}")),
+                            ));
                         }
                     }
                 }
                 if !retry.is_empty() {
-                    metrics::counter!("sluice_sink_retries_total", "sink" => "elasticsearch").increment(retry.len() as u64);
+                    metrics::counter!("sluice_sink_retries_total", "sink" => "elasticsearch")
+                        .increment(retry.len() as u64);
                     tracing::warn!(items = retry.len(), retry_in = ?backoff, "bulk items refused for load; re-sending them");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -41,8 +41,17 @@ pub enum DbError {
 /// Connect a pool to the configured database.
 pub fn pool(config: &TimescaleConfig) -> Result<Pool, DbError> {
     let pg = tokio_postgres::Config::from_str(&config.url).map_err(DbError::Url)?;
-    let manager = Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    Pool::builder(manager).max_size(config.pool_size.max(1)).build().map_err(|e| DbError::Pool(e.to_string()))
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size.max(1))
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
 }
 
 /// One schema migration; `timescale_only` ones are skipped on plain PostgreSQL.
@@ -121,7 +130,10 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
     }
     let client = pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
     let available = client
-        .query_one("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
         .await?
         .get::<_, i64>(0)
         > 0;
@@ -132,11 +144,17 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
         DbMode::Auto => available,
     };
     if timescale {
-        client.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await?;
+        client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            .await?;
     } else {
         tracing::info!(
             "timescaledb extension {}: using plain PostgreSQL tables without continuous aggregates",
-            if available { "not wanted (mode = postgres)" } else { "not available" }
+            if available {
+                "not wanted (mode = postgres)"
+            } else {
+                "not available"
+            }
         );
     }
     client
@@ -146,8 +164,12 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
                version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
         ))
         .await?;
-    let done: Vec<i32> =
-        client.query(&format!("SELECT version FROM {s}.sluice_migrations"), &[]).await?.iter().map(|r| r.get(0)).collect();
+    let done: Vec<i32> = client
+        .query(&format!("SELECT version FROM {s}.sluice_migrations"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     for m in MIGRATIONS {
         if done.contains(&m.version) || (m.timescale_only && !timescale) {
             continue;
@@ -168,9 +190,16 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
 
 /// Refresh every continuous aggregate over all time (tests and the demo; production
 /// relies on refresh policies).
-pub async fn refresh_aggregates(client: &tokio_postgres::Client, schema: &str) -> Result<(), DbError> {
+pub async fn refresh_aggregates(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<(), DbError> {
     for agg in AGGREGATES {
-        client.batch_execute(&format!("CALL refresh_continuous_aggregate('{schema}.{agg}', NULL, NULL)")).await?;
+        client
+            .batch_execute(&format!(
+                "CALL refresh_continuous_aggregate('{schema}.{agg}', NULL, NULL)"
+            ))
+            .await?;
     }
     Ok(())
 }
@@ -223,8 +252,14 @@ impl TimescaleWriter {
             &cols.country,
             &cols.extra,
         ];
-        let stmt = client.prepare_cached(&self.insert).await.map_err(InsertError::Db)?;
-        client.execute(&stmt, &params).await.map_err(InsertError::Db)?;
+        let stmt = client
+            .prepare_cached(&self.insert)
+            .await
+            .map_err(InsertError::Db)?;
+        client
+            .execute(&stmt, &params)
+            .await
+            .map_err(InsertError::Db)?;
         Ok(())
     }
 }
@@ -253,7 +288,9 @@ enum Verdict {
 
 impl InsertError {
     fn verdict(&self) -> Verdict {
-        let Self::Db(e) = self else { return Verdict::Transient };
+        let Self::Db(e) = self else {
+            return Verdict::Transient;
+        };
         match e.code() {
             None => Verdict::Transient,
             Some(code) => match &code.code()[..2] {
@@ -271,14 +308,20 @@ impl BatchWriter for TimescaleWriter {
         "timescale"
     }
 
-    async fn write(&mut self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
+    async fn write(
+        &mut self,
+        events: &[EnrichedEvent],
+    ) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         let mut rows = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             if DateTime::from_timestamp_millis(e.event_time).is_none()
                 || DateTime::from_timestamp_millis(e.received_at).is_none()
             {
-                failures.push((i, Failure::new("write", "event_time or received_at out of range")));
+                failures.push((
+                    i,
+                    Failure::new("write", "event_time or received_at out of range"),
+                ));
             } else {
                 rows.push((i, e));
             }
@@ -289,7 +332,9 @@ impl BatchWriter for TimescaleWriter {
             Err(e) => match e.verdict() {
                 Verdict::Transient => return Err(WriteError::Transient(e.to_string())),
                 Verdict::Fatal => return Err(WriteError::Fatal(e.to_string())),
-                Verdict::Row => tracing::info!(error = %e, "batch rejected for its data; writing rows one by one"),
+                Verdict::Row => {
+                    tracing::info!(error = %e, "batch rejected for its data; writing rows one by one")
+                }
             },
         }
         // Find the rows the database refuses, so the rest of the batch goes on.
@@ -366,7 +411,13 @@ pub fn extra_json(e: &EnrichedEvent) -> serde_json::Value {
     serde_json::Value::Object(
         e.extra
             .iter()
-            .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone()))))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::from_str(v)
+                        .unwrap_or_else(|_| serde_json::Value::String(v.clone())),
+                )
+            })
             .collect(),
     )
 }

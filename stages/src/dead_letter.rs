@@ -16,7 +16,10 @@ pub struct Failure {
 impl Failure {
     /// A failure of `class` with `reason`.
     pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
-        Self { class, reason: reason.into() }
+        Self {
+            class,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -57,7 +60,10 @@ impl DeadLetter {
             (headers::DLQ_FAILED_AT_MS, failed_at.as_str()),
             (headers::DLQ_RECORD_TS_MS, record_ts.as_str()),
         ] {
-            h = h.insert(Header { key, value: Some(value) });
+            h = h.insert(Header {
+                key,
+                value: Some(value),
+            });
         }
         Self {
             key: msg.key().map(<[u8]>::to_vec),

@@ -55,14 +55,29 @@ impl IpTable {
     /// Load `cidr,network,country` rows (with a header line) from a CSV file.
     pub fn load(path: &Path) -> Result<Self, EnrichError> {
         let p = path.display().to_string();
-        let mut reader = csv::Reader::from_path(path).map_err(|source| EnrichError::Csv { path: p.clone(), source })?;
+        let mut reader = csv::Reader::from_path(path).map_err(|source| EnrichError::Csv {
+            path: p.clone(),
+            source,
+        })?;
         let mut rows = Vec::new();
         for record in reader.records() {
-            let record = record.map_err(|source| EnrichError::Csv { path: p.clone(), source })?;
+            let record = record.map_err(|source| EnrichError::Csv {
+                path: p.clone(),
+                source,
+            })?;
             let line = record.position().map_or(0, |pos| pos.line());
-            let row_err = |reason: String| EnrichError::Row { path: p.clone(), line, reason };
-            let cidr = record.get(0).ok_or_else(|| row_err("missing cidr".into()))?;
-            let net: IpNet = cidr.trim().parse().map_err(|e| row_err(format!("cidr {cidr:?}: {e}")))?;
+            let row_err = |reason: String| EnrichError::Row {
+                path: p.clone(),
+                line,
+                reason,
+            };
+            let cidr = record
+                .get(0)
+                .ok_or_else(|| row_err("missing cidr".into()))?;
+            let net: IpNet = cidr
+                .trim()
+                .parse()
+                .map_err(|e| row_err(format!("cidr {cidr:?}: {e}")))?;
             rows.push(NetworkRow {
                 net,
                 network: record.get(1).unwrap_or_default().trim().to_string(),
@@ -75,7 +90,10 @@ impl IpTable {
 
     /// The network and country of `ip`, if a row covers it.
     pub fn lookup(&self, ip: IpAddr) -> Option<(&str, &str)> {
-        self.rows.iter().find(|r| r.net.contains(&ip)).map(|r| (r.network.as_str(), r.country.as_str()))
+        self.rows
+            .iter()
+            .find(|r| r.net.contains(&ip))
+            .map(|r| (r.network.as_str(), r.country.as_str()))
     }
 }
 
@@ -88,7 +106,10 @@ pub struct Enricher {
 impl Enricher {
     /// An enricher using `ips` for IP lookups.
     pub fn new(ips: IpTable) -> Self {
-        Self { ua: woothee::parser::Parser::new(), ips }
+        Self {
+            ua: woothee::parser::Parser::new(),
+            ips,
+        }
     }
 
     /// Enrich one event.
@@ -101,7 +122,10 @@ impl Enricher {
             out.os = known(ua.os);
             out.device = known(ua.category);
         }
-        let ip = out.ip.as_deref().and_then(|ip| ip.trim().parse::<IpAddr>().ok());
+        let ip = out
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.trim().parse::<IpAddr>().ok());
         if let Some((network, country)) = ip.and_then(|ip| self.ips.lookup(ip)) {
             out.network = Some(network.to_string()).filter(|s| !s.is_empty());
             out.country = Some(country.to_string()).filter(|s| !s.is_empty());
@@ -120,10 +144,18 @@ impl Transform for Enricher {
             .decode(msg.payload().unwrap_or_default())
             .map_err(|e| Failure::new("decode", e.to_string()))?;
         let enriched = self.enrich(event);
-        let payload = ENRICHED_EVENTS.encode(&enriched).map_err(|e| Failure::new("encode", e.to_string()))?;
-        let out_headers = headers::without(msg.headers(), &[headers::ENCODING])
-            .insert(Header { key: headers::ENCODING, value: Some(AVRO_SINGLE_OBJECT) });
-        Ok(vec![Output { key: msg.key().map(<[u8]>::to_vec), payload, headers: out_headers }])
+        let payload = ENRICHED_EVENTS
+            .encode(&enriched)
+            .map_err(|e| Failure::new("encode", e.to_string()))?;
+        let out_headers = headers::without(msg.headers(), &[headers::ENCODING]).insert(Header {
+            key: headers::ENCODING,
+            value: Some(AVRO_SINGLE_OBJECT),
+        });
+        Ok(vec![Output {
+            key: msg.key().map(<[u8]>::to_vec),
+            payload,
+            headers: out_headers,
+        }])
     }
 }
 
@@ -135,7 +167,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-ip-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("t.csv");
-        std::fs::write(&f, "cidr,network,country\n10.0.0.0/8,corp,DE\n10.1.0.0/16,lab,FR\n2001:db8::/32,doc,NL\n").unwrap();
+        std::fs::write(
+            &f,
+            "cidr,network,country\n10.0.0.0/8,corp,DE\n10.1.0.0/16,lab,FR\n2001:db8::/32,doc,NL\n",
+        )
+        .unwrap();
         IpTable::load(&f).unwrap()
     }
 
@@ -144,7 +180,10 @@ mod tests {
         let t = table();
         assert_eq!(t.lookup("10.1.2.3".parse().unwrap()), Some(("lab", "FR")));
         assert_eq!(t.lookup("10.2.2.3".parse().unwrap()), Some(("corp", "DE")));
-        assert_eq!(t.lookup("2001:db8::1".parse().unwrap()), Some(("doc", "NL")));
+        assert_eq!(
+            t.lookup("2001:db8::1".parse().unwrap()),
+            Some(("doc", "NL"))
+        );
         assert_eq!(t.lookup("192.168.0.1".parse().unwrap()), None);
     }
 
@@ -171,7 +210,8 @@ mod tests {
             event_time: 1,
             received_at: 1,
             user_agent: Some(
-                "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:120.0) Gecko/20100101 Firefox/120.0".into(),
+                "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:120.0) Gecko/20100101 Firefox/120.0"
+                    .into(),
             ),
             ip: Some("10.1.0.9".into()),
             extra: Default::default(),

@@ -21,7 +21,10 @@ struct PartitionOffsets {
 impl OffsetTracker {
     /// A record started processing.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = self.partitions.entry((topic.to_string(), partition)).or_default();
+        let p = self
+            .partitions
+            .entry((topic.to_string(), partition))
+            .or_default();
         // Nothing below the first record seen here is ours to commit.
         p.reported.get_or_insert(offset - 1);
         p.in_flight.insert(offset);

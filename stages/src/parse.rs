@@ -65,11 +65,18 @@ impl Parser {
                 break;
             }
         }
-        let event_time = event_time
-            .ok_or_else(|| Failure::new("validation", "field `ts`: required (RFC 3339 or epoch ms/s), missing"))?;
+        let event_time = event_time.ok_or_else(|| {
+            Failure::new(
+                "validation",
+                "field `ts`: required (RFC 3339 or epoch ms/s), missing",
+            )
+        })?;
         let event_id = take_str(&mut obj, "event_id")?.unwrap_or_else(|| meta.event_id.to_string());
         if event_id.is_empty() {
-            return Err(Failure::new("validation", "field `event_id`: expected a non-empty string, got \"\""));
+            return Err(Failure::new(
+                "validation",
+                "field `event_id`: expected a non-empty string, got \"\"",
+            ));
         }
         Ok(ClickEvent {
             event_id,
@@ -83,7 +90,10 @@ impl Parser {
             received_at: meta.received_at,
             user_agent: take_str(&mut obj, "user_agent")?,
             ip: take_str(&mut obj, "ip")?,
-            extra: obj.into_iter().map(|(k, v)| (k, v.to_string())).collect::<HashMap<_, _>>(),
+            extra: obj
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string()))
+                .collect::<HashMap<_, _>>(),
         })
     }
 }
@@ -95,20 +105,43 @@ impl Transform for Parser {
 
     fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure> {
         let h = msg.headers();
-        let tenant = headers::get(h, headers::TENANT)
-            .ok_or_else(|| Failure::new("validation", format!("header `{}`: required, missing", headers::TENANT)))?;
-        let event_id = headers::get(h, headers::EVENT_ID)
-            .ok_or_else(|| Failure::new("validation", format!("header `{}`: required, missing", headers::EVENT_ID)))?;
+        let tenant = headers::get(h, headers::TENANT).ok_or_else(|| {
+            Failure::new(
+                "validation",
+                format!("header `{}`: required, missing", headers::TENANT),
+            )
+        })?;
+        let event_id = headers::get(h, headers::EVENT_ID).ok_or_else(|| {
+            Failure::new(
+                "validation",
+                format!("header `{}`: required, missing", headers::EVENT_ID),
+            )
+        })?;
         let received_at = headers::get(h, headers::RECEIVED_AT_MS)
             .and_then(|v| v.parse().ok())
             .or_else(|| msg.timestamp().to_millis())
             .unwrap_or(0);
         let line = msg.payload().unwrap_or_default();
-        let event = self.parse(line, RawMeta { tenant, event_id, received_at })?;
-        let payload = CLICK_EVENTS.encode(&event).map_err(|e| Failure::new("encode", e.to_string()))?;
+        let event = self.parse(
+            line,
+            RawMeta {
+                tenant,
+                event_id,
+                received_at,
+            },
+        )?;
+        let payload = CLICK_EVENTS
+            .encode(&event)
+            .map_err(|e| Failure::new("encode", e.to_string()))?;
         let out_headers = headers::without(h, &[headers::EVENT_ID, headers::ENCODING])
-            .insert(Header { key: headers::EVENT_ID, value: Some(event.event_id.as_str()) })
-            .insert(Header { key: headers::ENCODING, value: Some(AVRO_SINGLE_OBJECT) });
+            .insert(Header {
+                key: headers::EVENT_ID,
+                value: Some(event.event_id.as_str()),
+            })
+            .insert(Header {
+                key: headers::ENCODING,
+                value: Some(AVRO_SINGLE_OBJECT),
+            });
         Ok(vec![Output {
             key: Some(format!("{}:{}", event.tenant, event.user_id).into_bytes()),
             payload,
@@ -148,7 +181,10 @@ fn take_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, 
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
         Some(other) => Err(Failure::new(
             "validation",
-            format!("field `{field}`: expected a non-empty string or an integer, got {}", describe(&other)),
+            format!(
+                "field `{field}`: expected a non-empty string or an integer, got {}",
+                describe(&other)
+            ),
         )),
     }
 }
@@ -164,7 +200,10 @@ fn describe(v: &Value) -> String {
 /// A time as Unix milliseconds: RFC 3339 text, or epoch milliseconds or seconds.
 fn parse_time(field: &str, v: &Value) -> Result<i64, Failure> {
     let bad = |got: String| {
-        Failure::new("validation", format!("field `{field}`: expected RFC 3339 or epoch ms/s, got {got}"))
+        Failure::new(
+            "validation",
+            format!("field `{field}`: expected RFC 3339 or epoch ms/s, got {got}"),
+        )
     };
     match v {
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
@@ -208,7 +247,11 @@ fn epoch_to_ms_f(f: f64) -> i64 {
 mod tests {
     use super::*;
 
-    const META: RawMeta<'static> = RawMeta { tenant: "acme", event_id: "ev-1", received_at: 5 };
+    const META: RawMeta<'static> = RawMeta {
+        tenant: "acme",
+        event_id: "ev-1",
+        received_at: 5,
+    };
 
     fn parse(s: &str) -> Result<ClickEvent, Failure> {
         Parser.parse(s.as_bytes(), META)
@@ -251,13 +294,22 @@ mod tests {
     fn precise_reasons() {
         let reason = |s: &str| parse(s).unwrap_err().to_string();
         assert!(reason("{not json").starts_with("decode: malformed JSON"));
-        assert_eq!(reason("[1]"), "validation: event: expected a JSON object, got an array");
-        assert_eq!(reason(r#"{"type":"x","ts":1}"#), "validation: field `user_id`: required, missing");
+        assert_eq!(
+            reason("[1]"),
+            "validation: event: expected a JSON object, got an array"
+        );
+        assert_eq!(
+            reason(r#"{"type":"x","ts":1}"#),
+            "validation: field `user_id`: required, missing"
+        );
         assert_eq!(
             reason(r#"{"user_id":true,"type":"x","ts":1}"#),
             "validation: field `user_id`: expected a non-empty string or an integer, got a boolean"
         );
-        assert_eq!(reason(r#"{"user_id":"u","ts":1}"#), "validation: field `type`: required, missing");
+        assert_eq!(
+            reason(r#"{"user_id":"u","ts":1}"#),
+            "validation: field `type`: required, missing"
+        );
         assert_eq!(
             reason(r#"{"user_id":"u","type":"x","ts":"yesterday"}"#),
             "validation: field `ts`: expected RFC 3339 or epoch ms/s, got \"yesterday\""

@@ -160,7 +160,9 @@ pub async fn run_stage<T: Transform>(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tracker.in_flight() > 0 {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some((partition, offset))) => store(&consumer, &mut tracker, &spec.input, partition, offset),
+            Ok(Some((partition, offset))) => {
+                store(&consumer, &mut tracker, &spec.input, partition, offset)
+            }
             _ => break,
         }
     }
@@ -172,7 +174,13 @@ pub async fn run_stage<T: Transform>(
     Ok(stats)
 }
 
-fn store(consumer: &StreamConsumer, tracker: &mut OffsetTracker, topic: &str, partition: i32, offset: i64) {
+fn store(
+    consumer: &StreamConsumer,
+    tracker: &mut OffsetTracker,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
     if let Some(through) = tracker.complete(topic, partition, offset) {
         // Fails only for a partition revoked meanwhile; its new owner re-reads from the last commit.
         if let Err(e) = consumer.store_offset(topic, partition, through) {
@@ -206,7 +214,9 @@ async fn enqueue(
         loop {
             match delivery.await {
                 Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => tracing::warn!(topic = %p.topic, error = %e, "delivery failed; re-sending"),
+                Ok(Err((e, _))) => {
+                    tracing::warn!(topic = %p.topic, error = %e, "delivery failed; re-sending")
+                }
                 Err(_) => tracing::warn!(topic = %p.topic, "delivery cancelled; re-sending"),
             }
             loop {
@@ -224,8 +234,13 @@ async fn enqueue(
     }
 }
 
-fn send(producer: &FutureProducer, p: &Pending) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-    let mut record = FutureRecord::to(&p.topic).payload(&p.payload).headers(p.headers.clone());
+fn send(
+    producer: &FutureProducer,
+    p: &Pending,
+) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+    let mut record = FutureRecord::to(&p.topic)
+        .payload(&p.payload)
+        .headers(p.headers.clone());
     if let Some(k) = &p.key {
         record = record.key(k);
     }

@@ -174,6 +174,10 @@ pub struct IngestConfig {
     pub partition_key_fields: Vec<String>,
     /// Accepted API keys.
     pub api_keys: Vec<ApiKey>,
+    /// Per-tenant sustained rate, in events per second; none means unlimited.
+    pub rate_limit_per_sec: Option<u32>,
+    /// Per-tenant burst, in events (the token bucket's size); defaults to one second's rate.
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl Default for IngestConfig {
@@ -185,6 +189,8 @@ impl Default for IngestConfig {
             ack_timeout_ms: 10_000,
             partition_key_fields: vec!["user_id".into(), "session_id".into()],
             api_keys: Vec::new(),
+            rate_limit_per_sec: None,
+            rate_limit_burst: None,
         }
     }
 }

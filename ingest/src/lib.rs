@@ -10,13 +10,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use std::num::NonZeroU32;
+
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::join_all;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -105,6 +109,8 @@ pub struct Ingest {
     config: IngestConfig,
     /// Bearer token → tenant.
     keys: HashMap<String, String>,
+    /// Per-tenant token buckets, counted in events.
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
     metrics: Option<PrometheusHandle>,
 }
 
@@ -125,11 +131,22 @@ impl Ingest {
             .iter()
             .map(|k| (k.key.clone(), k.tenant.clone()))
             .collect();
+        let limiter = config
+            .rate_limit_per_sec
+            .and_then(NonZeroU32::new)
+            .map(|rate| {
+                let burst = config
+                    .rate_limit_burst
+                    .and_then(NonZeroU32::new)
+                    .unwrap_or(rate);
+                DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+            });
         Ok(Arc::new(Self {
             producer,
             topic: topic.into(),
             config,
             keys,
+            limiter,
             metrics,
         }))
     }
@@ -191,6 +208,38 @@ impl Ingest {
             .ok_or_else(|| unauthorized("unknown API key"))
     }
 
+    /// Take `events` tokens from the tenant's bucket, or say when to retry.
+    fn admit(&self, tenant: &str, events: usize) -> Result<(), Rejection> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let n =
+            NonZeroU32::new(u32::try_from(events).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        match limiter.check_key_n(&tenant.to_string(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(Rejection::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "tenant {tenant} is over its rate of {} events/s",
+                        limiter_rate(&self.config)
+                    ),
+                )
+                .retry_after(wait.as_secs() + 1))
+            }
+            Err(capacity) => Err(Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "batch_over_burst",
+                format!(
+                    "{events} events in one request; the burst allows at most {}",
+                    capacity.0
+                ),
+            )),
+        }
+    }
+
     /// Key of a record: tenant plus the first configured key field present in the line.
     fn record_key(&self, tenant: &str, line: &str, event_id: &str) -> String {
         let fields: Option<HashMap<String, &RawValue>> = serde_json::from_str(line).ok();
@@ -237,6 +286,7 @@ impl Ingest {
                 ),
             ));
         }
+        self.admit(tenant, lines.len())?;
         let ingest_id = uuid::Uuid::now_v7().to_string();
         let received_at = sluice_core::now_ms().to_string();
         let mut deliveries = Vec::with_capacity(lines.len());
@@ -312,6 +362,10 @@ impl Ingest {
     }
 }
 
+fn limiter_rate(config: &IngestConfig) -> u32 {
+    config.rate_limit_per_sec.unwrap_or(0)
+}
+
 fn broker_unavailable(why: &str) -> Rejection {
     Rejection::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -331,9 +385,18 @@ const ACCEPTED_TYPES: &[&str] = &[
 async fn post_events(
     State(ingest): State<Arc<Ingest>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), Rejection> {
     let tenant = ingest.tenant_of(&headers)?.to_string();
+    if let Some(claimed) = headers.get("x-tenant").and_then(|v| v.to_str().ok()) {
+        if claimed != tenant {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "wrong_tenant",
+                format!("this API key writes as tenant {tenant}, not {claimed}"),
+            ));
+        }
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -355,13 +418,32 @@ async fn post_events(
             ),
         ));
     }
-    if body.len() > ingest.config.max_body_bytes {
-        return Err(Rejection::new(
+    let limit = ingest.config.max_body_bytes;
+    let too_large = || {
+        Rejection::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("body over {} bytes", ingest.config.max_body_bytes),
-        ));
+            format!("body over {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            too_large()
+        } else {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("cannot read the body: {e}"),
+            )
+        }
+    })?;
     let source = headers
         .get("x-source")
         .and_then(|v| v.to_str().ok())

@@ -1,0 +1,406 @@
+//! HTTP ingest against a real broker: every status code, the records' exact bytes and
+//! headers, and a broker that goes down and comes back.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use rdkafka::message::Message;
+use reqwest::StatusCode;
+use serde_json::Value;
+use sluice_core::config::{ApiKey, Config};
+use sluice_core::{headers, kafka, telemetry};
+use sluice_ingest::Ingest;
+use sluice_tests::{stack_config, unique, PrivateBroker};
+use tokio_util::sync::CancellationToken;
+
+const KEY_A: &str = "key-tenant-a";
+const KEY_B: &str = "key-tenant-b";
+
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| telemetry::install_metrics(None).unwrap())
+        .clone()
+}
+
+/// An ingest server on a free port writing to a topic of its own.
+struct Server {
+    addr: SocketAddr,
+    topic: String,
+    config: Config,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(mut config: Config) -> Self {
+        let topic = unique("t-ingest-");
+        config.topics.raw = topic.clone();
+        config.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.ingest.api_keys = vec![
+            ApiKey {
+                tenant: "tenant-a".into(),
+                key: KEY_A.into(),
+            },
+            ApiKey {
+                tenant: "tenant-b".into(),
+                key: KEY_B.into(),
+            },
+        ];
+        kafka::create_topics(&config.kafka, 3, 1, &[(topic.clone(), "3600000".into())])
+            .await
+            .unwrap();
+        let ingest = Ingest::new(
+            &config.kafka,
+            &topic,
+            config.ingest.clone(),
+            Some(metrics_handle()),
+        )
+        .unwrap();
+        let (listener, addr) = ingest.bind().await.unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            Arc::clone(&ingest)
+                .serve(listener, async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Self {
+            addr,
+            topic,
+            config,
+            stop,
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn post(
+        &self,
+        key: Option<&str>,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = reqwest::Client::new()
+            .post(self.url("/v1/events"))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    async fn records(&self) -> Vec<rdkafka::message::OwnedMessage> {
+        let (k, t) = (self.config.kafka.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || kafka::read_all(&k, &t, Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode, error: &str) {
+    assert_eq!(status, want, "{body}");
+    assert_eq!(body["error"], error, "{body}");
+    assert!(
+        body["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "JSON reason: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_records_keep_their_bytes_and_get_headers() {
+    let server = Server::start(stack_config()).await;
+    // Odd but valid bytes: unicode, escapes, a trailing \r, and a malformed line, which
+    // ingest must keep (parsing is the parse stage's job).
+    let lines = [
+        r#"{"user_id":"u1","type":"page_view","ts":1,"note":"héllo ✓"}"#,
+        "{\"user_id\":42,\"type\":\"click\",\"ts\":2,\"esc\":\"a\\\"b\"}\r",
+        r#"{"session_id":"s9","type":"click","ts":3}"#,
+        r#"{"user_id":"u1","type":"#,
+    ];
+    let body = lines.join("\n") + "\n\n";
+    let (status, _, resp) = server
+        .post(Some(KEY_A), "application/x-ndjson", body.clone())
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    assert_eq!(resp["accepted"], 4);
+    let ingest_id = resp["ingest_id"].as_str().unwrap().to_string();
+
+    let records = server.records().await;
+    assert_eq!(records.len(), 4);
+    let mut event_ids = HashSet::new();
+    for r in &records {
+        let payload = r.payload().unwrap();
+        assert!(
+            lines.iter().any(|l| l.as_bytes() == payload),
+            "bytes changed: {:?}",
+            String::from_utf8_lossy(payload)
+        );
+        let h = r.headers();
+        assert_eq!(headers::get(h, headers::TENANT), Some("tenant-a"));
+        assert_eq!(headers::get(h, headers::SOURCE), Some("http"));
+        assert_eq!(
+            headers::get(h, headers::CONTENT_TYPE),
+            Some("application/x-ndjson")
+        );
+        assert_eq!(
+            headers::get(h, headers::INGEST_ID),
+            Some(ingest_id.as_str())
+        );
+        let received: i64 = headers::get(h, headers::RECEIVED_AT_MS)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sluice_core::now_ms() - received).abs() < 60_000);
+        event_ids.insert(headers::get(h, headers::EVENT_ID).unwrap().to_string());
+        let key = std::str::from_utf8(r.key().unwrap()).unwrap();
+        match std::str::from_utf8(payload).unwrap() {
+            l if l.contains("\"u1\",\"type\":\"page_view\"") => assert_eq!(key, "tenant-a:u1"),
+            l if l.contains("42") => assert_eq!(key, "tenant-a:42"),
+            l if l.contains("s9") => assert_eq!(key, "tenant-a:s9", "falls back to session_id"),
+            _ => assert!(
+                key.starts_with("tenant-a:"),
+                "malformed line keyed by its event id: {key}"
+            ),
+        }
+    }
+    assert_eq!(event_ids.len(), 4, "event ids are unique");
+
+    // One JSON event with application/json; a source header.
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/events"))
+        .bearer_auth(KEY_B)
+        .header("content-type", "application/json; charset=utf-8")
+        .header("x-source", "mobile-sdk")
+        .body(r#"{"user_id":"b1","type":"click","ts":5}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let records = server.records().await;
+    let b = records
+        .iter()
+        .find(|r| headers::get(r.headers(), headers::TENANT) == Some("tenant-b"))
+        .unwrap();
+    assert_eq!(
+        headers::get(b.headers(), headers::SOURCE),
+        Some("mobile-sdk")
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_is_a_clear_json_error() {
+    let mut config = stack_config();
+    config.ingest.max_body_bytes = 2_000;
+    config.ingest.max_lines = 5;
+    let server = Server::start(config).await;
+    let ok_line = r#"{"user_id":"u","type":"click","ts":1}"#;
+
+    let (s, _, b) = server.post(None, "application/json", ok_line).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (s, _, b) = server.post(Some("nope"), "application/json", ok_line).await;
+    assert_error(s, &b, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/events"))
+        .bearer_auth(KEY_A)
+        .header("x-tenant", "tenant-b")
+        .header("content-type", "application/json")
+        .body(ok_line)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_error(
+        status,
+        &resp.json().await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "wrong_tenant",
+    );
+
+    let (s, _, b) = server.post(Some(KEY_A), "text/csv", "a,b\n").await;
+    assert_error(
+        s,
+        &b,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_content_type",
+    );
+
+    let (s, _, b) = server
+        .post(Some(KEY_A), "application/json", "x".repeat(2_001))
+        .await;
+    assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    // Chunked, with no Content-Length: the limit holds while reading.
+    let chunks: Vec<Result<String, std::io::Error>> =
+        (0..30).map(|_| Ok("y".repeat(100))).collect();
+    let stream = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let (s, _, b) = server.post(Some(KEY_A), "application/json", stream).await;
+    assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+
+    let six = vec![ok_line; 6].join("\n");
+    let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", six).await;
+    assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "too_many_lines");
+
+    let (s, _, b) = server
+        .post(Some(KEY_A), "application/json", vec![0xff, 0xfe, b'{'])
+        .await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "invalid_body");
+    let (s, _, b) = server.post(Some(KEY_A), "application/json", "\n  \n").await;
+    assert_error(s, &b, StatusCode::BAD_REQUEST, "empty_body");
+
+    assert!(
+        server.records().await.is_empty(),
+        "nothing rejected reaches the topic"
+    );
+
+    let health = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sluice_ingest_requests_total"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_rate_limit_answers_429_with_retry_after() {
+    let mut config = stack_config();
+    config.ingest.rate_limit_per_sec = Some(2);
+    config.ingest.rate_limit_burst = Some(10);
+    let server = Server::start(config).await;
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let ten = vec![line; 10].join("\n");
+    let (s, _, b) = server
+        .post(Some(KEY_A), "application/x-ndjson", ten.clone())
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let (s, h, b) = server
+        .post(Some(KEY_A), "application/x-ndjson", ten.clone())
+        .await;
+    assert_error(s, &b, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry: u64 = h
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=6).contains(&retry), "retry-after {retry}");
+    // Another tenant has its own bucket.
+    let (s, _, b) = server.post(Some(KEY_B), "application/x-ndjson", ten).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    // A batch larger than the burst can never pass.
+    let eleven = vec![line; 11].join("\n");
+    let (s, _, b) = server
+        .post(Some(KEY_B), "application/x-ndjson", eleven)
+        .await;
+    assert_error(s, &b, StatusCode::TOO_MANY_REQUESTS, "batch_over_burst");
+    assert_eq!(server.records().await.len(), 20);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_producer_queue_answers_503() {
+    let mut config = stack_config();
+    config
+        .kafka
+        .producer
+        .insert("queue.buffering.max.messages".into(), "5".into());
+    config
+        .kafka
+        .producer
+        .insert("linger.ms".into(), "1000".into());
+    let server = Server::start(config).await;
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let (s, h, b) = server
+        .post(
+            Some(KEY_A),
+            "application/x-ndjson",
+            vec![line; 50].join("\n"),
+        )
+        .await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(h.contains_key("retry-after"));
+    server.shutdown().await;
+}
+
+/// The broker stops: requests get 503 (never 202) and readiness fails; it comes back:
+/// requests get 202 again, and every event that got a 202 is on the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_answers_503_then_recovers() {
+    let mut broker = PrivateBroker::start();
+    let mut config = stack_config();
+    config.kafka.brokers = broker.brokers();
+    config.ingest.ack_timeout_ms = 2_000;
+    config
+        .kafka
+        .properties
+        .insert("reconnect.backoff.max.ms".into(), "500".into());
+    let server = Server::start(config).await;
+    let line = |i: usize| format!(r#"{{"user_id":"u{i}","type":"click","ts":{i}}}"#);
+
+    let mut acked = Vec::new();
+    let (s, _, b) = server.post(Some(KEY_A), "application/json", line(0)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    acked.push(line(0));
+
+    broker.stop();
+    let (s, h, b) = server.post(Some(KEY_A), "application/json", line(1)).await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable");
+    assert!(h.contains_key("retry-after"));
+    let ready = reqwest::get(server.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    broker.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 2;
+    loop {
+        let (s, _, b) = server.post(Some(KEY_A), "application/json", line(i)).await;
+        if s == StatusCode::ACCEPTED {
+            acked.push(line(i));
+            break;
+        }
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        assert!(tokio::time::Instant::now() < deadline, "no recovery: {b}");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let records = server.records().await;
+    let on_topic: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.payload().unwrap().to_vec()).unwrap())
+        .collect();
+    for a in &acked {
+        assert!(
+            on_topic.contains(a),
+            "acked event {a} lost; topic has {on_topic:?}"
+        );
+    }
+    server.shutdown().await;
+}

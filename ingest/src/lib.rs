@@ -242,10 +242,12 @@ impl Ingest {
 
     /// Key of a record: tenant plus the first configured key field present in the line.
     fn record_key(&self, tenant: &str, line: &str, event_id: &str) -> String {
-        let fields: Option<HashMap<String, &RawValue>> = serde_json::from_str(line).ok();
+        // Zero-copy scan of the top-level fields; a line that does not scan (malformed,
+        // or with escaped field names) is keyed by its event id.
+        let fields: Option<HashMap<&str, &RawValue>> = serde_json::from_str(line).ok();
         let value = fields.as_ref().and_then(|f| {
             self.config.partition_key_fields.iter().find_map(|k| {
-                let raw = f.get(k)?.get();
+                let raw = f.get(k.as_str())?.get();
                 let v = raw.trim_matches('"');
                 (!v.is_empty() && v != "null").then_some(v)
             })

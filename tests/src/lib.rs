@@ -1,6 +1,9 @@
 //! Helpers of the integration tests: the configuration of the local stack started by
 //! `scripts/stack up`, and unique names so tests do not see each other's data.
 
+// Test support: a failed set-up step should stop the test with its message.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use sluice_core::config::{parse_env_lines, Config};

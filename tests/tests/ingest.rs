@@ -1,5 +1,6 @@
 //! HTTP ingest against a real broker: every status code, the records' exact bytes and
 //! headers, and a broker that goes down and comes back.
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! End to end on the real local stack: HTTP ingest → raw topic → parse → enrich →
 //! TimescaleDB and Elasticsearch, with exact counts at every layer.
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use std::time::Duration;
 

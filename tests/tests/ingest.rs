@@ -256,7 +256,7 @@ async fn every_rejection_is_a_clear_json_error() {
     let (s, _, b) = server.post(Some(KEY_A), "application/json", stream).await;
     assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
 
-    let six = vec![ok_line; 6].join("\n");
+    let six = [ok_line; 6].join("\n");
     let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", six).await;
     assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "too_many_lines");
 
@@ -296,7 +296,7 @@ async fn per_tenant_rate_limit_answers_429_with_retry_after() {
     config.ingest.rate_limit_burst = Some(10);
     let server = Server::start(config).await;
     let line = r#"{"user_id":"u","type":"click","ts":1}"#;
-    let ten = vec![line; 10].join("\n");
+    let ten = [line; 10].join("\n");
     let (s, _, b) = server
         .post(Some(KEY_A), "application/x-ndjson", ten.clone())
         .await;
@@ -317,7 +317,7 @@ async fn per_tenant_rate_limit_answers_429_with_retry_after() {
     let (s, _, b) = server.post(Some(KEY_B), "application/x-ndjson", ten).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     // A batch larger than the burst can never pass.
-    let eleven = vec![line; 11].join("\n");
+    let eleven = [line; 11].join("\n");
     let (s, _, b) = server
         .post(Some(KEY_B), "application/x-ndjson", eleven)
         .await;
@@ -340,11 +340,7 @@ async fn full_producer_queue_answers_503() {
     let server = Server::start(config).await;
     let line = r#"{"user_id":"u","type":"click","ts":1}"#;
     let (s, h, b) = server
-        .post(
-            Some(KEY_A),
-            "application/x-ndjson",
-            vec![line; 50].join("\n"),
-        )
+        .post(Some(KEY_A), "application/x-ndjson", [line; 50].join("\n"))
         .await;
     assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
     assert!(h.contains_key("retry-after"));

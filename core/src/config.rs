@@ -266,6 +266,12 @@ pub struct TimescaleConfig {
     pub batch_size: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub linger_ms: u64,
+    /// Add refresh policies to the continuous aggregates (TimescaleDB).
+    pub refresh_policies: bool,
+    /// Drop event chunks older than this many days (TimescaleDB); none keeps everything.
+    pub retention_days: Option<u32>,
+    /// Compress event chunks older than this many days (TimescaleDB); none never compresses.
+    pub compress_after_days: Option<u32>,
 }
 
 impl Default for TimescaleConfig {
@@ -278,6 +284,9 @@ impl Default for TimescaleConfig {
             pool_size: 1,
             batch_size: 2_000,
             linger_ms: 200,
+            refresh_policies: true,
+            retention_days: None,
+            compress_after_days: None,
         }
     }
 }
@@ -298,6 +307,8 @@ pub struct ElasticsearchConfig {
     pub bulk_max_bytes: usize,
     /// Longest wait for a bulk request to fill, in milliseconds.
     pub linger_ms: u64,
+    /// Bulk requests in flight at once.
+    pub bulk_in_flight: usize,
 }
 
 impl Default for ElasticsearchConfig {
@@ -309,6 +320,7 @@ impl Default for ElasticsearchConfig {
             bulk_max_docs: 1_000,
             bulk_max_bytes: 5 * 1024 * 1024,
             linger_ms: 200,
+            bulk_in_flight: 2,
         }
     }
 }

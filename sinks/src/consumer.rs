@@ -100,10 +100,12 @@ pub async fn run_sink<W: BatchWriter>(
     consumer.subscribe(&[&spec.input])?;
     let producer: FutureProducer = kafka.producer_config().create()?;
     let mut stats = SinkStats::default();
+    // Records received while paused, for the next batch.
+    let mut carry: Vec<OwnedMessage> = Vec::new();
     tracing::info!(sink = name, input = %spec.input, group = %spec.group, "sink started");
 
     'batches: loop {
-        let Some(batch) = next_batch(&consumer, spec, &shutdown).await else {
+        let Some(batch) = next_batch(&consumer, spec, &shutdown, &mut carry).await else {
             break;
         };
         stats.consumed += batch.len() as u64;
@@ -129,6 +131,9 @@ pub async fn run_sink<W: BatchWriter>(
             let started = std::time::Instant::now();
             match writer.write(&events).await {
                 Ok(f) => {
+                    if backoff > Duration::from_millis(100) {
+                        resume(&consumer);
+                    }
                     metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => name)
                         .record(started.elapsed().as_secs_f64());
                     break f;
@@ -142,7 +147,7 @@ pub async fn run_sink<W: BatchWriter>(
                             tracing::warn!(sink = name, "stopping with an unwritten batch; it stays uncommitted");
                             break 'batches;
                         }
-                        _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                        _ = wait_paused(&consumer, &mut carry, backoff + Duration::from_millis(jitter)) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -184,13 +189,14 @@ async fn next_batch(
     consumer: &StreamConsumer,
     spec: &SinkSpec,
     shutdown: &CancellationToken,
+    carry: &mut Vec<OwnedMessage>,
 ) -> Option<Vec<OwnedMessage>> {
-    let mut batch = Vec::new();
-    loop {
+    let mut batch = std::mem::take(carry);
+    while batch.is_empty() {
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             m = consumer.recv() => match m {
-                Ok(m) => { batch.push(m.detach()); break; }
+                Ok(m) => batch.push(m.detach()),
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -207,6 +213,31 @@ async fn next_batch(
         }
     }
     Some(batch)
+}
+
+/// Wait out a retry backoff with consumption paused: the consumer keeps polling (so it
+/// stays in its group) but fetches nothing new; whatever was already fetched is kept.
+async fn wait_paused(consumer: &StreamConsumer, carry: &mut Vec<OwnedMessage>, wait: Duration) {
+    if let Ok(assigned) = consumer.assignment() {
+        if let Err(e) = consumer.pause(&assigned) {
+            tracing::debug!(error = %e, "pause");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await {
+        match m {
+            Ok(m) => carry.push(m.detach()),
+            Err(e) => tracing::debug!(error = %e, "consume error while paused"),
+        }
+    }
+}
+
+fn resume(consumer: &StreamConsumer) {
+    if let Ok(assigned) = consumer.assignment() {
+        if let Err(e) = consumer.resume(&assigned) {
+            tracing::warn!(error = %e, "resume");
+        }
+    }
 }
 
 /// Commit, per partition, the offset after the batch's last record.

@@ -13,6 +13,7 @@ use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::transport::Transport;
 use elasticsearch::indices::IndicesPutIndexTemplateParts;
 use elasticsearch::{BulkParts, Elasticsearch};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use sluice_core::config::ElasticsearchConfig;
 use sluice_schemas::EnrichedEvent;
@@ -140,6 +141,44 @@ impl ElasticsearchWriter {
         Self { client, config }
     }
 
+    /// Write one bulk-sized chunk, re-sending only the items refused for load until
+    /// none is left. Returns the items refused for their content.
+    async fn write_chunk(
+        &self,
+        events: &[EnrichedEvent],
+        mut pending: Vec<usize>,
+    ) -> Result<Vec<(usize, Failure)>, WriteError> {
+        let mut failures = Vec::new();
+        let mut backoff = Duration::from_millis(100);
+        while !pending.is_empty() {
+            let answers = self.bulk(events, &pending).await?;
+            let mut retry = Vec::new();
+            for (&i, answer) in pending.iter().zip(answers) {
+                match answer {
+                    None => {}
+                    Some((status, _)) if status == 429 || status >= 500 => retry.push(i),
+                    Some((status, error)) => {
+                        let kind = error["type"].as_str().unwrap_or("error");
+                        let reason = error["reason"].as_str().unwrap_or("no reason given");
+                        failures.push((
+                            i,
+                            Failure::new("write", format!("{status} {kind}: {reason}")),
+                        ));
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                metrics::counter!("sluice_sink_retries_total", "sink" => "elasticsearch")
+                    .increment(retry.len() as u64);
+                tracing::warn!(items = retry.len(), retry_in = ?backoff, "bulk items refused for load; re-sending them");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            pending = retry;
+        }
+        Ok(failures)
+    }
+
     /// One `_bulk` request for `items` (index into the batch). Returns, per item,
     /// `None` for success or the item's status and error.
     async fn bulk(
@@ -229,35 +268,13 @@ impl BatchWriter for ElasticsearchWriter {
             bytes += size;
             chunks.last_mut().expect("never empty").push(i);
         }
-        for mut pending in chunks.into_iter().filter(|c| !c.is_empty()) {
-            let mut backoff = Duration::from_millis(100);
-            // Re-send only the items refused for load, until none is left.
-            while !pending.is_empty() {
-                let answers = self.bulk(events, &pending).await?;
-                let mut retry = Vec::new();
-                for (&i, answer) in pending.iter().zip(answers) {
-                    match answer {
-                        None => {}
-                        Some((status, _)) if status == 429 || status >= 500 => retry.push(i),
-                        Some((status, error)) => {
-                            let kind = error["type"].as_str().unwrap_or("error");
-                            let reason = error["reason"].as_str().unwrap_or("no reason given");
-                            failures.push((
-                                i,
-                                Failure::new("write", format!("{status} {kind}: {reason}")),
-                            ));
-                        }
-                    }
-                }
-                if !retry.is_empty() {
-                    metrics::counter!("sluice_sink_retries_total", "sink" => "elasticsearch")
-                        .increment(retry.len() as u64);
-                    tracing::warn!(items = retry.len(), retry_in = ?backoff, "bulk items refused for load; re-sending them");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-                pending = retry;
-            }
+        let results: Vec<_> = futures::stream::iter(chunks.into_iter().filter(|c| !c.is_empty()))
+            .map(|chunk| self.write_chunk(events, chunk))
+            .buffer_unordered(self.config.bulk_in_flight.max(1))
+            .collect()
+            .await;
+        for r in results {
+            failures.extend(r?);
         }
         Ok(failures)
     }

@@ -117,6 +117,28 @@ const MIGRATIONS: &[Migration] = &[
              FROM {s}.events GROUP BY 1, tenant WITH NO DATA",
         ],
     },
+    Migration {
+        version: 4,
+        name: "sessions table",
+        timescale_only: false,
+        sql: &["CREATE TABLE IF NOT EXISTS {s}.sessions (
+            tenant text NOT NULL,
+            user_id text NOT NULL,
+            session_id text NOT NULL,
+            started_at timestamptz NOT NULL,
+            ended_at timestamptz NOT NULL,
+            page_views int NOT NULL,
+            events int NOT NULL,
+            duration_ms bigint NOT NULL,
+            PRIMARY KEY (tenant, session_id, started_at))"],
+    },
+];
+
+/// Refresh policies: (aggregate, start offset, end offset, schedule).
+const REFRESH_POLICIES: &[(&str, &str, &str, &str)] = &[
+    ("page_views_1m", "2 hours", "1 minute", "1 minute"),
+    ("page_views_1h", "3 days", "1 hour", "30 minutes"),
+    ("users_1h", "3 days", "1 hour", "30 minutes"),
 ];
 
 /// Continuous aggregates in refresh order (a hierarchical one after its source).
@@ -143,6 +165,25 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
         DbMode::Timescale => true,
         DbMode::Auto => available,
     };
+    // Replicas starting together must not race on CREATE … IF NOT EXISTS.
+    client
+        .batch_execute("SELECT pg_advisory_lock(hashtext('sluice-migrations'))")
+        .await?;
+    let result = migrate_locked(&client, config, s, available, timescale).await;
+    client
+        .batch_execute("SELECT pg_advisory_unlock(hashtext('sluice-migrations'))")
+        .await?;
+    result?;
+    Ok(timescale)
+}
+
+async fn migrate_locked(
+    client: &tokio_postgres::Client,
+    config: &TimescaleConfig,
+    s: &str,
+    available: bool,
+    timescale: bool,
+) -> Result<(), DbError> {
     if timescale {
         client
             .batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
@@ -185,7 +226,46 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
             .await?;
         tracing::info!(schema = %s, version = m.version, name = m.name, "migration applied");
     }
-    Ok(timescale)
+    if timescale {
+        apply_policies(client, config).await?;
+    }
+    Ok(())
+}
+
+/// Add the refresh, retention and compression policies the config asks for. Adding one
+/// that exists is a no-op (`if_not_exists`), so this runs at every start.
+async fn apply_policies(
+    client: &tokio_postgres::Client,
+    config: &TimescaleConfig,
+) -> Result<(), DbError> {
+    let s = &config.schema;
+    if config.refresh_policies {
+        for (agg, start, end, every) in REFRESH_POLICIES {
+            client
+                .batch_execute(&format!(
+                    "SELECT add_continuous_aggregate_policy('{s}.{agg}', start_offset => INTERVAL '{start}',
+                       end_offset => INTERVAL '{end}', schedule_interval => INTERVAL '{every}', if_not_exists => TRUE)"
+                ))
+                .await?;
+        }
+    }
+    if let Some(days) = config.compress_after_days {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {s}.events SET (timescaledb.compress, timescaledb.compress_segmentby = 'tenant',
+                   timescaledb.compress_orderby = 'time DESC, event_id');
+                 SELECT add_compression_policy('{s}.events', INTERVAL '{days} days', if_not_exists => TRUE)"
+            ))
+            .await?;
+    }
+    if let Some(days) = config.retention_days {
+        client
+            .batch_execute(&format!(
+                "SELECT add_retention_policy('{s}.events', INTERVAL '{days} days', if_not_exists => TRUE)"
+            ))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Refresh every continuous aggregate over all time (tests and the demo; production

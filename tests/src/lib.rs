@@ -137,3 +137,107 @@ impl Drop for PrivateBroker {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// An enriched event for sink tests: `i` makes the id, `at` is the event time.
+pub fn enriched(
+    i: usize,
+    tenant: &str,
+    user: &str,
+    kind: &str,
+    url: &str,
+    at: &str,
+) -> sluice_schemas::EnrichedEvent {
+    let ms = chrono::DateTime::parse_from_rfc3339(at)
+        .unwrap()
+        .timestamp_millis();
+    sluice_schemas::EnrichedEvent::from_click(sluice_schemas::ClickEvent {
+        event_id: format!("ev-{i}"),
+        tenant: tenant.into(),
+        user_id: user.into(),
+        session_id: Some(format!("{user}-s")),
+        event_type: kind.into(),
+        url: Some(url.into()),
+        referrer: None,
+        event_time: ms,
+        received_at: ms + 100,
+        user_agent: None,
+        ip: None,
+        extra: Default::default(),
+    })
+}
+
+/// Produce enriched events (Avro single-object) to `topic` and wait for the acks.
+pub async fn produce_enriched(
+    config: &Config,
+    topic: &str,
+    events: &[sluice_schemas::EnrichedEvent],
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    let mut acks = Vec::new();
+    for e in events {
+        let payload = sluice_schemas::ENRICHED_EVENTS.encode(e).unwrap();
+        let key = format!("{}:{}", e.tenant, e.user_id);
+        acks.push(
+            producer
+                .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+}
+
+/// A sink running in the background until [`RunningSink::stop`].
+pub struct RunningSink {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<sluice_sinks::SinkStats>>,
+}
+
+impl RunningSink {
+    /// Start sink `name` with `config`.
+    pub fn start(config: &Config, name: sluice::pipeline::SinkName) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (c, s) = (config.clone(), stop.clone());
+        let task = tokio::spawn(async move { sluice::pipeline::run_sink_named(&c, name, s).await });
+        Self { stop, task }
+    }
+
+    /// Stop it and return what it did.
+    pub async fn stop(self) -> sluice_sinks::SinkStats {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+/// Wait until `group` committed everything on `topic` (two minutes at most).
+pub async fn caught_up(config: &Config, group: &str, topic: &str) {
+    sluice::demo::wait_caught_up(config, group, topic, std::time::Duration::from_secs(120))
+        .await
+        .unwrap();
+}
+
+/// Records on a dead-letter topic.
+pub async fn dead_letters(config: &Config, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let (k, t) = (config.kafka.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        sluice_core::kafka::read_all(&k, &t, std::time::Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// Give `config` its own enriched topic (created), groups, schema and index prefix.
+pub async fn sink_namespace(config: &mut Config, name: &str) {
+    sluice::demo::use_namespace(config, &format!("t-{name}"), name);
+    let t = &config.topics;
+    let topics = vec![
+        (t.enriched.clone(), "3600000".to_string()),
+        (t.dlq(&t.enriched), "3600000".to_string()),
+    ];
+    sluice_core::kafka::create_topics(&config.kafka, 3, 1, &topics)
+        .await
+        .unwrap();
+}

@@ -1,0 +1,337 @@
+//! The sinks against real servers: continuous aggregate values on TimescaleDB (PGlite),
+//! concurrent replicas on PostgreSQL 15, Elasticsearch on both ES-API servers, dead
+//! letters for what can never be written, and replays that change nothing.
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
+
+use rdkafka::message::Message;
+use sluice::pipeline::SinkName;
+use sluice_core::headers;
+use sluice_tests::{
+    caught_up, dead_letters, enriched, produce_enriched, sink_namespace, stack_config, stack_var,
+    unique, RunningSink,
+};
+
+/// A known input: tenant acme's page views and clicks in two hours, and one tenant
+/// globex view. Expected aggregates are written out in the test.
+fn known_input() -> Vec<sluice_schemas::EnrichedEvent> {
+    vec![
+        enriched(1, "acme", "u1", "page_view", "/a", "2026-11-20T10:00:10Z"),
+        enriched(2, "acme", "u2", "page_view", "/a", "2026-11-20T10:00:20Z"),
+        enriched(3, "acme", "u1", "page_view", "/a", "2026-11-20T10:01:05Z"),
+        enriched(4, "acme", "u3", "page_view", "/b", "2026-11-20T10:30:00Z"),
+        enriched(5, "acme", "u4", "click", "/b", "2026-11-20T10:05:00Z"),
+        enriched(6, "acme", "u1", "page_view", "/a", "2026-11-20T11:15:00Z"),
+        enriched(7, "globex", "g1", "page_view", "/a", "2026-11-20T10:00:30Z"),
+    ]
+}
+
+async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, String>(i))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timescale_aggregates_dead_letters_and_replay() {
+    let mut config = stack_config();
+    let name = unique("ts");
+    sink_namespace(&mut config, &name).await;
+    config.timescale.retention_days = Some(400);
+    config.timescale.compress_after_days = Some(7);
+    let mut input = known_input();
+    // PostgreSQL text cannot hold NUL: this row can never be written.
+    let mut bad = enriched(
+        8,
+        "acme",
+        "u\u{0}x",
+        "page_view",
+        "/a",
+        "2026-11-20T10:00:40Z",
+    );
+    bad.url = Some("/a".into());
+    input.push(bad);
+    produce_enriched(&config, &config.topics.enriched, &input).await;
+
+    let sink = RunningSink::start(&config, SinkName::Timescale);
+    caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
+    let stats = sink.stop().await;
+    assert_eq!(stats.dead_lettered, 1);
+
+    let dlq = dead_letters(&config, &config.topics.dlq(&config.topics.enriched)).await;
+    assert_eq!(dlq.len(), 1);
+    let h = dlq[0].headers();
+    assert_eq!(headers::get(h, headers::DLQ_STAGE), Some("timescale"));
+    assert_eq!(headers::get(h, headers::DLQ_ERROR_CLASS), Some("write"));
+    assert!(
+        headers::get(h, headers::DLQ_REASON)
+            .unwrap()
+            .contains("22021"),
+        "{:?}",
+        headers::get(h, headers::DLQ_REASON)
+    );
+
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    let s = &name;
+    sluice_sinks::timescale::refresh_aggregates(&client, s)
+        .await
+        .unwrap();
+    let count = |n: i64| n.to_string();
+    let events: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {s}.events"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count(events), "7");
+    assert_eq!(
+        rows(&client, &format!("SELECT to_char(bucket AT TIME ZONE 'UTC', 'HH24:MI'), tenant, url, views::text FROM {s}.page_views_1m ORDER BY 1, 2, 3")).await,
+        ["10:00 acme /a 2", "10:00 globex /a 1", "10:01 acme /a 1", "10:30 acme /b 1", "11:15 acme /a 1"]
+    );
+    assert_eq!(
+        rows(&client, &format!("SELECT to_char(bucket AT TIME ZONE 'UTC', 'HH24:MI'), tenant, url, views::text FROM {s}.page_views_1h ORDER BY 1, 2, 3")).await,
+        ["10:00 acme /a 3", "10:00 acme /b 1", "10:00 globex /a 1", "11:00 acme /a 1"]
+    );
+    assert_eq!(
+        rows(&client, &format!("SELECT to_char(bucket AT TIME ZONE 'UTC', 'HH24:MI'), tenant, users::text FROM {s}.users_1h ORDER BY 1, 2")).await,
+        ["10:00 acme 4", "10:00 globex 1", "11:00 acme 1"]
+    );
+    let jobs = rows(
+        &client,
+        &format!(
+            "SELECT proc_name::text FROM timescaledb_information.jobs
+             WHERE hypertable_schema = '{s}' OR hypertable_name IN (
+               SELECT materialization_hypertable_name FROM timescaledb_information.continuous_aggregates
+               WHERE view_schema = '{s}') ORDER BY 1"
+        ),
+    )
+    .await;
+    assert_eq!(
+        jobs,
+        [
+            "policy_compression",
+            "policy_refresh_continuous_aggregate",
+            "policy_refresh_continuous_aggregate",
+            "policy_refresh_continuous_aggregate",
+            "policy_retention"
+        ]
+    );
+    drop(client);
+    pool.close();
+
+    // Replay: the same records again, under a fresh group, change nothing.
+    produce_enriched(&config, &config.topics.enriched, &input).await;
+    config.timescale.group = unique("replay-");
+    let sink = RunningSink::start(&config, SinkName::Timescale);
+    caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
+    let stats = sink.stop().await;
+    assert_eq!(stats.consumed, 16, "both copies were read");
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    sluice_sinks::timescale::refresh_aggregates(&client, s)
+        .await
+        .unwrap();
+    let events: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {s}.events"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, 7);
+    let views: i64 = client
+        .query_one(
+            &format!("SELECT sum(views)::bigint FROM {s}.page_views_1h"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(views, 6);
+    drop(client);
+    pool.close();
+}
+
+/// Two replicas of the sink in one group, each with a pool of 4, on plain PostgreSQL 15,
+/// over records with duplicates: every event is written exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_replicas_write_each_event_once() {
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    config.timescale.pool_size = 4;
+    config.timescale.batch_size = 300;
+    let name = unique("pgc");
+    sink_namespace(&mut config, &name).await;
+    let events: Vec<_> = (0..3_000)
+        .map(|i| {
+            let at = format!(
+                "2026-11-20T{:02}:{:02}:{:02}Z",
+                8 + i / 3600 % 10,
+                i / 60 % 60,
+                i % 60
+            );
+            enriched(
+                i,
+                ["acme", "globex", "initech"][i % 3],
+                &format!("u{}", i % 97),
+                "page_view",
+                "/x",
+                &at,
+            )
+        })
+        .collect();
+    let a = RunningSink::start(&config, SinkName::Timescale);
+    let b = RunningSink::start(&config, SinkName::Timescale);
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    // At-least-once re-delivery: the first 500 again.
+    produce_enriched(&config, &config.topics.enriched, &events[..500]).await;
+    caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
+    let (sa, sb) = (a.stop().await, b.stop().await);
+    assert_eq!(sa.consumed + sb.consumed, 3_500);
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT event_id) FROM {name}.events"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3_000, 3_000));
+}
+
+async fn es_json(
+    config: &sluice_core::Config,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let url = format!("{}/{path}", config.elasticsearch.url);
+    let http = reqwest::Client::new();
+    let req = match body {
+        Some(b) => http.post(url).json(&b),
+        None => http.post(url),
+    };
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+async fn es_count(config: &sluice_core::Config, query: serde_json::Value) -> u64 {
+    let pattern = format!("{}-*", config.elasticsearch.index_prefix);
+    es_json(config, &format!("{pattern}/_refresh"), None).await;
+    let r = es_json(
+        config,
+        &format!("{pattern}/_count"),
+        Some(serde_json::json!({ "query": query })),
+    )
+    .await;
+    r["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("count answer {r}"))
+}
+
+async fn elasticsearch_sink_on(url: String) {
+    let mut config = stack_config();
+    config.elasticsearch.url = url;
+    config.elasticsearch.bulk_max_docs = 40;
+    let name = unique("es");
+    sink_namespace(&mut config, &name).await;
+    let mut events: Vec<_> = (0..200)
+        .map(|i| {
+            let day = if i % 2 == 0 { "20" } else { "21" };
+            let at = format!("2026-11-{day}T10:{:02}:00Z", i % 60);
+            enriched(
+                i,
+                ["acme", "globex"][i % 4 / 2],
+                &format!("u{}", i % 7),
+                "page_view",
+                "/p",
+                &at,
+            )
+        })
+        .collect();
+    for e in &mut events {
+        e.extra.insert("price".into(), "5".into());
+    }
+    let sink = RunningSink::start(&config, SinkName::Elasticsearch);
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    // Same index as event 0 (acme, 20th), but `extra.price` is not a number there.
+    let mut conflict = enriched(
+        1_000,
+        "acme",
+        "u1",
+        "page_view",
+        "/p",
+        "2026-11-20T11:00:00Z",
+    );
+    conflict
+        .extra
+        .insert("price".into(), "{\"amount\":5}".into());
+    produce_enriched(&config, &config.topics.enriched, &[conflict]).await;
+    caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    let stats = sink.stop().await;
+    assert_eq!(stats.dead_lettered, 1, "{stats:?}");
+
+    assert_eq!(
+        es_count(&config, serde_json::json!({"match_all": {}})).await,
+        200
+    );
+    // acme on the 20th: i % 4 == 0 → 50 events.
+    let term_and_range = serde_json::json!({"bool": {"filter": [
+        {"term": {"tenant": "acme"}},
+        {"range": {"@timestamp": {"gte": "2026-11-20T00:00:00Z", "lt": "2026-11-21T00:00:00Z"}}}
+    ]}});
+    assert_eq!(es_count(&config, term_and_range.clone()).await, 50);
+
+    let dlq = dead_letters(&config, &config.topics.dlq(&config.topics.enriched)).await;
+    assert_eq!(dlq.len(), 1);
+    let h = dlq[0].headers();
+    assert_eq!(headers::get(h, headers::DLQ_STAGE), Some("elasticsearch"));
+    let reason = headers::get(h, headers::DLQ_REASON).unwrap();
+    assert!(
+        reason.starts_with("400 ") && reason.contains("exception"),
+        "{reason}"
+    );
+
+    // Replay everything under a fresh group: no duplicates.
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    config.elasticsearch.group = unique("replay-");
+    let sink = RunningSink::start(&config, SinkName::Elasticsearch);
+    caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    sink.stop().await;
+    assert_eq!(
+        es_count(&config, serde_json::json!({"match_all": {}})).await,
+        200
+    );
+    assert_eq!(es_count(&config, term_and_range).await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_sink_on_noida() {
+    elasticsearch_sink_on(stack_config().elasticsearch.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_sink_on_osmem() {
+    elasticsearch_sink_on(stack_var("SLUICE_STACK_ES_ALT_URL")).await;
+}

@@ -28,7 +28,9 @@ await db.exec("CREATE EXTENSION IF NOT EXISTS timescaledb;");
 
 const SSL_REQUEST = 80877103;
 const GSSENC_REQUEST = 80877104;
-const RESET_SQL = "ROLLBACK; DISCARD ALL; SET search_path TO public; SET client_min_messages TO warning;";
+// One statement per call: DISCARD ALL cannot run inside the implicit transaction of a
+// multi-statement query.
+const RESET_SQL = ["ROLLBACK", "DISCARD ALL", "SET search_path TO public", "SET client_min_messages TO warning"];
 
 // One session at a time: a queue of waiting sockets, served in arrival order.
 const waiting = [];
@@ -41,10 +43,12 @@ function next() {
   if (sock.destroyed) return next();
   busy = true;
   serve(sock).finally(async () => {
-    try {
-      await db.exec(RESET_SQL);
-    } catch (e) {
-      console.error("session reset failed:", e?.message ?? e);
+    for (const sql of RESET_SQL) {
+      try {
+        await db.exec(sql);
+      } catch (e) {
+        console.error(`session reset: ${sql}:`, e?.message ?? e);
+      }
     }
     busy = false;
     next();

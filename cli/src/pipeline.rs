@@ -94,6 +94,8 @@ pub async fn run_sink_named(
                 dlq: t.dlq(&t.enriched),
                 batch_size: c.batch_size,
                 linger: Duration::from_millis(c.linger_ms),
+                // One batch per pooled connection.
+                write_concurrency: c.pool_size,
             };
             let stats = run_sink(
                 &config.kafka,
@@ -116,8 +118,10 @@ pub async fn run_sink_named(
                 group: c.group.clone(),
                 input: t.enriched.clone(),
                 dlq: t.dlq(&t.enriched),
-                batch_size: c.bulk_max_docs * 4,
+                // One bulk request per batch, several in flight.
+                batch_size: c.bulk_max_docs,
                 linger: Duration::from_millis(c.linger_ms),
+                write_concurrency: c.bulk_in_flight,
             };
             run_sink(
                 &config.kafka,

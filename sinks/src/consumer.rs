@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::stream::{FuturesOrdered, StreamExt};
 use rand::Rng;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -38,7 +39,7 @@ pub trait BatchWriter: Send {
     /// Write `events` idempotently. Returns the indices of events that can never be
     /// written, with why; they are dead-lettered and the rest count as written.
     fn write(
-        &mut self,
+        &self,
         events: &[EnrichedEvent],
     ) -> impl std::future::Future<Output = Result<Vec<(usize, Failure)>, WriteError>> + Send;
 }
@@ -72,6 +73,8 @@ pub struct SinkSpec {
     pub batch_size: usize,
     /// Longest wait for a batch to fill.
     pub linger: Duration,
+    /// Batches written at once (committed in order all the same).
+    pub write_concurrency: usize,
 }
 
 /// Counts of what a sink did, returned when it stops.
@@ -85,97 +88,180 @@ pub struct SinkStats {
     pub dead_lettered: u64,
     /// Batches written.
     pub batches: u64,
+    /// When the first record arrived (after joining the group).
+    pub first_record_at: Option<std::time::Instant>,
+    /// When the last batch was committed.
+    pub last_commit_at: Option<std::time::Instant>,
 }
 
-/// Run a sink until `shutdown` is cancelled. The batch being written when it is
-/// cancelled is finished (or, while the destination is down, left uncommitted).
-pub async fn run_sink<W: BatchWriter>(
+impl SinkStats {
+    /// Records per second from the first record to the last commit.
+    pub fn throughput(&self) -> Option<f64> {
+        let span = self
+            .last_commit_at?
+            .duration_since(self.first_record_at?)
+            .as_secs_f64();
+        (span > 0.0).then(|| self.consumed as f64 / span)
+    }
+}
+
+/// What became of one batch's write.
+enum Written {
+    /// Written; these records (index into the batch) are dead letters.
+    Done(Vec<(usize, Failure)>, usize),
+    /// Shutdown came while the destination was down: not written, not to be committed.
+    Abandoned,
+}
+
+/// Decode a batch and write it, retrying transient failures with exponential backoff
+/// and jitter until it is written or `shutdown` is cancelled.
+async fn write_batch<W: BatchWriter>(
+    writer: &W,
+    batch: &[OwnedMessage],
+    shutdown: &CancellationToken,
+) -> Result<Written, WriteError> {
+    let name = writer.name();
+    // What does not decode is dead-lettered without reaching the writer.
+    let mut events = Vec::with_capacity(batch.len());
+    let mut sources = Vec::with_capacity(batch.len());
+    let mut dead: Vec<(usize, Failure)> = Vec::new();
+    for (i, msg) in batch.iter().enumerate() {
+        match ENRICHED_EVENTS.decode(msg.payload().unwrap_or_default()) {
+            Ok(e) => {
+                events.push(e);
+                sources.push(i);
+            }
+            Err(e) => dead.push((i, Failure::new("decode", e.to_string()))),
+        }
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = std::time::Instant::now();
+        match writer.write(&events).await {
+            Ok(failures) => {
+                metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => name)
+                    .record(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    sink = name,
+                    records = events.len(),
+                    write_ms = started.elapsed().as_millis() as u64,
+                    "batch written"
+                );
+                let written = events.len() - failures.len();
+                dead.extend(failures.into_iter().map(|(i, f)| (sources[i], f)));
+                return Ok(Written::Done(dead, written));
+            }
+            Err(WriteError::Transient(why)) => {
+                metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
+                tracing::warn!(sink = name, error = %why, retry_in = ?backoff, "write failed; retrying the batch");
+                let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Written::Abandoned),
+                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(fatal) => return Err(fatal),
+        }
+    }
+}
+
+/// Run a sink until `shutdown` is cancelled.
+///
+/// Records gather into batches bounded by `spec.batch_size` and `spec.linger`. Up to
+/// `spec.write_concurrency` batches are written at once (each on its own connection or
+/// bulk request), but batches are committed strictly in the order they were consumed,
+/// so a commit never covers an unwritten record. When writes fall behind (the
+/// destination is slow or down) and four batches wait, consumption is paused: the
+/// consumer keeps polling, so it stays in its group, but fetches nothing new.
+pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     kafka: &KafkaConfig,
     spec: &SinkSpec,
-    mut writer: W,
+    writer: W,
     shutdown: CancellationToken,
 ) -> Result<SinkStats, SinkError> {
     let name = writer.name();
+    let writer = std::sync::Arc::new(writer);
     let consumer: StreamConsumer = kafka.consumer_config(&spec.group).create()?;
     consumer.subscribe(&[&spec.input])?;
     let producer: FutureProducer = kafka.producer_config().create()?;
     let mut stats = SinkStats::default();
-    // Records received while paused, for the next batch.
-    let mut carry: Vec<OwnedMessage> = Vec::new();
-    tracing::info!(sink = name, input = %spec.input, group = %spec.group, "sink started");
+    let batch_size = spec.batch_size.max(1);
+    let slots = spec.write_concurrency.max(1);
+    // Received records not yet in a batch, and when the oldest of them must be sent.
+    let mut pending: Vec<OwnedMessage> = Vec::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut in_flight = FuturesOrdered::new();
+    let mut paused = false;
+    let mut consuming = true;
+    tracing::info!(sink = name, input = %spec.input, group = %spec.group, slots, "sink started");
 
-    'batches: loop {
-        let Some(batch) = next_batch(&consumer, spec, &shutdown, &mut carry).await else {
-            break;
-        };
-        stats.consumed += batch.len() as u64;
-        metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
-            .record(batch.len() as f64);
-
-        // Decode; what does not decode is dead-lettered without reaching the writer.
-        let mut events = Vec::with_capacity(batch.len());
-        let mut sources = Vec::with_capacity(batch.len());
-        let mut dead: Vec<(usize, Failure)> = Vec::new();
-        for (i, msg) in batch.iter().enumerate() {
-            match ENRICHED_EVENTS.decode(msg.payload().unwrap_or_default()) {
-                Ok(e) => {
-                    events.push(e);
-                    sources.push(i);
-                }
-                Err(e) => dead.push((i, Failure::new("decode", e.to_string()))),
-            }
+    while consuming || !in_flight.is_empty() {
+        let over = pending.len() >= 4 * batch_size;
+        if over != paused {
+            set_paused(&consumer, over);
+            paused = over;
         }
-
-        let mut backoff = Duration::from_millis(100);
-        let failures = loop {
-            let started = std::time::Instant::now();
-            match writer.write(&events).await {
-                Ok(f) => {
-                    if backoff > Duration::from_millis(100) {
-                        resume(&consumer);
-                    }
-                    metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => name)
-                        .record(started.elapsed().as_secs_f64());
-                    break f;
-                }
-                Err(WriteError::Transient(why)) => {
-                    metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
-                    tracing::warn!(sink = name, error = %why, retry_in = ?backoff, "write failed; retrying the batch");
-                    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            tracing::warn!(sink = name, "stopping with an unwritten batch; it stays uncommitted");
-                            break 'batches;
-                        }
-                        _ = wait_paused(&consumer, &mut carry, backoff + Duration::from_millis(jitter)) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-                Err(fatal) => {
-                    return Err(SinkError::Write {
-                        sink: name,
-                        source: fatal,
-                    })
-                }
-            }
-        };
-        stats.written += (events.len() - failures.len()) as u64;
-        dead.extend(failures.into_iter().map(|(i, f)| (sources[i], f)));
-        for (i, failure) in &dead {
-            metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "class" => failure.class).increment(1);
-            tracing::debug!(sink = name, %failure, "dead-lettered");
-            send_dead_letter(
-                &producer,
-                &spec.dlq,
-                DeadLetter::of(&batch[*i], name, failure, 1),
-            )
-            .await;
+        let due = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
+        if consuming
+            && !pending.is_empty()
+            && (pending.len() >= batch_size || due)
+            && in_flight.len() < slots
+        {
+            let rest = pending.split_off(batch_size.min(pending.len()));
+            let batch = std::mem::replace(&mut pending, rest);
+            deadline = (!pending.is_empty()).then(|| tokio::time::Instant::now() + spec.linger);
+            stats
+                .first_record_at
+                .get_or_insert_with(std::time::Instant::now);
+            stats.consumed += batch.len() as u64;
+            metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
+                .record(batch.len() as f64);
+            let (w, stop) = (writer.clone(), shutdown.clone());
+            let batch = std::sync::Arc::new(batch);
+            let b = batch.clone();
+            let task = tokio::spawn(async move { write_batch(&*w, &b, &stop).await });
+            in_flight.push_back(async move { (batch, task.await) });
+            continue;
         }
-        stats.dead_lettered += dead.len() as u64;
-        stats.batches += 1;
-        commit(&consumer, &batch);
-        metrics::counter!("sluice_sink_records_written_total", "sink" => name)
-            .increment(batch.len() as u64);
+        let wake = deadline.filter(|d| *d > tokio::time::Instant::now());
+        tokio::select! {
+            biased;
+            Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let written = match result {
+                    Ok(Ok(w)) => w,
+                    Ok(Err(fatal)) => return Err(SinkError::Write { sink: name, source: fatal }),
+                    Err(e) => return Err(SinkError::Write { sink: name, source: WriteError::Fatal(format!("write task: {e}")) }),
+                };
+                let Written::Done(dead, count) = written else {
+                    tracing::warn!(sink = name, "stopping with unwritten batches; they stay uncommitted");
+                    break;
+                };
+                stats.written += count as u64;
+                for (i, failure) in &dead {
+                    metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "class" => failure.class).increment(1);
+                    tracing::debug!(sink = name, %failure, "dead-lettered");
+                    send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1)).await;
+                }
+                stats.dead_lettered += dead.len() as u64;
+                stats.batches += 1;
+                commit(&consumer, &batch);
+                stats.last_commit_at = Some(std::time::Instant::now());
+                metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(batch.len() as u64);
+            }
+            _ = shutdown.cancelled(), if consuming => consuming = false,
+            m = consumer.recv(), if consuming => match m {
+                Ok(m) => {
+                    pending.push(m.detach());
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if consuming && wake.is_some() => {}
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = name, error = %e, "final commit");
@@ -184,59 +270,18 @@ pub async fn run_sink<W: BatchWriter>(
     Ok(stats)
 }
 
-/// Wait for one record, then gather more until the batch is full or the linger ends.
-async fn next_batch(
-    consumer: &StreamConsumer,
-    spec: &SinkSpec,
-    shutdown: &CancellationToken,
-    carry: &mut Vec<OwnedMessage>,
-) -> Option<Vec<OwnedMessage>> {
-    let mut batch = std::mem::take(carry);
-    while batch.is_empty() {
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            m = consumer.recv() => match m {
-                Ok(m) => batch.push(m.detach()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-    let deadline = tokio::time::Instant::now() + spec.linger;
-    while batch.len() < spec.batch_size {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m.detach()),
-            Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-/// Wait out a retry backoff with consumption paused: the consumer keeps polling (so it
-/// stays in its group) but fetches nothing new; whatever was already fetched is kept.
-async fn wait_paused(consumer: &StreamConsumer, carry: &mut Vec<OwnedMessage>, wait: Duration) {
-    if let Ok(assigned) = consumer.assignment() {
-        if let Err(e) = consumer.pause(&assigned) {
-            tracing::debug!(error = %e, "pause");
-        }
-    }
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await {
-        match m {
-            Ok(m) => carry.push(m.detach()),
-            Err(e) => tracing::debug!(error = %e, "consume error while paused"),
-        }
-    }
-}
-
-fn resume(consumer: &StreamConsumer) {
-    if let Ok(assigned) = consumer.assignment() {
-        if let Err(e) = consumer.resume(&assigned) {
-            tracing::warn!(error = %e, "resume");
-        }
+/// Pause or resume fetching on every assigned partition.
+fn set_paused(consumer: &StreamConsumer, pause: bool) {
+    let Ok(assigned) = consumer.assignment() else {
+        return;
+    };
+    let result = if pause {
+        consumer.pause(&assigned)
+    } else {
+        consumer.resume(&assigned)
+    };
+    if let Err(e) = result {
+        tracing::debug!(pause, error = %e, "pause/resume");
     }
 }
 

@@ -243,10 +243,7 @@ impl BatchWriter for ElasticsearchWriter {
         "elasticsearch"
     }
 
-    async fn write(
-        &mut self,
-        events: &[EnrichedEvent],
-    ) -> Result<Vec<(usize, Failure)>, WriteError> {
+    async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         // Split into requests bounded by count and (approximate) bytes.
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];

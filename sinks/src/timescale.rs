@@ -388,10 +388,7 @@ impl BatchWriter for TimescaleWriter {
         "timescale"
     }
 
-    async fn write(
-        &mut self,
-        events: &[EnrichedEvent],
-    ) -> Result<Vec<(usize, Failure)>, WriteError> {
+    async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         let mut rows = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {

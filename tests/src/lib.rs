@@ -204,6 +204,15 @@ impl RunningSink {
         Self { stop, task }
     }
 
+    /// Wait until it committed everything of `group` on `topic`; fail at once, with the
+    /// sink's own error, if it stopped.
+    pub async fn caught_up(&mut self, config: &Config, group: &str, topic: &str) {
+        tokio::select! {
+            _ = caught_up(config, group, topic) => {}
+            r = &mut self.task => panic!("sink stopped early: {:?}", r.map(|r| r.map_err(|e| format!("{e:#}")))),
+        }
+    }
+
     /// Stop it and return what it did.
     pub async fn stop(self) -> sluice_sinks::SinkStats {
         self.stop.cancel();

@@ -38,6 +38,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    sluice_core::telemetry::init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

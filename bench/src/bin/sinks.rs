@@ -1,0 +1,250 @@
+//! Sink throughput against bare loads of the same rows in the same run:
+//! - PostgreSQL 15: the sink (Kafka → Avro decode → batched UNNEST inserts) against a
+//!   bare `\copy` of the same rows with psql, into an identical table;
+//! - Elasticsearch: the sink against a bare `_bulk` of the same documents (curl), into
+//!   identical indices.
+//!
+//! The sink's rate runs from its first record (after joining its group) to its last
+//! commit, as the sinks report them.
+//!
+//! Run with the stack up: `cargo run --release -p sluice-bench --bin sinks`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use sluice::pipeline::SinkName;
+use sluice_bench::{rate, report, timed};
+use sluice_core::config::DbMode;
+use sluice_sinks::elasticsearch::{document, index_name};
+use sluice_tests::{
+    enriched, produce_enriched, sink_namespace, stack_config, stack_var, unique, RunningSink,
+};
+
+/// Sink benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Rows for the PostgreSQL comparison.
+    #[arg(long, default_value_t = 100_000)]
+    rows: usize,
+    /// Documents for the Elasticsearch comparison.
+    #[arg(long, default_value_t = 20_000)]
+    docs: usize,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    sluice_core::telemetry::init_logging();
+    postgres(args.rows).await?;
+    elasticsearch(args.docs).await?;
+    Ok(())
+}
+
+fn events(n: usize) -> Vec<sluice_schemas::EnrichedEvent> {
+    (0..n)
+        .map(|i| {
+            let at = format!(
+                "2026-11-2{}T{:02}:{:02}:{:02}Z",
+                i % 3,
+                i / 3600 % 24,
+                i / 60 % 60,
+                i % 60
+            );
+            let mut e = enriched(
+                i,
+                ["acme", "globex", "initech"][i % 3],
+                &format!("user-{}", i % 997),
+                "page_view",
+                "/docs/page",
+                &at,
+            );
+            e.browser = Some("Firefox".into());
+            e.os = Some("Linux".into());
+            e
+        })
+        .collect()
+}
+
+fn csv_field(v: Option<&str>) -> String {
+    match v {
+        None => String::new(),
+        Some(s) => format!("\"{}\"", s.replace('"', "\"\"")),
+    }
+}
+
+async fn postgres(n: usize) -> Result<()> {
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    config.timescale.mode = DbMode::Postgres;
+    config.timescale.batch_size = 2_000;
+    config.timescale.pool_size = 4;
+    let name = unique("bench_pg_");
+    sink_namespace(&mut config, &name).await;
+    let rows = events(n);
+    produce_enriched(&config, &config.topics.enriched, &rows).await;
+
+    // The bare load: the same rows as CSV, \copy into an identical table.
+    let mut bare = config.timescale.clone();
+    bare.schema = format!("{name}_bare");
+    let pool = sluice_sinks::timescale::pool(&bare)?;
+    sluice_sinks::timescale::migrate(&pool, &bare).await?;
+    pool.close();
+    let csv = std::env::temp_dir().join(format!("{name}.csv"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&csv)?);
+    for e in &rows {
+        let ts = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap_or_default()
+                .to_rfc3339()
+        };
+        writeln!(
+            f,
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            ts(e.event_time),
+            csv_field(Some(&e.event_id)),
+            csv_field(Some(&e.tenant)),
+            csv_field(Some(&e.user_id)),
+            csv_field(e.session_id.as_deref()),
+            csv_field(Some(&e.event_type)),
+            csv_field(e.url.as_deref()),
+            ts(e.received_at),
+            csv_field(e.browser.as_deref()),
+            csv_field(e.os.as_deref()),
+            csv_field(Some("{}")),
+            csv_field(e.referrer.as_deref()),
+        )?;
+    }
+    f.flush()?;
+    drop(f);
+    let copy = format!(
+        "\\copy {}.events (time, event_id, tenant, user_id, session_id, event_type, url, received_at, browser, os, extra, referrer) FROM '{}' WITH (FORMAT csv)",
+        bare.schema,
+        csv.display()
+    );
+    let (status, bare_time) = timed(async {
+        Command::new("psql")
+            .arg(&config.timescale.url)
+            .arg("-qc")
+            .arg(&copy)
+            .status()
+    })
+    .await;
+    ensure!(status?.success(), "psql \\copy failed");
+
+    let (_, sink_time) = timed(async {
+        let mut sink = RunningSink::start(&config, SinkName::Timescale);
+        sink.caught_up(&config, &config.timescale.group, &config.topics.enriched)
+            .await;
+        sink.stop().await
+    })
+    .await;
+    let _ = std::fs::remove_file(&csv);
+    println!("postgres sink benchmark: {n} rows, PostgreSQL 15");
+    report(
+        "sluice timescale sink (postgres mode)",
+        "bare psql \\copy",
+        rate(n, bare_time),
+        rate(n, sink_time),
+        0.5,
+    );
+    Ok(())
+}
+
+async fn elasticsearch(n: usize) -> Result<()> {
+    let mut config = stack_config();
+    config.elasticsearch.bulk_max_docs = 1_000;
+    config.elasticsearch.bulk_in_flight = std::env::var("BULK_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let name = unique("bench-es-");
+    sink_namespace(&mut config, &name).await;
+    let docs = events(n);
+    produce_enriched(&config, &config.topics.enriched, &docs).await;
+
+    // The bare load: the same documents and ids, 1,000 per _bulk, into identical indices
+    // of their own (templates with overlapping patterns are refused). It runs before and
+    // after the sink, and the two are averaged, since the server slows as it fills.
+    let client = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
+    let url = format!("{}/_bulk", config.elasticsearch.url);
+    let mut bare_rates = Vec::new();
+    for pass in ["bare1", "bare2"] {
+        if pass == "bare2" {
+            let mut sink = RunningSink::start(&config, SinkName::Elasticsearch);
+            sink.caught_up(
+                &config,
+                &config.elasticsearch.group,
+                &config.topics.enriched,
+            )
+            .await;
+            bare_rates.push(
+                sink.stop()
+                    .await
+                    .throughput()
+                    .context("sink measured nothing")?,
+            );
+        }
+        let prefix = format!("{name}-{pass}");
+        let mut bare_config = config.elasticsearch.clone();
+        bare_config.index_prefix = prefix.clone();
+        sluice_sinks::elasticsearch::put_template(&client, &bare_config).await?;
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let mut files = Vec::new();
+        for (i, chunk) in docs.chunks(1_000).enumerate() {
+            let path = dir.join(format!("{i}.ndjson"));
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            for e in chunk {
+                let action = serde_json::json!({"index": {"_index": index_name(&prefix, e), "_id": e.event_id}});
+                writeln!(f, "{action}\n{}", document(e))?;
+            }
+            f.flush()?;
+            files.push(path);
+        }
+        let (result, bare_time) = timed(async { curl_all(&url, &files) }).await;
+        result?;
+        let _ = std::fs::remove_dir_all(&dir);
+        bare_rates.push(rate(n, bare_time));
+    }
+    let sink_rate = bare_rates.remove(1);
+    let bare_rate = (bare_rates[0] + bare_rates[1]) / 2.0;
+    println!("elasticsearch sink benchmark: {n} documents, noida-db ES API (bare: mean of a pass before and after)");
+    report(
+        "sluice elasticsearch sink",
+        "bare curl _bulk",
+        bare_rate,
+        sink_rate,
+        0.8,
+    );
+    Ok(())
+}
+
+fn curl_all(url: &str, files: &[impl AsRef<Path>]) -> Result<()> {
+    for f in files {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-f",
+                "-H",
+                "content-type: application/x-ndjson",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", f.as_ref().display()))
+            .arg(url)
+            .output()
+            .context("running curl")?;
+        ensure!(
+            out.status.success(),
+            "curl _bulk failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            !String::from_utf8_lossy(&out.stdout).contains("\"errors\":true"),
+            "bulk items failed"
+        );
+    }
+    Ok(())
+}

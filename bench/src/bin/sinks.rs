@@ -79,8 +79,14 @@ async fn postgres(n: usize) -> Result<()> {
     let mut config = stack_config();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.timescale.mode = DbMode::Postgres;
-    config.timescale.batch_size = 2_000;
-    config.timescale.pool_size = 4;
+    config.timescale.batch_size = std::env::var("PG_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    config.timescale.pool_size = std::env::var("PG_POOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let name = unique("bench_pg_");
     sink_namespace(&mut config, &name).await;
     let rows = events(n);

@@ -36,8 +36,13 @@ enum Command {
         #[arg(value_enum)]
         name: SinkName,
     },
-    /// Create the pipeline's topics that are missing.
-    Topics,
+    /// Create the pipeline's missing topics, then report how each one on the broker
+    /// differs from the configuration (partitions, retention, cleanup policy).
+    Topics {
+        /// Only report; create nothing. Exits non-zero when a topic is missing or differs.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run the demo pipeline end to end on a generated clickstream.
     Demo {
         /// Users per tenant.
@@ -79,15 +84,31 @@ async fn main() -> Result<()> {
                 pipeline::run_sink_named(&config, name, pipeline::shutdown_on_signals()).await?;
             tracing::info!(?stats, "done");
         }
-        Command::Topics => {
-            let created = sluice_core::kafka::ensure_topics(&config.kafka, &config.topics).await?;
-            for (topic, _) in config.topics.all() {
-                let state = if created.contains(&topic) {
-                    "created"
-                } else {
-                    "exists"
+        Command::Topics { check } => {
+            let created = if check {
+                Vec::new()
+            } else {
+                sluice_core::kafka::ensure_topics(&config.kafka, &config.topics).await?
+            };
+            let report = sluice_core::kafka::check_topics(&config.kafka, &config.topics).await?;
+            let mut bad = 0;
+            for t in &report {
+                let state = match (
+                    created.contains(&t.topic),
+                    t.exists,
+                    t.differences.is_empty(),
+                ) {
+                    (true, _, _) => "created".to_string(),
+                    (_, true, true) => "ok".to_string(),
+                    _ => {
+                        bad += 1;
+                        t.differences.join("; ")
+                    }
                 };
-                println!("{topic:<40} {state}");
+                println!("{:<40} {state}", t.topic);
+            }
+            if check && bad > 0 {
+                bail!("{bad} topic(s) missing or different from the configuration");
             }
         }
         Command::Demo {

@@ -217,3 +217,78 @@ pub fn read_all(
     }
     Ok(out)
 }
+
+/// How a topic on the broker differs from what the configuration asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicCheck {
+    /// The topic.
+    pub topic: String,
+    /// Whether it exists.
+    pub exists: bool,
+    /// Differences, as `setting: wanted X, found Y`.
+    pub differences: Vec<String>,
+}
+
+/// Compare the pipeline's topics on the broker with the configuration: partitions,
+/// `retention.ms` and `cleanup.policy`.
+pub async fn check_topics(
+    kafka: &KafkaConfig,
+    topics: &TopicsConfig,
+) -> Result<Vec<TopicCheck>, KafkaAdminError> {
+    use rdkafka::admin::ResourceSpecifier;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
+    let probe: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
+    let wanted = topics.all();
+    let metadata =
+        tokio::task::block_in_place(|| probe.fetch_metadata(None, Duration::from_secs(10)))?;
+    let mut out = Vec::new();
+    for (name, retention) in &wanted {
+        let Some(meta) = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+        else {
+            out.push(TopicCheck {
+                topic: name.clone(),
+                exists: false,
+                differences: vec!["missing".into()],
+            });
+            continue;
+        };
+        let mut differences = Vec::new();
+        let partitions = meta.partitions().len() as i32;
+        if partitions != topics.partitions {
+            differences.push(format!(
+                "partitions: wanted {}, found {partitions}",
+                topics.partitions
+            ));
+        }
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Topic(name)], &opts)
+            .await?;
+        if let Some(Ok(resource)) = described.first() {
+            let value = |key: &str| {
+                resource
+                    .get(key)
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_else(|| "unset".into())
+            };
+            let found = value("retention.ms");
+            if found != retention.to_string() {
+                differences.push(format!("retention.ms: wanted {retention}, found {found}"));
+            }
+            let policy = value("cleanup.policy");
+            if policy != "delete" {
+                differences.push(format!("cleanup.policy: wanted delete, found {policy}"));
+            }
+        }
+        out.push(TopicCheck {
+            topic: name.clone(),
+            exists: true,
+            differences,
+        });
+    }
+    Ok(out)
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::config::{KafkaConfig, TopicsConfig};
 
@@ -57,11 +57,27 @@ impl KafkaConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set(
+                "statistics.interval.ms",
+                crate::consumer_metrics::STATISTICS_INTERVAL_MS,
+            );
         for (k, v) in &self.consumer {
             c.set(k, v);
         }
         c
+    }
+
+    /// A consumer in `group` whose lag and rebalances are exported as metrics.
+    pub fn metered_consumer(
+        &self,
+        group: &str,
+    ) -> Result<
+        rdkafka::consumer::StreamConsumer<crate::consumer_metrics::MeteredConsumer>,
+        KafkaError,
+    > {
+        self.consumer_config(group)
+            .create_with_context(crate::consumer_metrics::MeteredConsumer::new(group))
     }
 
     /// Settings of an admin client.

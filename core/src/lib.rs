@@ -2,6 +2,7 @@
 //! administration, record header names, and logging/metrics set-up.
 
 pub mod config;
+pub mod consumer_metrics;
 pub mod headers;
 pub mod kafka;
 pub mod telemetry;

@@ -17,6 +17,8 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
+use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::headers;
 use sluice_schemas::{EnrichedEvent, ENRICHED_EVENTS};
 use sluice_stages::{DeadLetter, Failure};
 use tokio_util::sync::CancellationToken;
@@ -182,7 +184,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
 ) -> Result<SinkStats, SinkError> {
     let name = writer.name();
     let writer = std::sync::Arc::new(writer);
-    let consumer: StreamConsumer = kafka.consumer_config(&spec.group).create()?;
+    let consumer = kafka.metered_consumer(&spec.group)?;
     consumer.subscribe(&[&spec.input])?;
     let producer: FutureProducer = kafka.producer_config().create()?;
     let mut stats = SinkStats::default();
@@ -194,6 +196,12 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     let mut in_flight = FuturesOrdered::new();
     let mut paused = false;
     let mut consuming = true;
+    // Export the error counters from the start, so rate() and alerts see a zero.
+    metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(0);
+    for reason in ["decode", "write"] {
+        metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "reason" => reason)
+            .increment(0);
+    }
     tracing::info!(sink = name, input = %spec.input, group = %spec.group, slots, "sink started");
 
     while consuming || !in_flight.is_empty() {
@@ -239,15 +247,19 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 };
                 stats.written += count as u64;
                 for (i, failure) in &dead {
-                    metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "class" => failure.class).increment(1);
+                    metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "reason" => failure.class).increment(1);
                     tracing::debug!(sink = name, %failure, "dead-lettered");
                     send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1)).await;
                 }
                 stats.dead_lettered += dead.len() as u64;
                 stats.batches += 1;
+                let started = std::time::Instant::now();
                 commit(&consumer, &batch);
+                metrics::histogram!("sluice_sink_commit_duration_seconds", "sink" => name)
+                    .record(started.elapsed().as_secs_f64());
                 stats.last_commit_at = Some(std::time::Instant::now());
-                metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(batch.len() as u64);
+                record_end_to_end(name, &batch);
+                metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(count as u64);
             }
             _ = shutdown.cancelled(), if consuming => consuming = false,
             m = consumer.recv(), if consuming => match m {
@@ -270,8 +282,21 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     Ok(stats)
 }
 
+/// End-to-end latency of each committed record: from ingest's receipt to now.
+fn record_end_to_end(sink: &'static str, batch: &[OwnedMessage]) {
+    let now = sluice_core::now_ms();
+    let histogram = metrics::histogram!("sluice_end_to_end_latency_seconds", "sink" => sink);
+    for m in batch {
+        if let Some(at) =
+            headers::get(m.headers(), headers::RECEIVED_AT_MS).and_then(|v| v.parse::<i64>().ok())
+        {
+            histogram.record((now - at).max(0) as f64 / 1000.0);
+        }
+    }
+}
+
 /// Pause or resume fetching on every assigned partition.
-fn set_paused(consumer: &StreamConsumer, pause: bool) {
+fn set_paused(consumer: &StreamConsumer<MeteredConsumer>, pause: bool) {
     let Ok(assigned) = consumer.assignment() else {
         return;
     };
@@ -286,7 +311,7 @@ fn set_paused(consumer: &StreamConsumer, pause: bool) {
 }
 
 /// Commit, per partition, the offset after the batch's last record.
-fn commit(consumer: &StreamConsumer, batch: &[OwnedMessage]) {
+fn commit(consumer: &StreamConsumer<MeteredConsumer>, batch: &[OwnedMessage]) {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
     for m in batch {
         let e = next.entry((m.topic(), m.partition())).or_insert(0);

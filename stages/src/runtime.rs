@@ -15,6 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_core::config::KafkaConfig;
+use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +92,7 @@ pub async fn run_stage<T: Transform>(
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
     let name = transform.name();
-    let consumer: StreamConsumer = kafka.consumer_config(&spec.group).create()?;
+    let consumer = kafka.metered_consumer(&spec.group)?;
     consumer.subscribe(&[&spec.input])?;
     let producer: FutureProducer = kafka.producer_config().create()?;
     let permits = Arc::new(Semaphore::new(spec.max_in_flight.max(1)));
@@ -120,7 +121,11 @@ pub async fn run_stage<T: Transform>(
                 stats.consumed += 1;
                 metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
                 tracker.begin(msg.topic(), msg.partition(), msg.offset());
-                let pending = match transform.process(&msg) {
+                let started = std::time::Instant::now();
+                let result = transform.process(&msg);
+                metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
+                    .record(started.elapsed().as_secs_f64());
+                let pending = match result {
                     Ok(outputs) => {
                         stats.published += outputs.len() as u64;
                         metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
@@ -132,7 +137,7 @@ pub async fn run_stage<T: Transform>(
                     }
                     Err(failure) => {
                         stats.dead_lettered += 1;
-                        metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "class" => failure.class)
+                        metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
                             .increment(1);
                         tracing::debug!(stage = name, offset = msg.offset(), %failure, "dead-lettered");
                         let dl = DeadLetter::of(&msg, name, &failure, 1);
@@ -175,7 +180,7 @@ pub async fn run_stage<T: Transform>(
 }
 
 fn store(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<MeteredConsumer>,
     tracker: &mut OffsetTracker,
     topic: &str,
     partition: i32,

@@ -1,0 +1,74 @@
+//! A consumer context that turns librdkafka's own statistics and rebalance callbacks
+//! into Prometheus metrics: lag per partition (high watermark minus position, as
+//! librdkafka computes it, so it costs no extra requests) and rebalances.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+
+/// How often librdkafka reports statistics (and so lag), in milliseconds.
+pub const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// Context of every Sluice consumer.
+#[derive(Debug)]
+pub struct MeteredConsumer {
+    group: String,
+    /// When the current rebalance started (revocation), to time it.
+    rebalance_started: Mutex<Option<Instant>>,
+}
+
+impl MeteredConsumer {
+    /// A context for a consumer in `group`.
+    pub fn new(group: &str) -> Self {
+        Self {
+            group: group.to_string(),
+            rebalance_started: Mutex::new(None),
+        }
+    }
+}
+
+impl ClientContext for MeteredConsumer {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's "internal UA partition"; unassigned partitions report -1 lag.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "sluice_consumer_lag_records",
+                    "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for MeteredConsumer {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Ok(mut started) = self.rebalance_started.lock() {
+            started.get_or_insert_with(Instant::now);
+        }
+        tracing::info!(group = %self.group, ?rebalance, "rebalance");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let kind = match rebalance {
+            Rebalance::Assign(_) => "assign",
+            Rebalance::Revoke(_) => "revoke",
+            Rebalance::Error(_) => "error",
+        };
+        metrics::counter!("sluice_consumer_rebalances_total", "group" => self.group.clone(), "kind" => kind)
+            .increment(1);
+        if let Ok(mut started) = self.rebalance_started.lock() {
+            if let Some(t) = started.take() {
+                metrics::histogram!("sluice_consumer_rebalance_duration_seconds", "group" => self.group.clone())
+                    .record(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+}

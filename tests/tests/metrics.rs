@@ -1,0 +1,67 @@
+//! Every metric documented in docs/metrics.md is exported by a running pipeline.
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
+
+use std::time::Duration;
+
+use sluice::demo::{self, DemoOptions};
+use sluice_tests::{stack_config, stack_var, unique};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documented_metrics_are_exported() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    sluice_core::telemetry::install_metrics(Some(([127, 0, 0, 1], port).into())).unwrap();
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    config.elasticsearch.url = stack_var("SLUICE_STACK_ES_ALT_URL");
+    config
+        .kafka
+        .consumer
+        .insert("statistics.interval.ms".into(), "200".into());
+    let name = unique("met");
+    demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    let options = DemoOptions {
+        users: 3,
+        tenants: 2,
+        seed: 3,
+        timeout: Duration::from_secs(120),
+    };
+    demo::run_pipeline(config, &options).await.unwrap();
+
+    // Ingest's requests go through HTTP in the demo; its counters share the recorder.
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("sluice_"))
+        .collect();
+    assert!(documented.len() >= 15, "{documented:?}");
+    let missing: Vec<&&str> = documented
+        .iter()
+        .filter(|n| !text.contains(&format!("\n{n}")))
+        .collect();
+    // Rebalance durations need a revocation, which a single run without replicas lacks.
+    let missing: Vec<_> = missing
+        .into_iter()
+        .filter(|n| **n != "sluice_consumer_rebalance_duration_seconds")
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not exported: {missing:?}\n{text}"
+    );
+    assert!(
+        text.contains("sluice_end_to_end_latency_seconds_bucket"),
+        "a histogram, not a summary"
+    );
+}

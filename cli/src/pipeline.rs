@@ -52,6 +52,7 @@ pub async fn run_stage_named(
                 output: t.parsed.clone(),
                 dlq: t.dlq(&t.raw),
                 max_in_flight: config.parse.max_in_flight,
+                drain_timeout: Duration::from_secs(10),
             };
             run_stage(&config.kafka, &spec, Arc::new(Parser), shutdown).await?
         }
@@ -66,6 +67,7 @@ pub async fn run_stage_named(
                 output: t.enriched.clone(),
                 dlq: t.dlq(&t.parsed),
                 max_in_flight: config.enrich.max_in_flight,
+                drain_timeout: Duration::from_secs(10),
             };
             run_stage(&config.kafka, &spec, Arc::new(Enricher::new(ips)), shutdown).await?
         }

@@ -8,16 +8,21 @@ use std::time::Instant;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
+
+/// Called when partitions are revoked, before they go: the owner drains and commits them.
+pub type RevokeHook =
+    Box<dyn Fn(&BaseConsumer<MeteredConsumer>, &TopicPartitionList) + Send + Sync>;
 
 /// How often librdkafka reports statistics (and so lag), in milliseconds.
 pub const STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// Context of every Sluice consumer.
-#[derive(Debug)]
 pub struct MeteredConsumer {
     group: String,
     /// When the current rebalance started (revocation), to time it.
     rebalance_started: Mutex<Option<Instant>>,
+    on_revoke: Option<RevokeHook>,
 }
 
 impl MeteredConsumer {
@@ -26,7 +31,14 @@ impl MeteredConsumer {
         Self {
             group: group.to_string(),
             rebalance_started: Mutex::new(None),
+            on_revoke: None,
         }
+    }
+
+    /// Also call `hook` with the partitions being revoked, before they go.
+    pub fn with_revoke_hook(mut self, hook: RevokeHook) -> Self {
+        self.on_revoke = Some(hook);
+        self
     }
 }
 
@@ -49,11 +61,14 @@ impl ClientContext for MeteredConsumer {
 }
 
 impl ConsumerContext for MeteredConsumer {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Ok(mut started) = self.rebalance_started.lock() {
             started.get_or_insert_with(Instant::now);
         }
         tracing::info!(group = %self.group, ?rebalance, "rebalance");
+        if let (Rebalance::Revoke(revoked), Some(hook)) = (rebalance, &self.on_revoke) {
+            hook(consumer, revoked);
+        }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -80,6 +80,19 @@ impl KafkaConfig {
             .create_with_context(crate::consumer_metrics::MeteredConsumer::new(group))
     }
 
+    /// A metered consumer that calls `hook` with partitions about to be revoked.
+    pub fn draining_consumer(
+        &self,
+        group: &str,
+        hook: crate::consumer_metrics::RevokeHook,
+    ) -> Result<
+        rdkafka::consumer::StreamConsumer<crate::consumer_metrics::MeteredConsumer>,
+        KafkaError,
+    > {
+        let context = crate::consumer_metrics::MeteredConsumer::new(group).with_revoke_hook(hook);
+        self.consumer_config(group).create_with_context(context)
+    }
+
     /// Settings of an admin client.
     pub fn admin_config(&self) -> ClientConfig {
         self.base()

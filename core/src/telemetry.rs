@@ -13,7 +13,7 @@ const RECORDS_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
 
-/// Start logging to stderr, filtered by `RUST_LOG` (default `info`). Safe to call twice.
+/// Start logging to stderr (stdout is for command output), filtered by `RUST_LOG` (default `info`). Safe to call twice.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
@@ -21,6 +21,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .try_init();
 }
 

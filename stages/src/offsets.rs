@@ -52,6 +52,19 @@ impl OffsetTracker {
         self.partitions.values().map(|p| p.in_flight.len()).sum()
     }
 
+    /// Records of one partition still in flight.
+    pub fn in_flight_of(&self, topic: &str, partition: i32) -> usize {
+        self.partitions
+            .get(&(topic.to_string(), partition))
+            .map_or(0, |p| p.in_flight.len())
+    }
+
+    /// The last offset of a partition reported as committable, if any.
+    pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
+        let p = self.partitions.get(&(topic.to_string(), partition))?;
+        p.reported.filter(|r| *r >= 0)
+    }
+
     /// Forget a partition (after it was revoked).
     pub fn forget(&mut self, topic: &str, partition: i32) {
         self.partitions.remove(&(topic.to_string(), partition));

@@ -6,14 +6,15 @@
 //! transformed in order and their outputs enqueued in order, so per-key order holds;
 //! acks are awaited concurrently, up to `max_in_flight` records.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio::sync::{mpsc, Semaphore};
@@ -62,6 +63,8 @@ pub struct StageSpec {
     pub dlq: String,
     /// Most records awaiting broker acks at once.
     pub max_in_flight: usize,
+    /// Longest wait for in-flight records when partitions are revoked or at shutdown.
+    pub drain_timeout: Duration,
 }
 
 /// Counts of what a stage did, returned when it stops.
@@ -92,12 +95,22 @@ pub async fn run_stage<T: Transform>(
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
     let name = transform.name();
-    let consumer = kafka.metered_consumer(&spec.group)?;
+    // Shared with the delivery tasks (which complete offsets) and the revoke hook (which
+    // drains revoked partitions and commits them before they move to another replica).
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let hook_tracker = tracker.clone();
+    let drain_timeout = spec.drain_timeout;
+    let consumer = kafka.draining_consumer(
+        &spec.group,
+        Box::new(move |consumer, revoked| {
+            drain_revoked(&hook_tracker, consumer, revoked, drain_timeout)
+        }),
+    )?;
     consumer.subscribe(&[&spec.input])?;
     let producer: FutureProducer = kafka.producer_config().create()?;
     let permits = Arc::new(Semaphore::new(spec.max_in_flight.max(1)));
+    // Partitions whose committable offset moved: (partition, last done offset).
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i32, i64)>();
-    let mut tracker = OffsetTracker::default();
     let mut stats = StageStats::default();
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
 
@@ -105,8 +118,8 @@ pub async fn run_stage<T: Transform>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some((partition, offset)) = done_rx.recv() => {
-                store(&consumer, &mut tracker, &spec.input, partition, offset);
+            Some((partition, through)) = done_rx.recv() => {
+                store(&consumer, &spec.input, partition, through);
             }
             msg = consumer.recv() => {
                 let msg = match msg {
@@ -120,7 +133,7 @@ pub async fn run_stage<T: Transform>(
                 let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
                 stats.consumed += 1;
                 metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
-                tracker.begin(msg.topic(), msg.partition(), msg.offset());
+                lock(&tracker).begin(msg.topic(), msg.partition(), msg.offset());
                 let started = std::time::Instant::now();
                 let result = transform.process(&msg);
                 metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
@@ -150,10 +163,12 @@ pub async fn run_stage<T: Transform>(
                 for p in pending {
                     deliveries.push(enqueue(&producer, p).await);
                 }
-                let done = done_tx.clone();
+                let (done, tracker, topic) = (done_tx.clone(), tracker.clone(), spec.input.clone());
                 tokio::spawn(async move {
                     join_all(deliveries).await;
-                    let _ = done.send((partition, offset));
+                    if let Some(through) = lock(&tracker).complete(&topic, partition, offset) {
+                        let _ = done.send((partition, through));
+                    }
                     drop(permit);
                 });
             }
@@ -162,14 +177,12 @@ pub async fn run_stage<T: Transform>(
 
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
     drop(done_tx);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tracker.in_flight() > 0 {
-        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some((partition, offset))) => {
-                store(&consumer, &mut tracker, &spec.input, partition, offset)
-            }
-            _ => break,
-        }
+    let deadline = tokio::time::Instant::now() + spec.drain_timeout;
+    while lock(&tracker).in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while let Ok((partition, through)) = done_rx.try_recv() {
+        store(&consumer, &spec.input, partition, through);
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         // Nothing stored since the last auto-commit is the usual cause; not an error.
@@ -179,19 +192,64 @@ pub async fn run_stage<T: Transform>(
     Ok(stats)
 }
 
-fn store(
-    consumer: &StreamConsumer<MeteredConsumer>,
-    tracker: &mut OffsetTracker,
-    topic: &str,
-    partition: i32,
-    offset: i64,
+fn store(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, partition: i32, through: i64) {
+    // Fails only for a partition revoked meanwhile; the revoke hook committed it.
+    if let Err(e) = consumer.store_offset(topic, partition, through) {
+        tracing::debug!(topic, partition, error = %e, "offset not stored");
+    }
+}
+
+fn lock(tracker: &Mutex<OffsetTracker>) -> std::sync::MutexGuard<'_, OffsetTracker> {
+    // A panic while holding the lock leaves counts that are still consistent.
+    tracker
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Before partitions move to another replica: wait (bounded) until their in-flight
+/// records are acked, then commit what is done, so the new owner neither skips nor
+/// (beyond what timed out) repeats records.
+fn drain_revoked(
+    tracker: &Mutex<OffsetTracker>,
+    consumer: &BaseConsumer<MeteredConsumer>,
+    revoked: &TopicPartitionList,
+    timeout: Duration,
 ) {
-    if let Some(through) = tracker.complete(topic, partition, offset) {
-        // Fails only for a partition revoked meanwhile; its new owner re-reads from the last commit.
-        if let Err(e) = consumer.store_offset(topic, partition, through) {
-            tracing::debug!(topic, partition, error = %e, "offset not stored");
+    let started = std::time::Instant::now();
+    let parts: Vec<(String, i32)> = revoked
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect();
+    while parts
+        .iter()
+        .any(|(t, p)| lock(tracker).in_flight_of(t, *p) > 0)
+    {
+        if started.elapsed() > timeout {
+            tracing::warn!(
+                ?parts,
+                "revoked partitions still had records in flight; the next owner repeats them"
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut commit = TopicPartitionList::new();
+    {
+        let mut t = lock(tracker);
+        for (topic, partition) in &parts {
+            if let Some(through) = t.committable(topic, *partition) {
+                let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(through + 1));
+            }
+            t.forget(topic, *partition);
         }
     }
+    if commit.count() > 0 {
+        if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+            tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner repeats from the last commit");
+        }
+    }
+    tracing::info!(partitions = parts.len(), drained_in = ?started.elapsed(), "revoked partitions drained");
 }
 
 /// Enqueue one record, waiting while the producer queue is full. Returns a future that

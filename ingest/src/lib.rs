@@ -93,6 +93,44 @@ impl IntoResponse for Rejection {
     }
 }
 
+/// The headers ingest stamps on each raw record.
+#[derive(Debug, Clone, Copy)]
+pub struct RawHeaders<'a> {
+    /// Tenant of the API key.
+    pub tenant: &'a str,
+    /// The client's `X-Source`, or `http`.
+    pub source: &'a str,
+    /// Content type of the request.
+    pub content_type: &'a str,
+    /// Receipt time, Unix milliseconds, as text.
+    pub received_at_ms: &'a str,
+    /// Id of the request.
+    pub ingest_id: &'a str,
+    /// Id of the event.
+    pub event_id: &'a str,
+}
+
+impl RawHeaders<'_> {
+    /// As Kafka record headers.
+    pub fn to_headers(&self) -> OwnedHeaders {
+        [
+            (headers::TENANT, self.tenant),
+            (headers::SOURCE, self.source),
+            (headers::CONTENT_TYPE, self.content_type),
+            (headers::RECEIVED_AT_MS, self.received_at_ms),
+            (headers::INGEST_ID, self.ingest_id),
+            (headers::EVENT_ID, self.event_id),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+    }
+}
+
 /// The answer to an accepted request.
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -295,31 +333,15 @@ impl Ingest {
         for line in &lines {
             let event_id = uuid::Uuid::now_v7().to_string();
             let key = self.record_key(tenant, line, &event_id);
-            let hdrs = OwnedHeaders::new_with_capacity(6)
-                .insert(Header {
-                    key: headers::TENANT,
-                    value: Some(tenant),
-                })
-                .insert(Header {
-                    key: headers::SOURCE,
-                    value: Some(source),
-                })
-                .insert(Header {
-                    key: headers::CONTENT_TYPE,
-                    value: Some(content_type),
-                })
-                .insert(Header {
-                    key: headers::RECEIVED_AT_MS,
-                    value: Some(&received_at),
-                })
-                .insert(Header {
-                    key: headers::INGEST_ID,
-                    value: Some(&ingest_id),
-                })
-                .insert(Header {
-                    key: headers::EVENT_ID,
-                    value: Some(&event_id),
-                });
+            let hdrs = RawHeaders {
+                tenant,
+                source,
+                content_type,
+                received_at_ms: &received_at,
+                ingest_id: &ingest_id,
+                event_id: &event_id,
+            }
+            .to_headers();
             let record = FutureRecord::to(&self.topic)
                 .key(&key)
                 .payload(line.as_bytes())

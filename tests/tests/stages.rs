@@ -159,19 +159,26 @@ async fn parsed_ids(config: &Config) -> HashMap<String, usize> {
     ids
 }
 
+/// Two parse replicas in one group, with `n` raw records being produced over 6 s;
+/// returns 3 s in, mid-stream.
+async fn two_replicas_mid_stream(
+    n: usize,
+) -> (Config, Replica, Replica, tokio::task::JoinHandle<()>) {
+    let (config, lines) = setup(n).await;
+    let a = spawn_parse(&config);
+    let b = spawn_parse(&config);
+    let c = config.clone();
+    let producing = tokio::spawn(async move { produce_raw(&c, &lines, 6.0).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    (config, a, b, producing)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_handover_loses_and_repeats_nothing() {
     const N: usize = 12_000;
 
     // SIGTERM: the leaving replica drains and commits; the other continues exactly there.
-    let (config, lines) = setup(N).await;
-    let mut a = spawn_parse(&config);
-    let mut b = spawn_parse(&config);
-    let producing = {
-        let (c, l) = (config.clone(), lines.clone());
-        tokio::spawn(async move { produce_raw(&c, &l, 6.0).await })
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (config, mut a, mut b, producing) = two_replicas_mid_stream(N).await;
     signal(&a, "-TERM");
     assert!(a.wait().unwrap().success(), "SIGTERM is a clean exit");
     producing.await.unwrap();
@@ -193,14 +200,7 @@ async fn graceful_handover_loses_and_repeats_nothing() {
 #[ignore = "noida-db does not expire the sessions of killed group members"]
 async fn sigkilled_replica_loses_nothing() {
     const N: usize = 12_000;
-    let (config, lines) = setup(N).await;
-    let mut a = spawn_parse(&config);
-    let mut b = spawn_parse(&config);
-    let producing = {
-        let (c, l) = (config.clone(), lines.clone());
-        tokio::spawn(async move { produce_raw(&c, &l, 6.0).await })
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (config, mut a, mut b, producing) = two_replicas_mid_stream(N).await;
     signal(&a, "-KILL");
     a.wait().unwrap();
     // The replica is restarted, as an orchestrator would. (noida-db did not expire the

@@ -11,12 +11,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use futures::stream::{self, StreamExt};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_bench::{median, rate, report, timed};
 use sluice_core::config::ApiKey;
-use sluice_core::{headers, kafka};
-use sluice_ingest::Ingest;
+use sluice_core::kafka;
+use sluice_ingest::{Ingest, RawHeaders};
 use tokio_util::sync::CancellationToken;
 
 /// Ingest benchmark.
@@ -53,31 +52,15 @@ async fn bare_pass(producer: &FutureProducer, topic: &str, lines: &[String]) -> 
     for (i, line) in lines.iter().enumerate() {
         let id = uuid::Uuid::now_v7().to_string();
         let key = format!("acme:user-{}", i % 5000);
-        let h = OwnedHeaders::new_with_capacity(6)
-            .insert(Header {
-                key: headers::TENANT,
-                value: Some("acme"),
-            })
-            .insert(Header {
-                key: headers::SOURCE,
-                value: Some("http"),
-            })
-            .insert(Header {
-                key: headers::CONTENT_TYPE,
-                value: Some("application/x-ndjson"),
-            })
-            .insert(Header {
-                key: headers::RECEIVED_AT_MS,
-                value: Some(&received),
-            })
-            .insert(Header {
-                key: headers::INGEST_ID,
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: headers::EVENT_ID,
-                value: Some(&id),
-            });
+        let h = RawHeaders {
+            tenant: "acme",
+            source: "http",
+            content_type: "application/x-ndjson",
+            received_at_ms: &received,
+            ingest_id: &id,
+            event_id: &id,
+        }
+        .to_headers();
         loop {
             let rec = FutureRecord::to(topic)
                 .key(&key)

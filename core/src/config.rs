@@ -309,6 +309,19 @@ pub struct ElasticsearchConfig {
     pub linger_ms: u64,
     /// Bulk requests in flight at once.
     pub bulk_in_flight: usize,
+    /// `index` (a re-delivered event overwrites itself) or `create` (it is refused with
+    /// 409, which counts as success; the first write wins).
+    pub op_type: EsOpType,
+}
+
+/// How Elasticsearch bulk items are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EsOpType {
+    /// Overwrite.
+    Index,
+    /// Create only; an existing `_id` answers 409.
+    Create,
 }
 
 impl Default for ElasticsearchConfig {
@@ -321,6 +334,7 @@ impl Default for ElasticsearchConfig {
             bulk_max_bytes: 5 * 1024 * 1024,
             linger_ms: 200,
             bulk_in_flight: 2,
+            op_type: EsOpType::Index,
         }
     }
 }

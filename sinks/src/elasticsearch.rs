@@ -15,7 +15,7 @@ use elasticsearch::indices::IndicesPutIndexTemplateParts;
 use elasticsearch::{BulkParts, Elasticsearch};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_core::config::ElasticsearchConfig;
+use sluice_core::config::{ElasticsearchConfig, EsOpType};
 use sluice_schemas::EnrichedEvent;
 use sluice_stages::Failure;
 
@@ -186,10 +186,14 @@ impl ElasticsearchWriter {
         events: &[EnrichedEvent],
         items: &[usize],
     ) -> Result<Vec<Option<(u16, Value)>>, WriteError> {
+        let op = match self.config.op_type {
+            EsOpType::Index => "index",
+            EsOpType::Create => "create",
+        };
         let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(items.len() * 2);
         for &i in items {
             let e = &events[i];
-            body.push(json!({"index": {"_index": index_name(&self.config.index_prefix, e), "_id": e.event_id}}).into());
+            body.push(json!({op: {"_index": index_name(&self.config.index_prefix, e), "_id": e.event_id}}).into());
             body.push(document(e).into());
         }
         let resp = self
@@ -232,7 +236,9 @@ impl ElasticsearchWriter {
                     .cloned()
                     .unwrap_or(Value::Null);
                 let status = result["status"].as_u64().unwrap_or(500) as u16;
-                (status >= 300).then(|| (status, result["error"].clone()))
+                // 409 under `create`: the document is there already, as wanted.
+                let exists = status == 409 && op == "create";
+                (status >= 300 && !exists).then(|| (status, result["error"].clone()))
             })
             .collect())
     }

@@ -141,20 +141,6 @@ pub async fn create_topics(
     Ok(created)
 }
 
-/// Delete topics, ignoring ones that do not exist.
-pub async fn delete_topics(kafka: &KafkaConfig, names: &[String]) -> Result<(), KafkaAdminError> {
-    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.delete_topics(&refs, &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((topic, code)) => return Err(KafkaAdminError::CreateTopic { topic, code }),
-        }
-    }
-    Ok(())
-}
-
 /// The end offset (high watermark) of every partition of `topic`, by partition.
 /// Blocking: call from a blocking context.
 pub fn end_offsets(kafka: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>, KafkaAdminError> {

@@ -1,7 +1,7 @@
 //! Dead letters: a record a stage or sink cannot process, sent to `<topic>.dlq` with
 //! the original key, bytes and headers plus headers that say where it came from and why.
 
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use sluice_core::headers;
 
 /// Why a record could not be processed.
@@ -85,11 +85,3 @@ const DLQ_HEADERS: &[&str] = &[
     headers::DLQ_FAILED_AT_MS,
     headers::DLQ_RECORD_TS_MS,
 ];
-
-/// Read a header of an owned header list (for tests and tools).
-pub fn owned_header<'a>(h: &'a OwnedHeaders, name: &str) -> Option<&'a str> {
-    h.iter()
-        .find(|x| x.key == name)
-        .and_then(|x| x.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}

@@ -323,7 +323,11 @@ async fn elasticsearch_sink_on(url: String, op_type: EsOpType) {
     let replay = sink.stop().await;
     // Already-present documents are successes (overwritten, or 409 under `create`);
     // only the conflicting document, read again, is dead-lettered again.
-    assert_eq!((replay.written, replay.dead_lettered), (400, 1), "{replay:?}");
+    assert_eq!(
+        (replay.written, replay.dead_lettered),
+        (400, 1),
+        "{replay:?}"
+    );
     assert_eq!(
         es_count(&config, serde_json::json!({"match_all": {}})).await,
         200

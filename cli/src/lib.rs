@@ -1,5 +1,7 @@
 //! The `sluice` command's library: wiring of each pipeline process from the
-//! configuration, and the end-to-end demo.
+//! configuration, replay, audit, and the end-to-end demo.
 
+pub mod audit;
 pub mod demo;
 pub mod pipeline;
+pub mod replay;

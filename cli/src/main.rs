@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sluice::demo::{self, DemoOptions};
 use sluice::pipeline::{self, SinkName, StageName};
+use sluice::replay;
 use sluice_core::telemetry;
 
 /// Sluice: a Kafka-based multi-stage stream processor.
@@ -43,6 +44,28 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Reprocess a range of a retained topic into a stage or sink (under a fresh consumer
+    /// group, bounded by the end offsets at start), reset a group to the range's start,
+    /// or copy the range to another topic.
+    Replay(Box<ReplayArgs>),
+    /// Reconcile event counts per tenant and time bucket (of ingest time) across the raw
+    /// topic, the stage topics and their dead letters, TimescaleDB and Elasticsearch.
+    /// Exits non-zero when events are missing or duplicated beyond what dead letters and
+    /// in-flight records explain.
+    Audit {
+        /// First ingest time included (RFC 3339).
+        #[arg(long, value_parser = replay::parse_time)]
+        from: chrono::DateTime<chrono::Utc>,
+        /// First ingest time excluded (RFC 3339; default: now).
+        #[arg(long, value_parser = replay::parse_time)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Width of a time bucket, e.g. `1h` or `10m`.
+        #[arg(long, value_parser = replay::parse_duration, default_value = "1h")]
+        bucket: Duration,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Run the demo pipeline end to end on a generated clickstream.
     Demo {
         /// Users per tenant.
@@ -58,6 +81,152 @@ enum Command {
         #[arg(long, default_value_t = 180)]
         timeout: u64,
     },
+}
+
+/// Arguments of `sluice replay`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["stage", "sink", "copy_to"])))]
+struct ReplayArgs {
+    /// Source topic, or `raw`, `parsed`, `enriched` for the configured ones. Default: the
+    /// input of the target stage or sink.
+    #[arg(long)]
+    source: Option<String>,
+    /// Start of the range: records at or after this RFC 3339 time (by record timestamp).
+    #[arg(long, value_parser = replay::parse_time, conflicts_with_all = ["offsets", "last"])]
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    /// End of the range: records before this RFC 3339 time.
+    #[arg(long, value_parser = replay::parse_time, conflicts_with_all = ["offsets", "last"])]
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    /// The range is the last DURATION up to now, e.g. `2h` or `30m`.
+    #[arg(long, value_parser = replay::parse_duration, conflicts_with = "offsets")]
+    last: Option<Duration>,
+    /// Explicit offsets: `PARTITION=START..[END],...` (END excluded; open = the end now).
+    #[arg(long, value_parser = OffsetRanges::parse)]
+    offsets: Option<OffsetRanges>,
+    /// Only these partitions (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<i32>>,
+    /// Only records of this tenant (by header); the others are skipped.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Most records per second.
+    #[arg(long)]
+    rate: Option<std::num::NonZeroU32>,
+    /// Replay through this stage.
+    #[arg(long, value_enum)]
+    stage: Option<StageName>,
+    /// Replay into this sink.
+    #[arg(long, value_enum)]
+    sink: Option<SinkName>,
+    /// Copy the range as it is to this topic.
+    #[arg(long)]
+    copy_to: Option<String>,
+    /// Instead of running here, move the stage's or sink's own group to the range start
+    /// (refused while the group has active members).
+    #[arg(long, conflicts_with_all = ["copy_to", "group", "tenant", "rate", "to"])]
+    reset: bool,
+    /// Name of the fresh consumer group (default: `<group>-replay-<time>`).
+    #[arg(long)]
+    group: Option<String>,
+    /// Print the partitions, offsets and record counts, and do nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// The value of `--offsets`.
+#[derive(Debug, Clone)]
+struct OffsetRanges(Vec<replay::OffsetRange>);
+
+impl OffsetRanges {
+    fn parse(s: &str) -> Result<Self, String> {
+        replay::parse_offsets(s).map(Self)
+    }
+}
+
+async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()> {
+    use replay::{Mode, Range, Target};
+    let target = match (&args.stage, &args.sink, &args.copy_to) {
+        (Some(s), _, _) => Target::Stage(*s),
+        (_, Some(s), _) => Target::Sink(*s),
+        (_, _, Some(t)) => Target::Copy(t.clone()),
+        _ => bail!("one of --stage, --sink or --copy-to is required"),
+    };
+    let t = &config.topics;
+    let source = match args.source.as_deref() {
+        Some("raw") => t.raw.clone(),
+        Some("parsed") => t.parsed.clone(),
+        Some("enriched") => t.enriched.clone(),
+        Some(topic) => topic.to_string(),
+        None => match target {
+            Target::Stage(s) => s.input(config).to_string(),
+            Target::Sink(_) => t.enriched.clone(),
+            Target::Copy(_) => bail!("--source is required with --copy-to"),
+        },
+    };
+    let range = match (args.offsets, args.last) {
+        (Some(o), _) => Range::Offsets(o.0),
+        (_, Some(last)) => Range::Times {
+            from: Some(chrono::Utc::now() - chrono::Duration::from_std(last).context("--last")?),
+            to: None,
+        },
+        _ => Range::Times {
+            from: args.from,
+            to: args.to,
+        },
+    };
+    let (kafka, topic, parts) = (
+        config.kafka.clone(),
+        source.clone(),
+        args.partitions.clone(),
+    );
+    let plan = tokio::task::block_in_place(move || {
+        replay::resolve(&kafka, &topic, &range, parts.as_deref())
+    })?;
+    print!("{}", plan.table());
+    if args.dry_run {
+        println!("dry run: nothing was read or written");
+        return Ok(());
+    }
+    let mode = if args.reset {
+        Mode::ResetGroup
+    } else {
+        let base = match target {
+            Target::Stage(s) => s.group(config).to_string(),
+            Target::Sink(s) => s.group(config).to_string(),
+            Target::Copy(_) => String::new(),
+        };
+        Mode::FreshGroup(args.group.unwrap_or_else(|| {
+            format!(
+                "{base}-replay-{}",
+                chrono::Utc::now().format("%Y%m%d%H%M%S")
+            )
+        }))
+    };
+    if let Mode::FreshGroup(g) = &mode {
+        if !matches!(target, Target::Copy(_)) {
+            println!("consumer group {g}");
+        }
+    }
+    let filters = replay::Filters {
+        tenant: args.tenant,
+        rate: args.rate,
+    };
+    let outcome = replay::run(
+        config,
+        &plan,
+        &target,
+        &mode,
+        &filters,
+        pipeline::shutdown_on_signals(),
+    )
+    .await?;
+    if !args.reset {
+        println!("{}", outcome.summary());
+    }
+    if outcome.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -111,6 +280,32 @@ async fn main() -> Result<()> {
                 bail!("{bad} topic(s) missing or different from the configuration");
             }
         }
+        Command::Audit {
+            from,
+            to,
+            bucket,
+            tenant,
+        } => {
+            let to = to.unwrap_or_else(chrono::Utc::now);
+            if from >= to {
+                bail!("--from ({from}) must be before --to ({to})");
+            }
+            if bucket.is_zero() {
+                bail!("--bucket must be longer than zero");
+            }
+            let window = sluice::audit::Window {
+                from,
+                to,
+                bucket,
+                tenant,
+            };
+            let report = sluice::audit::run(&config, &window).await?;
+            print!("{}", report.render());
+            if !report.ok() {
+                std::process::exit(1);
+            }
+        }
+        Command::Replay(args) => run_replay(&config, *args).await?,
         Command::Demo {
             users,
             tenants,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_core::replay_scope::ReplayScope;
 use sluice_core::Config;
 use sluice_ingest::Ingest;
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
@@ -37,23 +38,96 @@ pub enum SinkName {
     Elasticsearch,
 }
 
+impl StageName {
+    /// The stage's configured consumer group.
+    pub fn group(self, config: &Config) -> &str {
+        match self {
+            StageName::Parse => &config.parse.group,
+            StageName::Enrich => &config.enrich.group,
+        }
+    }
+
+    /// The topic the stage normally consumes.
+    pub fn input(self, config: &Config) -> &str {
+        match self {
+            StageName::Parse => &config.topics.raw,
+            StageName::Enrich => &config.topics.parsed,
+        }
+    }
+}
+
+impl SinkName {
+    /// The sink's configured consumer group.
+    pub fn group(self, config: &Config) -> &str {
+        match self {
+            SinkName::Timescale => &config.timescale.group,
+            SinkName::Elasticsearch => &config.elasticsearch.group,
+        }
+    }
+}
+
+/// How a replay changes a stage's or sink's normal wiring.
+#[derive(Debug, Default, Clone)]
+pub struct Rewiring {
+    /// Consumer group instead of the configured one.
+    pub group: Option<String>,
+    /// Topic consumed instead of the usual input (dead letters still go where they usually do).
+    pub input: Option<String>,
+    /// End offsets, tenant filter and rate limit of the replay.
+    pub scope: Option<Arc<ReplayScope>>,
+}
+
+impl Rewiring {
+    fn apply_stage(&self, spec: &mut StageSpec) {
+        if let Some(g) = &self.group {
+            spec.group = g.clone();
+        }
+        if let Some(i) = &self.input {
+            spec.input = i.clone();
+        }
+        spec.scope = self.scope.clone();
+    }
+
+    fn apply_sink(&self, spec: &mut SinkSpec) {
+        if let Some(g) = &self.group {
+            spec.group = g.clone();
+        }
+        if let Some(i) = &self.input {
+            spec.input = i.clone();
+        }
+        spec.scope = self.scope.clone();
+    }
+}
+
 /// Run a stage until `shutdown`.
 pub async fn run_stage_named(
     config: &Config,
     name: StageName,
     shutdown: CancellationToken,
 ) -> Result<StageStats> {
+    run_stage_rewired(config, name, &Rewiring::default(), shutdown).await
+}
+
+/// Run a stage, rewired by a replay, until `shutdown`.
+pub async fn run_stage_rewired(
+    config: &Config,
+    name: StageName,
+    rewiring: &Rewiring,
+    shutdown: CancellationToken,
+) -> Result<StageStats> {
     let t = &config.topics;
     let stats = match name {
         StageName::Parse => {
-            let spec = StageSpec {
+            let mut spec = StageSpec {
                 group: config.parse.group.clone(),
                 input: t.raw.clone(),
                 output: t.parsed.clone(),
                 dlq: t.dlq(&t.raw),
                 max_in_flight: config.parse.max_in_flight,
                 drain_timeout: Duration::from_secs(10),
+                scope: None,
             };
+            rewiring.apply_stage(&mut spec);
             run_stage(&config.kafka, &spec, Arc::new(Parser), shutdown).await?
         }
         StageName::Enrich => {
@@ -61,14 +135,16 @@ pub async fn run_stage_named(
                 Some(path) => IpTable::load(path)?,
                 None => IpTable::default(),
             };
-            let spec = StageSpec {
+            let mut spec = StageSpec {
                 group: config.enrich.group.clone(),
                 input: t.parsed.clone(),
                 output: t.enriched.clone(),
                 dlq: t.dlq(&t.parsed),
                 max_in_flight: config.enrich.max_in_flight,
                 drain_timeout: Duration::from_secs(10),
+                scope: None,
             };
+            rewiring.apply_stage(&mut spec);
             run_stage(&config.kafka, &spec, Arc::new(Enricher::new(ips)), shutdown).await?
         }
     };
@@ -81,6 +157,16 @@ pub async fn run_sink_named(
     name: SinkName,
     shutdown: CancellationToken,
 ) -> Result<SinkStats> {
+    run_sink_rewired(config, name, &Rewiring::default(), shutdown).await
+}
+
+/// Run a sink, rewired by a replay, until `shutdown`.
+pub async fn run_sink_rewired(
+    config: &Config,
+    name: SinkName,
+    rewiring: &Rewiring,
+    shutdown: CancellationToken,
+) -> Result<SinkStats> {
     let t = &config.topics;
     let stats = match name {
         SinkName::Timescale => {
@@ -90,7 +176,7 @@ pub async fn run_sink_named(
                 .await
                 .context("database migrations")?;
             tracing::info!(timescale, schema = %c.schema, "database ready");
-            let spec = SinkSpec {
+            let mut spec = SinkSpec {
                 group: c.group.clone(),
                 input: t.enriched.clone(),
                 dlq: t.dlq(&t.enriched),
@@ -98,7 +184,9 @@ pub async fn run_sink_named(
                 linger: Duration::from_millis(c.linger_ms),
                 // One batch per pooled connection.
                 write_concurrency: c.pool_size,
+                scope: None,
             };
+            rewiring.apply_sink(&mut spec);
             let stats = run_sink(
                 &config.kafka,
                 &spec,
@@ -116,7 +204,7 @@ pub async fn run_sink_named(
             es::put_template(&client, c)
                 .await
                 .context("elasticsearch index template")?;
-            let spec = SinkSpec {
+            let mut spec = SinkSpec {
                 group: c.group.clone(),
                 input: t.enriched.clone(),
                 dlq: t.dlq(&t.enriched),
@@ -124,7 +212,9 @@ pub async fn run_sink_named(
                 batch_size: c.bulk_max_docs,
                 linger: Duration::from_millis(c.linger_ms),
                 write_concurrency: c.bulk_in_flight,
+                scope: None,
             };
+            rewiring.apply_sink(&mut spec);
             run_sink(
                 &config.kafka,
                 &spec,

@@ -14,6 +14,9 @@ pub const RECEIVED_AT_MS: &str = "sluice.received_at_ms";
 pub const INGEST_ID: &str = "sluice.ingest_id";
 /// Unique id of the event, kept by every stage and used by sinks for idempotence.
 pub const EVENT_ID: &str = "sluice.event_id";
+/// The id ingest stamped on the raw record, kept by every later stage even when the
+/// client chose its own `event_id`: `sluice audit` traces records back to raw with it.
+pub const RAW_EVENT_ID: &str = "sluice.raw_event_id";
 /// Encoding of the record value (`json`, `avro-single-object`, `avro-confluent`).
 pub const ENCODING: &str = "sluice.encoding";
 
@@ -35,6 +38,20 @@ pub const DLQ_ATTEMPTS: &str = "sluice.dlq.attempts";
 pub const DLQ_FAILED_AT_MS: &str = "sluice.dlq.failed_at_ms";
 /// Dead letters: the original record's timestamp, Unix milliseconds.
 pub const DLQ_RECORD_TS_MS: &str = "sluice.dlq.record_ts_ms";
+
+/// Every dead-letter header: replaced when a dead letter fails again, dropped when a
+/// re-driven one succeeds.
+pub const DEAD_LETTER: &[&str] = &[
+    DLQ_TOPIC,
+    DLQ_PARTITION,
+    DLQ_OFFSET,
+    DLQ_STAGE,
+    DLQ_ERROR_CLASS,
+    DLQ_REASON,
+    DLQ_ATTEMPTS,
+    DLQ_FAILED_AT_MS,
+    DLQ_RECORD_TS_MS,
+];
 
 /// The value of header `name` as UTF-8, if present and valid.
 pub fn get<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str> {

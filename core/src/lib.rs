@@ -5,6 +5,7 @@ pub mod config;
 pub mod consumer_metrics;
 pub mod headers;
 pub mod kafka;
+pub mod replay_scope;
 pub mod telemetry;
 
 pub use config::Config;

@@ -19,6 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::headers;
+use sluice_core::replay_scope::{Admit, ReplayScope};
 use sluice_schemas::{EnrichedEvent, ENRICHED_EVENTS};
 use sluice_stages::{DeadLetter, Failure};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +78,8 @@ pub struct SinkSpec {
     pub linger: Duration,
     /// Batches written at once (committed in order all the same).
     pub write_concurrency: usize,
+    /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
+    pub scope: Option<std::sync::Arc<ReplayScope>>,
 }
 
 /// Counts of what a sink did, returned when it stops.
@@ -120,6 +123,7 @@ enum Written {
 async fn write_batch<W: BatchWriter>(
     writer: &W,
     batch: &[OwnedMessage],
+    scope: Option<&ReplayScope>,
     shutdown: &CancellationToken,
 ) -> Result<Written, WriteError> {
     let name = writer.name();
@@ -128,6 +132,9 @@ async fn write_batch<W: BatchWriter>(
     let mut sources = Vec::with_capacity(batch.len());
     let mut dead: Vec<(usize, Failure)> = Vec::new();
     for (i, msg) in batch.iter().enumerate() {
+        if scope.is_some_and(|s| !s.keeps_tenant(msg.headers())) {
+            continue;
+        }
         match ENRICHED_EVENTS.decode(msg.payload().unwrap_or_default()) {
             Ok(e) => {
                 events.push(e);
@@ -225,10 +232,11 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             stats.consumed += batch.len() as u64;
             metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
                 .record(batch.len() as f64);
-            let (w, stop) = (writer.clone(), shutdown.clone());
+            let (w, stop, scope) = (writer.clone(), shutdown.clone(), spec.scope.clone());
             let batch = std::sync::Arc::new(batch);
             let b = batch.clone();
-            let task = tokio::spawn(async move { write_batch(&*w, &b, &stop).await });
+            let task =
+                tokio::spawn(async move { write_batch(&*w, &b, scope.as_deref(), &stop).await });
             in_flight.push_back(async move { (batch, task.await) });
             continue;
         }
@@ -264,6 +272,18 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             _ = shutdown.cancelled(), if consuming => consuming = false,
             m = consumer.recv(), if consuming => match m {
                 Ok(m) => {
+                    let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(m.partition(), m.offset(), m.headers()));
+                    if admit == Admit::PastEnd {
+                        // A replay's end: leave the rest of this partition alone.
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(m.topic(), m.partition());
+                        let _ = consumer.pause(&tpl);
+                        continue;
+                    }
+                    if let Some(scope) = &spec.scope {
+                        scope.throttle().await;
+                    }
+                    // Skipped records (other tenants) are committed with their batch, unwritten.
                     pending.push(m.detach());
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
                 }

@@ -43,7 +43,7 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The dead letter of `msg`, failed in `stage` after `attempts` attempts.
     pub fn of<M: Message>(msg: &M, stage: &str, failure: &Failure, attempts: u32) -> Self {
-        let mut h = sluice_core::headers::without(msg.headers(), DLQ_HEADERS);
+        let mut h = sluice_core::headers::without(msg.headers(), headers::DEAD_LETTER);
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
         let attempts = attempts.to_string();
@@ -72,16 +72,3 @@ impl DeadLetter {
         }
     }
 }
-
-/// Headers replaced when a dead letter is dead-lettered again (re-driven DLQ records).
-const DLQ_HEADERS: &[&str] = &[
-    headers::DLQ_TOPIC,
-    headers::DLQ_PARTITION,
-    headers::DLQ_OFFSET,
-    headers::DLQ_STAGE,
-    headers::DLQ_ERROR_CLASS,
-    headers::DLQ_REASON,
-    headers::DLQ_ATTEMPTS,
-    headers::DLQ_FAILED_AT_MS,
-    headers::DLQ_RECORD_TS_MS,
-];

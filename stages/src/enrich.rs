@@ -147,7 +147,11 @@ impl Transform for Enricher {
         let payload = ENRICHED_EVENTS
             .encode(&enriched)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
-        let out_headers = headers::without(msg.headers(), &[headers::ENCODING]).insert(Header {
+        let out_headers = headers::without(
+            msg.headers(),
+            &[&[headers::ENCODING][..], headers::DEAD_LETTER].concat(),
+        )
+        .insert(Header {
             key: headers::ENCODING,
             value: Some(AVRO_SINGLE_OBJECT),
         });

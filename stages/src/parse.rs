@@ -133,10 +133,15 @@ impl Transform for Parser {
         let payload = CLICK_EVENTS
             .encode(&event)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
-        let out_headers = headers::without(h, &[headers::EVENT_ID, headers::ENCODING])
+        let replaced = [headers::EVENT_ID, headers::RAW_EVENT_ID, headers::ENCODING];
+        let out_headers = headers::without(h, &[&replaced[..], headers::DEAD_LETTER].concat())
             .insert(Header {
                 key: headers::EVENT_ID,
                 value: Some(event.event_id.as_str()),
+            })
+            .insert(Header {
+                key: headers::RAW_EVENT_ID,
+                value: Some(event_id),
             })
             .insert(Header {
                 key: headers::ENCODING,

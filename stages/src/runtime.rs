@@ -17,6 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::replay_scope::{Admit, ReplayScope};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +66,8 @@ pub struct StageSpec {
     pub max_in_flight: usize,
     /// Longest wait for in-flight records when partitions are revoked or at shutdown.
     pub drain_timeout: Duration,
+    /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
+    pub scope: Option<Arc<ReplayScope>>,
 }
 
 /// Counts of what a stage did, returned when it stops.
@@ -130,12 +133,24 @@ pub async fn run_stage<T: Transform>(
                         continue;
                     }
                 };
+                let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(msg.partition(), msg.offset(), msg.headers()));
+                if admit == Admit::PastEnd {
+                    // A replay's end: leave the rest of this partition alone.
+                    pause_partition(&consumer, msg.topic(), msg.partition());
+                    continue;
+                }
+                if let Some(scope) = &spec.scope {
+                    scope.throttle().await;
+                }
                 let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
                 stats.consumed += 1;
                 metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
                 lock(&tracker).begin(msg.topic(), msg.partition(), msg.offset());
                 let started = std::time::Instant::now();
-                let result = transform.process(&msg);
+                let result = match admit {
+                    Admit::Process => transform.process(&msg),
+                    _ => Ok(Vec::new()),
+                };
                 metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
                     .record(started.elapsed().as_secs_f64());
                 let pending = match result {
@@ -196,6 +211,14 @@ fn store(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, partition: i32
     // Fails only for a partition revoked meanwhile; the revoke hook committed it.
     if let Err(e) = consumer.store_offset(topic, partition, through) {
         tracing::debug!(topic, partition, error = %e, "offset not stored");
+    }
+}
+
+fn pause_partition(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::debug!(topic, partition, error = %e, "pause");
     }
 }
 

@@ -250,3 +250,20 @@ pub async fn sink_namespace(config: &mut Config, name: &str) {
         .await
         .unwrap();
 }
+
+/// The `sluice` binary next to the test executable (`cargo test --workspace` builds it).
+pub fn sluice_bin() -> PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/sluice
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("sluice"))
+        .expect("target/<profile>/deps layout");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p sluice` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}

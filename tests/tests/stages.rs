@@ -5,26 +5,13 @@
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_core::{headers, kafka, Config};
-use sluice_tests::{caught_up, stack_config, stack_env_path, unique};
-
-fn sluice_bin() -> PathBuf {
-    // target/<profile>/deps/<test> → target/<profile>/sluice
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sluice");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p sluice` (cargo test --workspace builds it)",
-        bin.display()
-    );
-    bin
-}
+use sluice_tests::{caught_up, sluice_bin, stack_config, stack_env_path, unique};
 
 fn spawn_parse(config: &Config) -> Replica {
     Command::new(sluice_bin())

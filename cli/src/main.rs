@@ -229,6 +229,24 @@ async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()
     Ok(())
 }
 
+/// Install the metrics recorder and, when `metrics.listen` is set, serve the ops endpoint.
+async fn serve_ops(
+    config: &sluice_core::Config,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    let handle = telemetry::install_metrics().context("metrics recorder")?;
+    if let Some(listen) = config.metrics.listen {
+        let addr = telemetry::serve_ops(
+            listen,
+            handle.clone(),
+            telemetry::process_readiness().clone(),
+        )
+        .await
+        .with_context(|| format!("metrics.listen: binding {listen}"))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
+    Ok(handle)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -236,19 +254,20 @@ async fn main() -> Result<()> {
     let config = pipeline::load_config(cli.config.as_deref())?;
     match cli.command {
         Command::Ingest => {
-            let handle = telemetry::install_metrics(None).context("metrics")?;
+            let handle = serve_ops(&config).await?;
             let shutdown = pipeline::shutdown_on_signals();
             let (_, task) = pipeline::start_ingest(&config, Some(handle), shutdown).await?;
+            telemetry::process_readiness().set(true);
             task.await??;
         }
         Command::Stage { name } => {
-            telemetry::install_metrics(config.metrics.listen).context("metrics endpoint")?;
+            serve_ops(&config).await?;
             let stats =
                 pipeline::run_stage_named(&config, name, pipeline::shutdown_on_signals()).await?;
             tracing::info!(?stats, "done");
         }
         Command::Sink { name } => {
-            telemetry::install_metrics(config.metrics.listen).context("metrics endpoint")?;
+            serve_ops(&config).await?;
             let stats =
                 pipeline::run_sink_named(&config, name, pipeline::shutdown_on_signals()).await?;
             tracing::info!(?stats, "done");

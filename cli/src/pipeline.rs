@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_core::replay_scope::ReplayScope;
-use sluice_core::Config;
+use sluice_core::{telemetry, Config};
 use sluice_ingest::Ingest;
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
 use sluice_sinks::timescale::{self, TimescaleWriter};
@@ -128,6 +128,7 @@ pub async fn run_stage_rewired(
                 scope: None,
             };
             rewiring.apply_stage(&mut spec);
+            telemetry::process_readiness().set(true);
             run_stage(&config.kafka, &spec, Arc::new(Parser), shutdown).await?
         }
         StageName::Enrich => {
@@ -145,6 +146,7 @@ pub async fn run_stage_rewired(
                 scope: None,
             };
             rewiring.apply_stage(&mut spec);
+            telemetry::process_readiness().set(true);
             run_stage(&config.kafka, &spec, Arc::new(Enricher::new(ips)), shutdown).await?
         }
     };
@@ -187,6 +189,7 @@ pub async fn run_sink_rewired(
                 scope: None,
             };
             rewiring.apply_sink(&mut spec);
+            telemetry::process_readiness().set(true);
             let stats = run_sink(
                 &config.kafka,
                 &spec,
@@ -215,6 +218,7 @@ pub async fn run_sink_rewired(
                 scope: None,
             };
             rewiring.apply_sink(&mut spec);
+            telemetry::process_readiness().set(true);
             run_sink(
                 &config.kafka,
                 &spec,

@@ -1,6 +1,9 @@
-//! Logging and the Prometheus metrics endpoint shared by every Sluice process.
+//! Logging, Prometheus metrics and the ops endpoint (`/metrics`, `/healthz`, `/readyz`)
+//! shared by every Sluice process.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -25,22 +28,80 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Install the global Prometheus recorder; with `listen`, also serve `/metrics` there.
-/// Returns a handle that renders the metrics (for an HTTP route of the process's own).
-pub fn install_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, BuildError> {
+/// Install the global Prometheus recorder and keep its histograms drained. Returns a
+/// handle that renders the metrics (for [`serve_ops`] or a route of the process's own).
+/// Call from within a Tokio runtime.
+pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
     // Histograms, not summaries, so they aggregate across replicas in Prometheus.
-    let builder = PrometheusBuilder::new()
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Suffix("_records".into()), RECORDS_BUCKETS)?;
-    let recorder = match listen {
-        Some(addr) => {
-            let (recorder, exporter) = builder.with_http_listener(addr).build()?;
-            tokio::spawn(exporter);
-            recorder
-        }
-        None => builder.build_recorder(),
-    };
+        .set_buckets_for_metric(Matcher::Suffix("_records".into()), RECORDS_BUCKETS)?
+        .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     Ok(handle)
+}
+
+/// Whether a process is ready for work (its readiness probe). Liveness is the ops server
+/// answering at all.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Mark the process ready or not.
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether it is ready.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// This process's readiness: the pipeline sets it once a stage or sink is about to consume
+/// (after migrations or the index template), and [`serve_ops`] reports it.
+pub fn process_readiness() -> &'static Readiness {
+    static READY: std::sync::OnceLock<Readiness> = std::sync::OnceLock::new();
+    READY.get_or_init(Readiness::default)
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listen` in the background. Returns the
+/// bound address (useful with port 0).
+pub async fn serve_ops(
+    listen: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+) -> std::io::Result<SocketAddr> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { handle.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if readiness.get() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "ops endpoint stopped");
+        }
+    });
+    Ok(addr)
 }

@@ -23,7 +23,7 @@ const KEY_B: &str = "key-tenant-b";
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
-        .get_or_init(|| telemetry::install_metrics(None).unwrap())
+        .get_or_init(|| telemetry::install_metrics().unwrap())
         .clone()
 }
 

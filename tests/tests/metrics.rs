@@ -13,7 +13,11 @@ async fn documented_metrics_are_exported() {
         .local_addr()
         .unwrap()
         .port();
-    sluice_core::telemetry::install_metrics(Some(([127, 0, 0, 1], port).into())).unwrap();
+    let handle = sluice_core::telemetry::install_metrics().unwrap();
+    let readiness = sluice_core::telemetry::process_readiness().clone();
+    sluice_core::telemetry::serve_ops(([127, 0, 0, 1], port).into(), handle, readiness)
+        .await
+        .unwrap();
     let mut config = stack_config();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.elasticsearch.url = stack_var("SLUICE_STACK_ES_ALT_URL");

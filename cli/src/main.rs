@@ -48,6 +48,9 @@ enum Command {
     /// group, bounded by the end offsets at start), reset a group to the range's start,
     /// or copy the range to another topic.
     Replay(Box<ReplayArgs>),
+    /// Print the effective configuration (file, stack settings and environment merged;
+    /// secrets masked). Exits non-zero, naming the key, when it is invalid.
+    Config,
     /// Reconcile event counts per tenant and time bucket (of ingest time) across the raw
     /// topic, the stage topics and their dead letters, TimescaleDB and Elasticsearch.
     /// Exits non-zero when events are missing or duplicated beyond what dead letters and
@@ -299,6 +302,12 @@ async fn main() -> Result<()> {
                 bail!("{bad} topic(s) missing or different from the configuration");
             }
         }
+        Command::Config => print!(
+            "{}",
+            config
+                .to_redacted_toml()
+                .context("writing the configuration")?
+        ),
         Command::Audit {
             from,
             to,

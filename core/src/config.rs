@@ -355,6 +355,32 @@ impl Default for MetricsConfig {
     }
 }
 
+impl Config {
+    /// The configuration as TOML with secrets masked: API keys and the database password.
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut c = self.clone();
+        for k in &mut c.ingest.api_keys {
+            k.key = "***".into();
+        }
+        c.timescale.url = redact_url_password(&c.timescale.url);
+        toml::to_string(&c)
+    }
+}
+
+/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((auth, host)) if auth.contains(':') => {
+            let user = auth.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Tables whose overrides merge `name=value` lists instead of replacing the value.
 const PROPERTY_TABLES: &[&str] = &["kafka.properties", "kafka.producer", "kafka.consumer"];
 
@@ -524,6 +550,25 @@ mod tests {
         let err =
             Config::load_with(None, vars(&[("SLUICE__INGEST__MAX_LINES", "lots")])).unwrap_err();
         assert!(err.to_string().contains("invalid configuration"), "{err}");
+    }
+
+    #[test]
+    fn redacted() {
+        assert_eq!(
+            redact_url_password("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url_password("postgres://h/db"), "postgres://h/db");
+        let mut c = Config::default();
+        c.ingest.api_keys.push(ApiKey {
+            tenant: "a".into(),
+            key: "secret-key".into(),
+        });
+        let text = c.to_redacted_toml().unwrap();
+        assert!(
+            !text.contains("secret-key") && text.contains("***"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Every metric documented in docs/metrics.md is exported by a running pipeline.
+//! Every metric documented in docs/metrics.md, and every metric the Grafana dashboard and
+//! the alert rules query, is exported by a running pipeline.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use std::time::Duration;
@@ -68,4 +69,30 @@ async fn documented_metrics_are_exported() {
         text.contains("sluice_end_to_end_latency_seconds_bucket"),
         "a histogram, not a summary"
     );
+
+    // What the dashboard and the alerts query must exist, and be documented.
+    let mut referenced = std::collections::BTreeSet::new();
+    for file in ["files/dashboard.json", "files/alerts.yaml"] {
+        let path = format!("{}/../helm/sluice/{file}", env!("CARGO_MANIFEST_DIR"));
+        let body = std::fs::read_to_string(&path).unwrap();
+        for (i, _) in body.match_indices("sluice_") {
+            let name: String = body[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            referenced.insert(name);
+        }
+    }
+    assert!(referenced.len() >= 10, "{referenced:?}");
+    for name in &referenced {
+        assert!(
+            text.contains(&format!("\n{name}{{")) || text.contains(&format!("\n{name} ")),
+            "{name} is queried by the dashboard or alerts but not exported"
+        );
+        let base = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(
+            documented.contains(&base),
+            "{base} is queried but not in docs/metrics.md"
+        );
+    }
 }

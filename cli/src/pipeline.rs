@@ -129,7 +129,13 @@ pub async fn run_stage_rewired(
             };
             rewiring.apply_stage(&mut spec);
             telemetry::process_readiness().set(true);
-            run_stage(&config.kafka, &spec, Arc::new(Parser), shutdown).await?
+            run_stage(
+                &config.kafka,
+                &spec,
+                Arc::new(Parser::new(config.parse.max_event_bytes)),
+                shutdown,
+            )
+            .await?
         }
         StageName::Enrich => {
             let ips = match &config.enrich.geo_csv {

@@ -203,6 +203,8 @@ pub struct ParseConfig {
     pub group: String,
     /// Records processed concurrently (awaiting broker acks).
     pub max_in_flight: usize,
+    /// Longer raw events are dead-lettered (class `oversized`) instead of parsed.
+    pub max_event_bytes: usize,
 }
 
 impl Default for ParseConfig {
@@ -210,6 +212,7 @@ impl Default for ParseConfig {
         Self {
             group: "sluice-parse".into(),
             max_in_flight: 10_000,
+            max_event_bytes: 1024 * 1024,
         }
     }
 }

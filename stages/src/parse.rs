@@ -24,8 +24,16 @@ pub const AVRO_SINGLE_OBJECT: &str = "avro-single-object";
 const SECONDS_BELOW: i64 = 100_000_000_000;
 
 /// The parse stage.
-#[derive(Debug, Default)]
-pub struct Parser;
+#[derive(Debug)]
+pub struct Parser {
+    max_event_bytes: usize,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self::new(1024 * 1024)
+    }
+}
 
 /// What the parser needs of a raw record besides its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -39,8 +47,23 @@ pub struct RawMeta<'a> {
 }
 
 impl Parser {
+    /// A parser dead-lettering events longer than `max_event_bytes`.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self { max_event_bytes }
+    }
+
     /// Parse one raw line.
     pub fn parse(&self, line: &[u8], meta: RawMeta<'_>) -> Result<ClickEvent, Failure> {
+        if line.len() > self.max_event_bytes {
+            return Err(Failure::new(
+                "oversized",
+                format!(
+                    "event: at most {} bytes (parse.max_event_bytes), got {}",
+                    self.max_event_bytes,
+                    line.len()
+                ),
+            ));
+        }
         let mut obj: Map<String, Value> = match serde_json::from_slice(line) {
             Ok(Value::Object(m)) => m,
             Ok(other) => {
@@ -259,7 +282,7 @@ mod tests {
     };
 
     fn parse(s: &str) -> Result<ClickEvent, Failure> {
-        Parser.parse(s.as_bytes(), META)
+        Parser::default().parse(s.as_bytes(), META)
     }
 
     #[test]
@@ -328,5 +351,116 @@ mod tests {
             "validation: field `url`: expected a string, got a number"
         );
         assert!(reason(r#"{"user_id":"u","type":"x","ts":-5}"#).contains("outside years"));
+    }
+}
+
+/// Property tests of the decoder: no input makes it panic, every failure has a class and a
+/// reason, and every well-formed event round-trips through the Avro encoding.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const META: RawMeta<'static> = RawMeta {
+        tenant: "acme",
+        event_id: "ev-1",
+        received_at: 5,
+    };
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::from(i)),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::String),
+            "20[0-9]{2}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-][01][0-9]:[0-5][0-9])"
+                .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Objects using the known field names with values of any type.
+    fn event_like() -> impl Strategy<Value = Vec<u8>> {
+        let field = prop_oneof![
+            Just("user_id"),
+            Just("type"),
+            Just("event_type"),
+            Just("ts"),
+            Just("timestamp"),
+            Just("event_time"),
+            Just("event_id"),
+            Just("session_id"),
+            Just("url"),
+            Just("ip"),
+            Just("user_agent"),
+            Just("referrer"),
+            Just("other"),
+        ];
+        prop::collection::vec((field, json_value()), 0..10).prop_map(|fields| {
+            let obj: Map<String, Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            serde_json::to_vec(&Value::Object(obj)).unwrap_or_default()
+        })
+    }
+
+    fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
+        match Parser::default().parse(bytes, META) {
+            Ok(event) => {
+                let encoded = CLICK_EVENTS
+                    .encode(&event)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let decoded: ClickEvent = CLICK_EVENTS
+                    .decode(&encoded)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(decoded, event);
+            }
+            Err(f) => {
+                prop_assert!(
+                    ["decode", "validation", "oversized"].contains(&f.class),
+                    "{}",
+                    f.class
+                );
+                prop_assert!(!f.reason.is_empty());
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            check(&bytes)?;
+        }
+
+        #[test]
+        fn event_shaped_json(bytes in event_like()) {
+            check(&bytes)?;
+        }
+    }
+
+    #[test]
+    fn oversized_events_are_refused_with_their_size() {
+        let line = format!(
+            r#"{{"user_id":"u","type":"t","ts":1,"pad":"{}"}}"#,
+            "x".repeat(100)
+        );
+        let f = Parser::new(64).parse(line.as_bytes(), META).unwrap_err();
+        assert_eq!(f.class, "oversized");
+        assert!(
+            f.reason.contains("at most 64 bytes") && f.reason.contains(&line.len().to_string()),
+            "{}",
+            f.reason
+        );
     }
 }

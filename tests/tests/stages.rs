@@ -14,6 +14,16 @@ use sluice_core::{headers, kafka, Config};
 use sluice_tests::{caught_up, sluice_bin, stack_config, stack_env_path, unique};
 
 fn spawn_parse(config: &Config) -> Replica {
+    spawn_parse_as(config, None)
+}
+
+/// A parse replica; with `instance`, a static group member of that id (a restarted
+/// replica with the same id takes the place of a killed one at once).
+fn spawn_parse_as(config: &Config, instance: Option<&str>) -> Replica {
+    let mut consumer = "session.timeout.ms=6000,heartbeat.interval.ms=500".to_string();
+    if let Some(id) = instance {
+        consumer += &format!(",group.instance.id={id}");
+    }
     Command::new(sluice_bin())
         .args(["stage", "parse"])
         .env("SLUICE_STACK_ENV", stack_env_path())
@@ -21,10 +31,7 @@ fn spawn_parse(config: &Config) -> Replica {
         .env("SLUICE__TOPICS__PARSED", &config.topics.parsed)
         .env("SLUICE__PARSE__GROUP", &config.parse.group)
         .env("SLUICE__METRICS__LISTEN", "127.0.0.1:0")
-        .env(
-            "SLUICE__KAFKA__CONSUMER",
-            "session.timeout.ms=6000,heartbeat.interval.ms=500",
-        )
+        .env("SLUICE__KAFKA__CONSUMER", consumer)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(
@@ -183,6 +190,31 @@ async fn graceful_handover_loses_and_repeats_nothing() {
 /// session, so its group stays in a rebalance that cannot finish (seen: 7,000 records
 /// stuck for 120 s, with or without a restarted replica). Run it against a broker that
 /// enforces `session.timeout.ms` with `cargo test -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_static_member_restarted_loses_nothing() {
+    const N: usize = 12_000;
+    let (config, lines) = setup(N).await;
+    let mut a = spawn_parse_as(&config, Some("parse-a"));
+    let mut b = spawn_parse_as(&config, Some("parse-b"));
+    let c = config.clone();
+    let producing = tokio::spawn(async move { produce_raw(&c, &lines, 6.0).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(&a, "-KILL");
+    a.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut a2 = spawn_parse_as(&config, Some("parse-a"));
+    producing.await.unwrap();
+    caught_up(&config, &config.parse.group, &config.topics.raw).await;
+    let ids = parsed_ids(&config).await;
+    assert_eq!(ids.len(), N, "no event lost");
+    let extra: usize = ids.values().map(|c| c - 1).sum();
+    println!("SIGKILL of a static member: {extra} records repeated (same event ids), out of {N}");
+    for r in [&mut b, &mut a2] {
+        signal(r, "-TERM");
+        assert!(r.wait().unwrap().success());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "noida-db does not expire the sessions of killed group members"]
 async fn sigkilled_replica_loses_nothing() {

@@ -190,7 +190,12 @@ async fn graceful_handover_loses_and_repeats_nothing() {
 /// session, so its group stays in a rebalance that cannot finish (seen: 7,000 records
 /// stuck for 120 s, with or without a restarted replica). Run it against a broker that
 /// enforces `session.timeout.ms` with `cargo test -- --ignored`.
+/// SIGKILL of one of two static members, restarted with its `group.instance.id`.
+/// Ignored on the default broker: noida-db 0.2.3 hands the restarted member its
+/// partitions back at once, but the surviving member's commits then stop advancing (seen:
+/// its 3 partitions, 4,000 records, uncommitted after 120 s, with no rebalance event).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "noida-db stalls the surviving member's commits after a static member is replaced"]
 async fn sigkilled_static_member_restarted_loses_nothing() {
     const N: usize = 12_000;
     let (config, lines) = setup(N).await;

@@ -36,6 +36,16 @@ pub enum CodecError {
         /// The Avro error.
         source: Box<apache_avro::Error>,
     },
+    /// The record was written with a schema this codec does not know.
+    #[error("cannot decode {name}: unknown schema fingerprint {found} (expected {expected})")]
+    UnknownSchema {
+        /// The schema's name.
+        name: &'static str,
+        /// The record's fingerprint, hex.
+        found: String,
+        /// This schema's fingerprint, hex.
+        expected: String,
+    },
     /// The value does not fit the schema.
     #[error("cannot encode {name}: {source}")]
     Encode {
@@ -216,6 +226,16 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
 
     /// Decode one record; fails on a different schema's fingerprint or a bad datum.
     pub fn decode(&self, mut bytes: &[u8]) -> Result<T, CodecError> {
+        // Name the fingerprint rather than report a confusing datum error.
+        if bytes.len() >= 10 && bytes[..2] == self.header[..2] && bytes[2..10] != self.header[2..10]
+        {
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            return Err(CodecError::UnknownSchema {
+                name: T::NAME,
+                found: hex(&bytes[2..10]),
+                expected: hex(&self.header[2..10]),
+            });
+        }
         self.reader
             .read_deser(&mut bytes)
             .map_err(|e| CodecError::Decode {

@@ -294,10 +294,14 @@ fn stack(action: &str, service: &str) {
 struct Process(Child);
 
 impl Process {
+    /// A static group member `instance`: restarted with the same id, it takes the killed
+    /// one's place at once (noida-db never expires a killed member's session). Eager
+    /// protocol: with cooperative-sticky, noida-db stalls the other members' commits
+    /// after a static member is replaced.
     fn spawn(config: &Config, args: &[&str], instance: &str) -> Self {
         let t = &config.topics;
         let consumer = format!(
-            "session.timeout.ms=6000,heartbeat.interval.ms=500,group.instance.id={instance}"
+            "session.timeout.ms=6000,heartbeat.interval.ms=500,group.instance.id={instance},partition.assignment.strategy=roundrobin"
         );
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("{}-{instance}.log", unique("proc"))),
@@ -409,9 +413,8 @@ async fn sink_killed_mid_batch_and_restarted() {
     println!("scenario 2: killed at {at_kill} of 20000 rows; 0 lost, 0 duplicated");
 }
 
-/// Scenario 1 (closest form noida-db allows): the only parse replica is killed with
-/// SIGKILL mid-stream and restarted as the same static member. Two live replicas with
-/// one killed are `stages::sigkilled_*`, ignored on noida-db (see there).
+/// Scenario 1: one of two parse replicas is killed with SIGKILL mid-stream while the other
+/// runs, and restarted as the same static member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_killed_mid_stream_and_restarted() {
     let _serial = SERIAL.lock().await;
@@ -425,6 +428,7 @@ async fn stage_killed_mid_stream_and_restarted() {
         sink(&config, SinkName::Elasticsearch),
     ];
     let mut parse = Process::spawn(&config, &["stage", "parse"], "parse-0");
+    let other = Process::spawn(&config, &["stage", "parse"], "parse-1");
     let events = events("ss", 12_000);
     let (a, ev) = (addr, events.clone());
     let posting = tokio::spawn(async move { post_events(a, &ev, 500, 4.0).await });
@@ -435,6 +439,7 @@ async fn stage_killed_mid_stream_and_restarted() {
     posting.await.unwrap();
     settle(&config).await;
     parse.terminate();
+    other.terminate();
     stop_all(others).await;
     ingest_task.stop().await;
     assert_exactly_once(&config, &ids_of(&events)).await;

@@ -18,11 +18,13 @@ fn spawn_parse(config: &Config) -> Replica {
 }
 
 /// A parse replica; with `instance`, a static group member of that id (a restarted
-/// replica with the same id takes the place of a killed one at once).
+/// replica with the same id takes the place of a killed one at once). Static members use
+/// the eager protocol: with cooperative-sticky, noida-db 0.2.3 stalls the surviving
+/// member's commits after a static member is replaced.
 fn spawn_parse_as(config: &Config, instance: Option<&str>) -> Replica {
     let mut consumer = "session.timeout.ms=6000,heartbeat.interval.ms=500".to_string();
     if let Some(id) = instance {
-        consumer += &format!(",group.instance.id={id}");
+        consumer += &format!(",group.instance.id={id},partition.assignment.strategy=roundrobin");
     }
     Command::new(sluice_bin())
         .args(["stage", "parse"])
@@ -185,17 +187,14 @@ async fn graceful_handover_loses_and_repeats_nothing() {
     assert!(b.wait().unwrap().success());
 }
 
-/// SIGKILL: nothing is lost; what the dead replica had not committed is repeated.
-/// Ignored on the default broker: noida-db 0.2.3 never expires the killed member's
-/// session, so its group stays in a rebalance that cannot finish (seen: 7,000 records
-/// stuck for 120 s, with or without a restarted replica). Run it against a broker that
-/// enforces `session.timeout.ms` with `cargo test -- --ignored`.
-/// SIGKILL of one of two static members, restarted with its `group.instance.id`.
-/// Ignored on the default broker: noida-db 0.2.3 hands the restarted member its
-/// partitions back at once, but the surviving member's commits then stop advancing (seen:
-/// its 3 partitions, 4,000 records, uncommitted after 120 s, with no rebalance event).
+/// SIGKILL of a dynamic member: nothing is lost; what the dead replica had not committed
+/// is repeated. Ignored on the default broker: noida-db 0.2.3 never expires the killed
+/// member's session, so its group stays in a rebalance that cannot finish (seen: 7,000
+/// records stuck for 120 s, with or without a restarted replica). Run it against a broker
+/// that enforces `session.timeout.ms` with `cargo test -- --ignored`.
+/// SIGKILL of one of two static members, restarted with its `group.instance.id` (as a
+/// StatefulSet would): nothing lost; what the killed one had not committed is repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "noida-db stalls the surviving member's commits after a static member is replaced"]
 async fn sigkilled_static_member_restarted_loses_nothing() {
     const N: usize = 12_000;
     let (config, lines) = setup(N).await;

@@ -48,6 +48,12 @@ enum Command {
     /// group, bounded by the end offsets at start), reset a group to the range's start,
     /// or copy the range to another topic.
     Replay(Box<ReplayArgs>),
+    /// Schema tools.
+    Schemas {
+        /// What to do.
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
     /// Print the effective configuration (file, stack settings and environment merged;
     /// secrets masked). Exits non-zero, naming the key, when it is invalid.
     Config,
@@ -83,6 +89,18 @@ enum Command {
         /// Longest wait, in seconds, for the pipeline to catch up.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
+    },
+}
+
+/// `sluice schemas` subcommands.
+#[derive(Debug, Subcommand)]
+enum SchemasCommand {
+    /// Check that every schema in DIR reads data written with each released version
+    /// (DIR/released/<name>/v<N>.avsc). Exits non-zero naming the incompatibility.
+    Check {
+        /// Directory of the current `.avsc` files.
+        #[arg(long, default_value = "schemas/avro")]
+        dir: PathBuf,
     },
 }
 
@@ -300,6 +318,29 @@ async fn main() -> Result<()> {
             }
             if check && bad > 0 {
                 bail!("{bad} topic(s) missing or different from the configuration");
+            }
+        }
+        Command::Schemas {
+            command: SchemasCommand::Check { dir },
+        } => {
+            let verdicts = sluice_schemas::compat::check_dir(&dir)
+                .with_context(|| format!("--dir {}", dir.display()))?;
+            let mut bad = 0;
+            for v in &verdicts {
+                match &v.incompatibility {
+                    None => println!("ok   {} reads {}", v.schema.display(), v.released.display()),
+                    Some(why) => {
+                        bad += 1;
+                        println!(
+                            "FAIL {} cannot read {}: {why}",
+                            v.schema.display(),
+                            v.released.display()
+                        );
+                    }
+                }
+            }
+            if bad > 0 {
+                bail!("{bad} schema(s) not backward-compatible with a released version");
             }
         }
         Command::Config => print!(

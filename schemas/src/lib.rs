@@ -2,6 +2,8 @@
 //! their embedded encoding: Avro single-object encoding (a two-byte marker, the schema's
 //! 64-bit Rabin fingerprint, then the datum), which needs no schema registry.
 
+pub mod compat;
+
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::LazyLock;

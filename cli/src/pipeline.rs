@@ -126,6 +126,7 @@ pub async fn run_stage_rewired(
                 max_in_flight: config.parse.max_in_flight,
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
+                exactly_once: config.parse.exactly_once,
             };
             rewiring.apply_stage(&mut spec);
             telemetry::process_readiness().set(true);
@@ -150,6 +151,7 @@ pub async fn run_stage_rewired(
                 max_in_flight: config.enrich.max_in_flight,
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
+                exactly_once: config.enrich.exactly_once,
             };
             rewiring.apply_stage(&mut spec);
             telemetry::process_readiness().set(true);

@@ -205,6 +205,8 @@ pub struct ParseConfig {
     pub max_in_flight: usize,
     /// Longer raw events are dead-lettered (class `oversized`) instead of parsed.
     pub max_event_bytes: usize,
+    /// Kafka transactions: outputs, dead letters and offsets commit together.
+    pub exactly_once: bool,
 }
 
 impl Default for ParseConfig {
@@ -213,6 +215,7 @@ impl Default for ParseConfig {
             group: "sluice-parse".into(),
             max_in_flight: 10_000,
             max_event_bytes: 1024 * 1024,
+            exactly_once: false,
         }
     }
 }
@@ -227,6 +230,8 @@ pub struct EnrichConfig {
     pub max_in_flight: usize,
     /// CSV of `cidr,network,country` rows for IP lookups; none means no IP enrichment.
     pub geo_csv: Option<PathBuf>,
+    /// Kafka transactions: outputs, dead letters and offsets commit together.
+    pub exactly_once: bool,
 }
 
 impl Default for EnrichConfig {
@@ -235,6 +240,7 @@ impl Default for EnrichConfig {
             group: "sluice-enrich".into(),
             max_in_flight: 10_000,
             geo_csv: None,
+            exactly_once: false,
         }
     }
 }

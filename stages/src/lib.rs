@@ -4,6 +4,7 @@
 
 pub mod dead_letter;
 pub mod enrich;
+pub mod exactly_once;
 pub mod offsets;
 pub mod parse;
 pub mod runtime;

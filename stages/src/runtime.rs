@@ -68,6 +68,8 @@ pub struct StageSpec {
     pub drain_timeout: Duration,
     /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
     pub scope: Option<Arc<ReplayScope>>,
+    /// Kafka transactions around read-process-write instead of at-least-once.
+    pub exactly_once: bool,
 }
 
 /// Counts of what a stage did, returned when it stops.
@@ -97,6 +99,9 @@ pub async fn run_stage<T: Transform>(
     transform: Arc<T>,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
+    if spec.exactly_once {
+        return crate::exactly_once::run_exactly_once(kafka, spec, transform, shutdown).await;
+    }
     let name = transform.name();
     // Shared with the delivery tasks (which complete offsets) and the revoke hook (which
     // drains revoked partitions and commits them before they move to another replica).

@@ -14,14 +14,14 @@ use sluice_core::{headers, kafka, Config};
 use sluice_tests::{caught_up, sluice_bin, stack_config, stack_env_path, unique};
 
 fn spawn_parse(config: &Config) -> Replica {
-    spawn_parse_as(config, None)
+    spawn_parse_as(config, None, false)
 }
 
 /// A parse replica; with `instance`, a static group member of that id (a restarted
 /// replica with the same id takes the place of a killed one at once). Static members use
 /// the eager protocol: with cooperative-sticky, noida-db 0.2.3 stalls the surviving
 /// member's commits after a static member is replaced.
-fn spawn_parse_as(config: &Config, instance: Option<&str>) -> Replica {
+fn spawn_parse_as(config: &Config, instance: Option<&str>, exactly_once: bool) -> Replica {
     let mut consumer = "session.timeout.ms=6000,heartbeat.interval.ms=500".to_string();
     if let Some(id) = instance {
         consumer += &format!(",group.instance.id={id},partition.assignment.strategy=roundrobin");
@@ -34,6 +34,7 @@ fn spawn_parse_as(config: &Config, instance: Option<&str>) -> Replica {
         .env("SLUICE__PARSE__GROUP", &config.parse.group)
         .env("SLUICE__METRICS__LISTEN", "127.0.0.1:0")
         .env("SLUICE__KAFKA__CONSUMER", consumer)
+        .env("SLUICE__PARSE__EXACTLY_ONCE", exactly_once.to_string())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(
@@ -198,15 +199,15 @@ async fn graceful_handover_loses_and_repeats_nothing() {
 async fn sigkilled_static_member_restarted_loses_nothing() {
     const N: usize = 12_000;
     let (config, lines) = setup(N).await;
-    let mut a = spawn_parse_as(&config, Some("parse-a"));
-    let mut b = spawn_parse_as(&config, Some("parse-b"));
+    let mut a = spawn_parse_as(&config, Some("parse-a"), false);
+    let mut b = spawn_parse_as(&config, Some("parse-b"), false);
     let c = config.clone();
     let producing = tokio::spawn(async move { produce_raw(&c, &lines, 6.0).await });
     tokio::time::sleep(Duration::from_secs(3)).await;
     signal(&a, "-KILL");
     a.wait().unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut a2 = spawn_parse_as(&config, Some("parse-a"));
+    let mut a2 = spawn_parse_as(&config, Some("parse-a"), false);
     producing.await.unwrap();
     caught_up(&config, &config.parse.group, &config.topics.raw).await;
     let ids = parsed_ids(&config).await;
@@ -238,4 +239,53 @@ async fn sigkilled_replica_loses_nothing() {
     println!("SIGKILL: {extra} records repeated (same event ids), out of {N}");
     signal(&b, "-TERM");
     assert!(b.wait().unwrap().success());
+}
+
+/// Exactly-once: a transactional parse replica is killed with SIGKILL mid-stream and
+/// restarted (the same transactional id fences it and aborts its open transaction). A
+/// `read_committed` reader sees every event, and every dead letter, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_a_sigkill() {
+    const N: usize = 10_000;
+    let (mut config, mut lines) = setup(N).await;
+    // Every 100th line is malformed: its dead letter must also appear once.
+    for line in lines.iter_mut().step_by(100) {
+        *line = "{not json".into();
+    }
+    let bad = N.div_ceil(100);
+    let mut a = spawn_parse_as(&config, Some("eos-a"), true);
+    let c = config.clone();
+    let producing = tokio::spawn(async move { produce_raw(&c, &lines, 4.0).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(&a, "-KILL");
+    a.wait().unwrap();
+    let mut a2 = spawn_parse_as(&config, Some("eos-a"), true);
+    producing.await.unwrap();
+    caught_up(&config, &config.parse.group, &config.topics.raw).await;
+    signal(&a2, "-TERM");
+    assert!(a2.wait().unwrap().success());
+
+    config
+        .kafka
+        .consumer
+        .insert("isolation.level".into(), "read_committed".into());
+    let ids = parsed_ids(&config).await;
+    assert_eq!(ids.len(), N - bad, "every good event");
+    let repeated = ids.values().filter(|c| **c > 1).count();
+    assert_eq!(repeated, 0, "read_committed sees no repeats");
+    let t = &config.topics;
+    let dlq = sluice_tests::dead_letters(&config, &t.dlq(&t.raw)).await;
+    assert_eq!(dlq.len(), bad, "every dead letter once");
+
+    // Uncommitted reads also see the aborted transaction's records.
+    config
+        .kafka
+        .consumer
+        .insert("isolation.level".into(), "read_uncommitted".into());
+    let all: usize = parsed_ids(&config).await.values().sum();
+    println!(
+        "exactly-once: {} committed outputs; {} records including aborted ones",
+        N - bad,
+        all
+    );
 }

@@ -1,0 +1,233 @@
+//! The exactly-once stage runtime: Kafka transactions around read-process-write.
+//!
+//! Records are consumed `read_committed`, transformed, and their outputs (and dead
+//! letters) produced inside a transaction, together with the consumed offsets
+//! (`send_offsets_to_transaction`). Committing the transaction publishes both at once, so a
+//! crash or a rebalance either publishes a batch and its offsets or neither: downstream
+//! `read_committed` consumers see every output exactly once.
+//!
+//! A failed commit (e.g. the partitions were revoked meanwhile) aborts the transaction and
+//! rewinds to the batch's first offsets; a fenced producer (another instance took over the
+//! transactional id) stops the stage.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_core::config::KafkaConfig;
+use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::replay_scope::Admit;
+use tokio_util::sync::CancellationToken;
+
+use crate::dead_letter::DeadLetter;
+use crate::runtime::{StageError, StageSpec, StageStats, Transform};
+
+/// Most records in one transaction.
+const BATCH_RECORDS: usize = 2_000;
+/// Longest a transaction stays open waiting for more records.
+const BATCH_LINGER: Duration = Duration::from_millis(100);
+/// Timeout of transaction calls.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transactional id: stable across restarts of the same static member (so a restart
+/// fences the crashed instance and aborts its open transaction at once), unique otherwise.
+fn transactional_id(kafka: &KafkaConfig, group: &str) -> String {
+    match kafka.consumer.get("group.instance.id") {
+        Some(instance) => format!("{group}-{instance}"),
+        None => format!("{group}-{}", uuid::Uuid::new_v4()),
+    }
+}
+
+/// The state of the open transaction.
+#[derive(Default)]
+struct Batch {
+    open: bool,
+    records: usize,
+    /// Per partition: first offset in the batch (to rewind to) and next offset to commit.
+    offsets: HashMap<i32, (i64, i64)>,
+    stats: StageStats,
+}
+
+/// Run `transform` with Kafka transactions until `shutdown`; the open transaction is
+/// committed before returning.
+pub async fn run_exactly_once<T: Transform>(
+    kafka: &KafkaConfig,
+    spec: &StageSpec,
+    transform: Arc<T>,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    let name = transform.name();
+    let mut consumer_config = kafka.consumer_config(&spec.group);
+    consumer_config
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false");
+    let consumer: StreamConsumer<MeteredConsumer> =
+        consumer_config.create_with_context(MeteredConsumer::new(&spec.group))?;
+    consumer.subscribe(&[&spec.input])?;
+    let mut producer_config = kafka.producer_config();
+    producer_config
+        .set("transactional.id", transactional_id(kafka, &spec.group))
+        .set("transaction.timeout.ms", "30000");
+    let producer: FutureProducer = producer_config.create()?;
+    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
+    let mut stats = StageStats::default();
+    let mut batch = Batch::default();
+    let mut deadline = tokio::time::Instant::now() + BATCH_LINGER;
+    tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "exactly-once stage started");
+
+    loop {
+        let due = batch.open
+            && (batch.records >= BATCH_RECORDS || tokio::time::Instant::now() >= deadline);
+        if due {
+            finish(&producer, &consumer, spec, &mut batch, &mut stats)?;
+            continue;
+        }
+        let wake = if batch.open {
+            deadline
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(3600)
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(wake) => {}
+            msg = consumer.recv() => {
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(stage = name, error = %e, "consume error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(msg.partition(), msg.offset(), msg.headers()));
+                if admit == Admit::PastEnd {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(msg.topic(), msg.partition());
+                    let _ = consumer.pause(&tpl);
+                    continue;
+                }
+                if !batch.open {
+                    producer.begin_transaction()?;
+                    batch.open = true;
+                    deadline = tokio::time::Instant::now() + BATCH_LINGER;
+                }
+                let entry = batch.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
+                entry.1 = msg.offset() + 1;
+                batch.records += 1;
+                batch.stats.consumed += 1;
+                metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
+                if admit == Admit::Skip {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                let result = transform.process(&msg);
+                metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
+                    .record(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(outputs) => {
+                        batch.stats.published += outputs.len() as u64;
+                        metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
+                            .increment(outputs.len() as u64);
+                        for o in outputs {
+                            produce(&producer, &spec.output, o.key.as_deref(), &o.payload, o.headers).await?;
+                        }
+                    }
+                    Err(failure) => {
+                        batch.stats.dead_lettered += 1;
+                        metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
+                            .increment(1);
+                        let dl = DeadLetter::of(&msg, name, &failure, 1);
+                        produce(&producer, &spec.dlq, dl.key.as_deref(), &dl.payload, dl.headers).await?;
+                    }
+                }
+            }
+        }
+    }
+    if batch.open {
+        finish(&producer, &consumer, spec, &mut batch, &mut stats)?;
+    }
+    tracing::info!(stage = name, ?stats, "exactly-once stage stopped");
+    Ok(stats)
+}
+
+/// Enqueue one record in the open transaction, waiting while the queue is full.
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: rdkafka::message::OwnedHeaders,
+) -> Result<(), StageError> {
+    loop {
+        let mut record = FutureRecord::to(topic)
+            .payload(payload)
+            .headers(headers.clone());
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        match producer.send_result(record) {
+            // The commit waits for every delivery; no need to await each one here.
+            Ok(_delivery) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+/// Commit the open transaction with its offsets; on a failure that needs it, abort and
+/// rewind to the batch's start, so the records are processed again in a new transaction.
+fn finish(
+    producer: &FutureProducer,
+    consumer: &StreamConsumer<MeteredConsumer>,
+    spec: &StageSpec,
+    batch: &mut Batch,
+    stats: &mut StageStats,
+) -> Result<(), StageError> {
+    let done = std::mem::take(batch);
+    let mut next = TopicPartitionList::new();
+    for (&p, &(_, n)) in &done.offsets {
+        next.add_partition_offset(&spec.input, p, Offset::Offset(n))?;
+    }
+    let result = tokio::task::block_in_place(|| -> Result<(), KafkaError> {
+        let metadata = consumer
+            .group_metadata()
+            // Only missing before the consumer has a group; a defect, not a retry case.
+            .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::InvalidGroupId))?;
+        producer.send_offsets_to_transaction(&next, &metadata, TXN_TIMEOUT)?;
+        producer.commit_transaction(TXN_TIMEOUT)
+    });
+    match result {
+        Ok(()) => {
+            stats.consumed += done.stats.consumed;
+            stats.published += done.stats.published;
+            stats.dead_lettered += done.stats.dead_lettered;
+            Ok(())
+        }
+        Err(KafkaError::Transaction(e)) if !e.is_fatal() => {
+            tracing::warn!(error = %e, records = done.records, "transaction failed; aborting and reprocessing the batch");
+            tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT))?;
+            for (&p, &(first, _)) in &done.offsets {
+                // A partition revoked meanwhile is no longer ours: its next owner starts
+                // from the last committed offset.
+                if let Err(e) = consumer.seek(
+                    &spec.input,
+                    p,
+                    Offset::Offset(first),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::debug!(partition = p, error = %e, "rewind skipped");
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,66 @@
+//! How long the parse and enrich transforms take per record, without Kafka.
+use std::time::Instant;
+
+use sluice_schemas::{CLICK_EVENTS, ENRICHED_EVENTS};
+use sluice_stages::enrich::{Enricher, IpTable};
+use sluice_stages::parse::{Parser, RawMeta};
+
+fn main() {
+    let n = 50_000;
+    let lines: Vec<String> = (0..n).map(|i| format!(r#"{{"user_id":"u{}","type":"page_view","ts":{},"url":"/p/{}","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","ip":"10.1.2.{}"}}"#, i % 5000, 1_795_428_000_000u64 + i as u64, i % 40, i % 250)).collect();
+    let p = Parser::default();
+    let t = Instant::now();
+    let events: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            p.parse(
+                l.as_bytes(),
+                RawMeta {
+                    tenant: "acme",
+                    event_id: "e",
+                    received_at: 1,
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    println!(
+        "parse JSON      {:>8.2} µs/record",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let t = Instant::now();
+    let encoded: Vec<_> = events
+        .iter()
+        .map(|e| CLICK_EVENTS.encode(e).unwrap())
+        .collect();
+    println!(
+        "avro encode     {:>8.2} µs/record",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let t = Instant::now();
+    let decoded: Vec<_> = encoded
+        .iter()
+        .map(|b| CLICK_EVENTS.decode(b).unwrap())
+        .collect();
+    println!(
+        "avro decode     {:>8.2} µs/record",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let en = Enricher::new(IpTable::default());
+    let t = Instant::now();
+    let enriched: Vec<_> = decoded.into_iter().map(|e| en.enrich(e)).collect();
+    println!(
+        "enrich          {:>8.2} µs/record",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let t = Instant::now();
+    let out: Vec<_> = enriched
+        .iter()
+        .map(|e| ENRICHED_EVENTS.encode(e).unwrap())
+        .collect();
+    println!(
+        "avro encode (e) {:>8.2} µs/record ({} bytes)",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64,
+        out[0].len()
+    );
+}

@@ -1,4 +1,5 @@
 //! How long the parse and enrich transforms take per record, without Kafka.
+#![allow(clippy::unwrap_used)] // fixed, valid input
 use std::time::Instant;
 
 use sluice_schemas::{CLICK_EVENTS, ENRICHED_EVENTS};

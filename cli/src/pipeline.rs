@@ -16,6 +16,7 @@ use sluice_sinks::timescale::{self, TimescaleWriter};
 use sluice_sinks::{run_sink, SinkSpec, SinkStats};
 use sluice_stages::enrich::{Enricher, IpTable};
 use sluice_stages::parse::Parser;
+use sluice_stages::tenants::{Tenant, TenantDirectory};
 use sluice_stages::{run_stage, StageSpec, StageStats};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +128,7 @@ pub async fn run_stage_rewired(
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
                 exactly_once: config.parse.exactly_once,
+                retry: Default::default(),
             };
             rewiring.apply_stage(&mut spec);
             telemetry::process_readiness().set(true);
@@ -152,13 +154,77 @@ pub async fn run_stage_rewired(
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
                 exactly_once: config.enrich.exactly_once,
+                retry: Default::default(),
             };
             rewiring.apply_stage(&mut spec);
+            let mut enricher = Enricher::new(ips);
+            if let Some(url) = &config.enrich.tenants_url {
+                let ttl = Duration::from_secs(config.enrich.tenants_ttl_s.max(1));
+                let directory = Arc::new(TenantDirectory::new(ttl));
+                load_tenants(url, &config.enrich.tenants_query, &directory).await;
+                tokio::spawn(refresh_tenants(
+                    url.clone(),
+                    config.enrich.tenants_query.clone(),
+                    directory.clone(),
+                    shutdown.clone(),
+                ));
+                enricher = enricher.with_tenants(directory);
+            }
             telemetry::process_readiness().set(true);
-            run_stage(&config.kafka, &spec, Arc::new(Enricher::new(ips)), shutdown).await?
+            run_stage(&config.kafka, &spec, Arc::new(enricher), shutdown).await?
         }
     };
     Ok(stats)
+}
+
+/// Load the tenant directory once; a failure is logged and recorded (lookups fail
+/// transiently once the last good load is older than the TTL).
+async fn load_tenants(url: &str, query: &str, directory: &TenantDirectory) {
+    let load = async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let rows = client.query(query, &[]).await?;
+        Ok::<_, tokio_postgres::Error>(
+            rows.iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        Tenant {
+                            name: r.get(1),
+                            plan: r.get(2),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(10), load).await {
+        Ok(Ok(entries)) => directory.loaded(entries),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "tenant directory load failed");
+            directory.failed(e.to_string());
+        }
+        Err(_) => {
+            tracing::warn!("tenant directory load timed out");
+            directory.failed("timed out after 10 s".into());
+        }
+    }
+}
+
+/// Reload the tenant directory every half TTL until `shutdown`.
+async fn refresh_tenants(
+    url: String,
+    query: String,
+    directory: Arc<TenantDirectory>,
+    shutdown: CancellationToken,
+) {
+    let every = (directory.ttl() / 2).max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => load_tenants(&url, &query, &directory).await,
+        }
+    }
 }
 
 /// Run a sink until `shutdown` (migrations or the index template first).

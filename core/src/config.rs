@@ -232,6 +232,12 @@ pub struct EnrichConfig {
     pub geo_csv: Option<PathBuf>,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
     pub exactly_once: bool,
+    /// PostgreSQL URL of the tenant directory; none means no tenant lookup.
+    pub tenants_url: Option<String>,
+    /// Query returning `tenant, name, plan` rows.
+    pub tenants_query: String,
+    /// Seconds a directory load stays valid; it is reloaded every half of it.
+    pub tenants_ttl_s: u64,
 }
 
 impl Default for EnrichConfig {
@@ -241,6 +247,9 @@ impl Default for EnrichConfig {
             max_in_flight: 10_000,
             geo_csv: None,
             exactly_once: false,
+            tenants_url: None,
+            tenants_query: "SELECT tenant, name, plan FROM tenants".into(),
+            tenants_ttl_s: 60,
         }
     }
 }

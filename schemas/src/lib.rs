@@ -64,6 +64,8 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     const NAME: &'static str;
     /// The schema's text.
     const AVSC: &'static str;
+    /// Texts of the released versions (`avro/released/<name>/`) whose records it still reads.
+    const RELEASED: &'static [&'static str] = &[];
 }
 
 /// A parsed clickstream/log event.
@@ -98,6 +100,8 @@ pub struct ClickEvent {
 impl AvroRecord for ClickEvent {
     const NAME: &'static str = "ClickEvent";
     const AVSC: &'static str = CLICK_EVENT_AVSC;
+    const RELEASED: &'static [&'static str] =
+        &[include_str!("../avro/released/click_event/v1.avsc")];
 }
 
 /// A ClickEvent with user-agent, network/geo and tenant details added.
@@ -139,11 +143,19 @@ pub struct EnrichedEvent {
     pub network: Option<String>,
     /// Country from the IP lookup table.
     pub country: Option<String>,
+    /// The tenant's display name, from the tenant directory.
+    #[serde(default)]
+    pub tenant_name: Option<String>,
+    /// The tenant's plan, from the tenant directory.
+    #[serde(default)]
+    pub tenant_plan: Option<String>,
 }
 
 impl AvroRecord for EnrichedEvent {
     const NAME: &'static str = "EnrichedEvent";
     const AVSC: &'static str = ENRICHED_EVENT_AVSC;
+    const RELEASED: &'static [&'static str] =
+        &[include_str!("../avro/released/enriched_event/v1.avsc")];
 }
 
 impl EnrichedEvent {
@@ -168,6 +180,8 @@ impl EnrichedEvent {
             device: None,
             network: None,
             country: None,
+            tenant_name: None,
+            tenant_plan: None,
         }
     }
 }
@@ -177,6 +191,8 @@ pub struct SingleObjectCodec<T> {
     schema: Schema,
     header: Vec<u8>,
     reader: GenericSingleObjectReader,
+    /// Released writer schemas by their 10-byte header, resolved into the current one.
+    older: HashMap<Vec<u8>, Schema>,
     _record: PhantomData<fn() -> T>,
 }
 
@@ -193,10 +209,19 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
             .schema(schema.clone())
             .build()
             .map_err(schema_err)?;
+        let mut older = HashMap::new();
+        for text in T::RELEASED {
+            let writer = Schema::parse_str(text).map_err(schema_err)?;
+            let h = RabinFingerprintHeader::from_schema(&writer).build_header();
+            if h != header {
+                older.insert(h, writer);
+            }
+        }
         Ok(Self {
             schema,
             header,
             reader,
+            older,
             _record: PhantomData,
         })
     }
@@ -226,8 +251,24 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
         Ok(out)
     }
 
-    /// Decode one record; fails on a different schema's fingerprint or a bad datum.
+    /// Decode one record written with this schema or a released older version; fails on
+    /// an unknown fingerprint or a bad datum.
     pub fn decode(&self, mut bytes: &[u8]) -> Result<T, CodecError> {
+        // An older released version: resolve its datum into the current schema.
+        if let Some(writer) = bytes.get(..10).and_then(|h| self.older.get(h)) {
+            let err = |e| CodecError::Decode {
+                name: T::NAME,
+                source: Box::new(e),
+            };
+            let mut datum = &bytes[10..];
+            return apache_avro::reader::datum::GenericDatumReader::builder(writer)
+                .reader_schema(&self.schema)
+                .build()
+                // Resolution works on values, not yet with direct deserialization.
+                .and_then(|r| r.read_value(&mut datum))
+                .and_then(|v| apache_avro::from_value::<T>(&v))
+                .map_err(err);
+        }
         // Name the fingerprint rather than report a confusing datum error.
         if bytes.len() >= 10 && bytes[..2] == self.header[..2] && bytes[2..10] != self.header[2..10]
         {
@@ -287,6 +328,33 @@ mod tests {
         let mut e = EnrichedEvent::from_click(click());
         e.browser = Some("Firefox".into());
         let bytes = ENRICHED_EVENTS.encode(&e).unwrap();
+        assert_eq!(ENRICHED_EVENTS.decode(&bytes).unwrap(), e);
+    }
+
+    /// A record written with the released v1 EnrichedEvent (before the tenant fields)
+    /// still decodes, the new fields at their defaults.
+    #[test]
+    fn released_versions_still_decode() {
+        let v1 =
+            Schema::parse_str(include_str!("../avro/released/enriched_event/v1.avsc")).unwrap();
+        let mut e = EnrichedEvent::from_click(click());
+        e.browser = Some("Firefox".into());
+        let apache_avro::types::Value::Record(fields) = apache_avro::to_value(&e).unwrap() else {
+            panic!("a record");
+        };
+        let old: Vec<_> = fields
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("tenant_"))
+            .collect();
+        let mut bytes = RabinFingerprintHeader::from_schema(&v1).build_header();
+        bytes.extend(
+            GenericDatumWriter::builder(&v1)
+                .build()
+                .unwrap()
+                .write_value_to_vec(apache_avro::types::Value::Record(old))
+                .unwrap(),
+        );
+        assert_ne!(&bytes[..10], ENRICHED_EVENTS.header());
         assert_eq!(ENRICHED_EVENTS.decode(&bytes).unwrap(), e);
     }
 

@@ -71,6 +71,7 @@ pub async fn put_template(
                     "user_agent": {"type": "text"}, "ip": keyword,
                     "browser": keyword, "browser_version": keyword, "os": keyword, "device": keyword,
                     "network": keyword, "country": keyword,
+                    "tenant_name": keyword, "tenant_plan": keyword,
                     // Unknown client fields are searchable but typed by first use.
                     "extra": {"type": "object", "dynamic": true}
                 }
@@ -125,6 +126,7 @@ pub fn document(e: &EnrichedEvent) -> Value {
         "@timestamp": ts(e.event_time), "received_at": ts(e.received_at),
         "user_agent": e.user_agent, "ip": e.ip, "browser": e.browser, "browser_version": e.browser_version,
         "os": e.os, "device": e.device, "network": e.network, "country": e.country,
+        "tenant_name": e.tenant_name, "tenant_plan": e.tenant_plan,
         "extra": extra_json(e),
     })
 }

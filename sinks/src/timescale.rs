@@ -132,6 +132,13 @@ const MIGRATIONS: &[Migration] = &[
             duration_ms bigint NOT NULL,
             PRIMARY KEY (tenant, session_id, started_at))"],
     },
+    Migration {
+        version: 5,
+        name: "tenant directory columns",
+        timescale_only: false,
+        sql: &["ALTER TABLE {s}.events ADD COLUMN IF NOT EXISTS tenant_name text",
+            "ALTER TABLE {s}.events ADD COLUMN IF NOT EXISTS tenant_plan text"],
+    },
 ];
 
 /// Refresh policies: (aggregate, start offset, end offset, schedule).
@@ -295,12 +302,13 @@ impl TimescaleWriter {
     pub fn new(pool: Pool, schema: &str) -> Self {
         let insert = format!(
             "INSERT INTO {schema}.events (time, event_id, tenant, user_id, session_id, event_type, url, referrer,
-               received_at, user_agent, ip, browser, browser_version, os, device, network, country, extra)
-             SELECT t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex::jsonb
+               received_at, user_agent, ip, browser, browser_version, os, device, network, country, extra,
+               tenant_name, tenant_plan)
+             SELECT t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex::jsonb, tn, tp
              FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::text[],
-               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[])
-               AS r(t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex)
+               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[])
+               AS r(t, id, te, u, se, ty, ur, re, ra, ua, ip, br, bv, os, de, ne, co, ex, tn, tp)
              ON CONFLICT DO NOTHING"
         );
         Self { pool, insert }
@@ -312,7 +320,7 @@ impl TimescaleWriter {
             other => InsertError::Pool(other.to_string()),
         })?;
         let cols = Columns::of(rows);
-        let params: [&(dyn ToSql + Sync); 18] = [
+        let params: [&(dyn ToSql + Sync); 20] = [
             &cols.time,
             &cols.event_id,
             &cols.tenant,
@@ -331,6 +339,8 @@ impl TimescaleWriter {
             &cols.network,
             &cols.country,
             &cols.extra,
+            &cols.tenant_name,
+            &cols.tenant_plan,
         ];
         let stmt = client
             .prepare_cached(&self.insert)
@@ -455,6 +465,8 @@ struct Columns {
     network: Vec<Option<String>>,
     country: Vec<Option<String>>,
     extra: Vec<String>,
+    tenant_name: Vec<Option<String>>,
+    tenant_plan: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -479,6 +491,8 @@ impl Columns {
             network: rows.iter().map(|e| e.network.clone()).collect(),
             country: rows.iter().map(|e| e.country.clone()).collect(),
             extra: rows.iter().map(|e| extra_json(e).to_string()).collect(),
+            tenant_name: rows.iter().map(|e| e.tenant_name.clone()).collect(),
+            tenant_plan: rows.iter().map(|e| e.tenant_plan.clone()).collect(),
         }
     }
 }

@@ -11,14 +11,25 @@ pub struct Failure {
     pub class: &'static str,
     /// What exactly was wrong.
     pub reason: String,
+    /// Worth retrying (a lookup that is down), unlike a defect of the record itself.
+    pub transient: bool,
 }
 
 impl Failure {
-    /// A failure of `class` with `reason`.
+    /// A failure of `class` with `reason`, caused by the record: not retried.
     pub fn new(class: &'static str, reason: impl Into<String>) -> Self {
         Self {
             class,
             reason: reason.into(),
+            transient: false,
+        }
+    }
+
+    /// A failure that may pass on a later attempt: retried with backoff, then dead-lettered.
+    pub fn transient(class: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            transient: true,
+            ..Self::new(class, reason)
         }
     }
 }

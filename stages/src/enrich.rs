@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
-use rdkafka::message::{BorrowedMessage, Header, Message};
+use rdkafka::message::{Header, Message};
 use sluice_core::headers;
 use sluice_schemas::{ClickEvent, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
 
@@ -101,6 +101,7 @@ impl IpTable {
 pub struct Enricher {
     ua: woothee::parser::Parser,
     ips: IpTable,
+    tenants: Option<std::sync::Arc<crate::tenants::TenantDirectory>>,
 }
 
 impl Enricher {
@@ -109,7 +110,17 @@ impl Enricher {
         Self {
             ua: woothee::parser::Parser::new(),
             ips,
+            tenants: None,
         }
+    }
+
+    /// Also look tenants up in `directory` (name and plan).
+    pub fn with_tenants(
+        mut self,
+        directory: std::sync::Arc<crate::tenants::TenantDirectory>,
+    ) -> Self {
+        self.tenants = Some(directory);
+        self
     }
 
     /// Enrich one event.
@@ -139,11 +150,19 @@ impl Transform for Enricher {
         "enrich"
     }
 
-    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure> {
+    fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure> {
         let event = CLICK_EVENTS
             .decode(msg.payload().unwrap_or_default())
             .map_err(|e| Failure::new("decode", e.to_string()))?;
-        let enriched = self.enrich(event);
+        let tenant = match &self.tenants {
+            Some(directory) => directory.lookup(&event.tenant)?,
+            None => None,
+        };
+        let mut enriched = self.enrich(event);
+        if let Some(t) = tenant {
+            enriched.tenant_name = t.name;
+            enriched.tenant_plan = t.plan;
+        }
         let payload = ENRICHED_EVENTS
             .encode(&enriched)
             .map_err(|e| Failure::new("encode", e.to_string()))?;

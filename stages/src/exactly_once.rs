@@ -76,6 +76,7 @@ pub async fn run_exactly_once<T: Transform>(
     let producer: FutureProducer = producer_config.create()?;
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
     let mut stats = StageStats::default();
+    let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
     let mut batch = Batch::default();
     let mut deadline = tokio::time::Instant::now() + BATCH_LINGER;
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "exactly-once stage started");
@@ -126,9 +127,15 @@ pub async fn run_exactly_once<T: Transform>(
                     continue;
                 }
                 let started = std::time::Instant::now();
-                let result = transform.process(&msg);
+                let mut result = transform.process(&msg);
                 metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
                     .record(started.elapsed().as_secs_f64());
+                // Detached: the retries wait, which must not hold the borrowed message.
+                let msg = msg.detach();
+                let mut attempts = 1;
+                if matches!(&result, Err(f) if f.transient) {
+                    (result, attempts) = retry.run(&*transform, &msg, result).await;
+                }
                 match result {
                     Ok(outputs) => {
                         batch.stats.published += outputs.len() as u64;
@@ -142,7 +149,7 @@ pub async fn run_exactly_once<T: Transform>(
                         batch.stats.dead_lettered += 1;
                         metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
                             .increment(1);
-                        let dl = DeadLetter::of(&msg, name, &failure, 1);
+                        let dl = DeadLetter::of(&msg, name, &failure, attempts);
                         produce(&producer, &spec.dlq, dl.key.as_deref(), &dl.payload, dl.headers).await?;
                     }
                 }

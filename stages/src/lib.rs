@@ -7,7 +7,9 @@ pub mod enrich;
 pub mod exactly_once;
 pub mod offsets;
 pub mod parse;
+pub mod retry;
 pub mod runtime;
+pub mod tenants;
 
 pub use dead_letter::{DeadLetter, Failure};
 pub use runtime::{run_stage, Output, StageSpec, StageStats, Transform};

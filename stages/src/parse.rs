@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use rdkafka::message::{BorrowedMessage, Header, Message};
+use rdkafka::message::{Header, Message};
 use serde_json::{Map, Value};
 use sluice_core::headers;
 use sluice_schemas::{ClickEvent, CLICK_EVENTS};
@@ -126,7 +126,7 @@ impl Transform for Parser {
         "parse"
     }
 
-    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure> {
+    fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure> {
         let h = msg.headers();
         let tenant = headers::get(h, headers::TENANT).ok_or_else(|| {
             Failure::new(

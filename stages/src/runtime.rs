@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
@@ -40,7 +40,7 @@ pub trait Transform: Send + Sync + 'static {
     /// Name used in metrics, logs and dead-letter headers.
     fn name(&self) -> &'static str;
     /// Turn one input record into zero or more outputs, or say why it cannot be.
-    fn process(&self, msg: &BorrowedMessage<'_>) -> Result<Vec<Output>, Failure>;
+    fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure>;
 }
 
 /// Why a stage stopped with an error.
@@ -70,6 +70,14 @@ pub struct StageSpec {
     pub scope: Option<Arc<ReplayScope>>,
     /// Kafka transactions around read-process-write instead of at-least-once.
     pub exactly_once: bool,
+    /// How transient failures are retried before a record is dead-lettered.
+    pub retry: crate::retry::RetryPolicy,
+}
+
+/// The record being processed: borrowed from the consumer, or detached for retries.
+enum Held<'a> {
+    Borrowed(rdkafka::message::BorrowedMessage<'a>),
+    Owned(rdkafka::message::OwnedMessage),
 }
 
 /// Counts of what a stage did, returned when it stops.
@@ -120,6 +128,7 @@ pub async fn run_stage<T: Transform>(
     // Partitions whose committable offset moved: (partition, last done offset).
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i32, i64)>();
     let mut stats = StageStats::default();
+    let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
 
     loop {
@@ -152,12 +161,24 @@ pub async fn run_stage<T: Transform>(
                 metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
                 lock(&tracker).begin(msg.topic(), msg.partition(), msg.offset());
                 let started = std::time::Instant::now();
-                let result = match admit {
+                let mut result = match admit {
                     Admit::Process => transform.process(&msg),
                     _ => Ok(Vec::new()),
                 };
                 metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
                     .record(started.elapsed().as_secs_f64());
+                let mut attempts = 1;
+                let msg = match &result {
+                    // A transient failure: retry (the record is detached, as waiting must
+                    // not hold the consumer's borrowed message).
+                    Err(f) if f.transient => {
+                        let owned = msg.detach();
+                        drop(msg);
+                        (result, attempts) = retry.run(&*transform, &owned, result).await;
+                        Held::Owned(owned)
+                    }
+                    _ => Held::Borrowed(msg),
+                };
                 let pending = match result {
                     Ok(outputs) => {
                         stats.published += outputs.len() as u64;
@@ -172,12 +193,18 @@ pub async fn run_stage<T: Transform>(
                         stats.dead_lettered += 1;
                         metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
                             .increment(1);
-                        tracing::debug!(stage = name, offset = msg.offset(), %failure, "dead-lettered");
-                        let dl = DeadLetter::of(&msg, name, &failure, 1);
+                        tracing::debug!(stage = name, %failure, attempts, "dead-lettered");
+                        let dl = match &msg {
+                            Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
+                            Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
+                        };
                         vec![Pending { topic: spec.dlq.clone(), key: dl.key, payload: dl.payload, headers: dl.headers }]
                     }
                 };
-                let (partition, offset) = (msg.partition(), msg.offset());
+                let (partition, offset) = match &msg {
+                    Held::Borrowed(m) => (m.partition(), m.offset()),
+                    Held::Owned(m) => (m.partition(), m.offset()),
+                };
                 drop(msg);
                 let mut deliveries = Vec::with_capacity(pending.len());
                 for p in pending {

@@ -1,0 +1,114 @@
+//! The tenant directory the enrich stage looks tenants up in: a table in PostgreSQL,
+//! loaded whole into memory and reloaded in the background (tenants are few and change
+//! rarely). Entries are trusted for a TTL after the last successful load; past it, a
+//! lookup is a transient failure (retried, then dead-lettered) rather than a silent miss.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use crate::dead_letter::Failure;
+
+/// What the directory knows of one tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tenant {
+    /// Display name.
+    pub name: Option<String>,
+    /// Plan (e.g. `free`, `enterprise`).
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<String, Tenant>,
+    loaded_at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// Tenants by id, with the time of their last successful load.
+#[derive(Debug)]
+pub struct TenantDirectory {
+    ttl: Duration,
+    state: RwLock<State>,
+}
+
+impl TenantDirectory {
+    /// An empty directory whose loads stay valid for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            state: RwLock::default(),
+        }
+    }
+
+    /// How long a load stays valid.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Replace the entries after a successful load.
+    pub fn loaded(&self, entries: HashMap<String, Tenant>) {
+        let mut s = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.entries = entries;
+        s.loaded_at = Some(Instant::now());
+        s.last_error = None;
+    }
+
+    /// Record a failed load; the entries stay valid until their TTL runs out.
+    pub fn failed(&self, error: String) {
+        let mut s = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.last_error = Some(error);
+    }
+
+    /// The tenant's entry (`None` for a tenant the directory does not list), or a
+    /// transient failure while the directory is older than its TTL.
+    pub fn lookup(&self, tenant: &str) -> Result<Option<Tenant>, Failure> {
+        let s = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match s.loaded_at {
+            Some(at) if at.elapsed() <= self.ttl => Ok(s.entries.get(tenant).cloned()),
+            _ => Err(Failure::transient(
+                "lookup",
+                format!(
+                    "tenant directory: no successful load within its TTL of {:?}{}",
+                    self.ttl,
+                    s.last_error
+                        .as_deref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_stale_and_unknown() {
+        let dir = TenantDirectory::new(Duration::from_millis(50));
+        let err = dir.lookup("acme").unwrap_err();
+        assert!(err.transient && err.class == "lookup", "{err:?}");
+        let acme = Tenant {
+            name: Some("Acme".into()),
+            plan: Some("pro".into()),
+        };
+        dir.loaded(HashMap::from([("acme".to_string(), acme.clone())]));
+        assert_eq!(dir.lookup("acme").unwrap(), Some(acme));
+        assert_eq!(dir.lookup("other").unwrap(), None);
+        dir.failed("connection refused".into());
+        std::thread::sleep(Duration::from_millis(60));
+        let err = dir.lookup("acme").unwrap_err();
+        assert!(err.reason.contains("connection refused"), "{err}");
+    }
+}

@@ -157,6 +157,8 @@ pub fn use_namespace(config: &mut Config, prefix: &str, schema: &str) {
     t.raw = format!("{prefix}.raw");
     t.parsed = format!("{prefix}.parsed");
     t.enriched = format!("{prefix}.enriched");
+    t.sessions = format!("{prefix}.sessions");
+    config.sessionize.group = format!("{prefix}-sessionize");
     config.parse.group = format!("{prefix}-parse");
     config.enrich.group = format!("{prefix}-enrich");
     config.timescale.group = format!("{prefix}-sink-timescale");

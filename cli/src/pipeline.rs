@@ -16,6 +16,7 @@ use sluice_sinks::timescale::{self, TimescaleWriter};
 use sluice_sinks::{run_sink, SinkSpec, SinkStats};
 use sluice_stages::enrich::{Enricher, IpTable};
 use sluice_stages::parse::Parser;
+use sluice_stages::sessionize::{run_sessionize, SessionizeSpec, Windows};
 use sluice_stages::tenants::{Tenant, TenantDirectory};
 use sluice_stages::{run_stage, StageSpec, StageStats};
 use tokio::task::JoinHandle;
@@ -28,6 +29,8 @@ pub enum StageName {
     Parse,
     /// ClickEvent → EnrichedEvent.
     Enrich,
+    /// EnrichedEvent → SessionSummary (event-time session windows per user).
+    Sessionize,
 }
 
 /// The sinks `sluice sink` can run.
@@ -45,6 +48,7 @@ impl StageName {
         match self {
             StageName::Parse => &config.parse.group,
             StageName::Enrich => &config.enrich.group,
+            StageName::Sessionize => &config.sessionize.group,
         }
     }
 
@@ -53,6 +57,7 @@ impl StageName {
         match self {
             StageName::Parse => &config.topics.raw,
             StageName::Enrich => &config.topics.parsed,
+            StageName::Sessionize => &config.topics.enriched,
         }
     }
 }
@@ -172,6 +177,21 @@ pub async fn run_stage_rewired(
             }
             telemetry::process_readiness().set(true);
             run_stage(&config.kafka, &spec, Arc::new(enricher), shutdown).await?
+        }
+        StageName::Sessionize => {
+            let c = &config.sessionize;
+            let spec = SessionizeSpec {
+                group: rewiring.group.clone().unwrap_or_else(|| c.group.clone()),
+                input: rewiring.input.clone().unwrap_or_else(|| t.enriched.clone()),
+                output: t.sessions.clone(),
+                dlq: t.dlq(&t.enriched),
+                windows: Windows {
+                    gap_ms: (c.gap_s * 1000) as i64,
+                    allowed_lateness_ms: (c.allowed_lateness_s * 1000) as i64,
+                },
+            };
+            telemetry::process_readiness().set(true);
+            run_sessionize(&config.kafka, &spec, shutdown).await?
         }
     };
     Ok(stats)

@@ -59,6 +59,8 @@ pub struct Config {
     pub parse: ParseConfig,
     /// The enrich stage.
     pub enrich: EnrichConfig,
+    /// The sessionize stage.
+    pub sessionize: SessionizeConfig,
     /// The TimescaleDB / PostgreSQL sink.
     pub timescale: TimescaleConfig,
     /// The Elasticsearch sink.
@@ -102,6 +104,8 @@ pub struct TopicsConfig {
     pub parsed: String,
     /// Enriched events (Avro).
     pub enriched: String,
+    /// Session summaries (Avro), from the sessionize stage.
+    pub sessions: String,
     /// Suffix of each topic's dead-letter topic.
     pub dlq_suffix: String,
     /// Partitions of each topic created by Sluice.
@@ -120,6 +124,7 @@ impl Default for TopicsConfig {
             raw: "sluice.raw".into(),
             parsed: "sluice.parsed".into(),
             enriched: "sluice.enriched".into(),
+            sessions: "sluice.sessions".into(),
             dlq_suffix: ".dlq".into(),
             partitions: 6,
             replication_factor: 1,
@@ -144,6 +149,7 @@ impl TopicsConfig {
             (self.dlq(&self.parsed), self.retention_ms),
             (self.enriched.clone(), self.retention_ms),
             (self.dlq(&self.enriched), self.retention_ms),
+            (self.sessions.clone(), self.retention_ms),
         ]
     }
 }
@@ -264,6 +270,29 @@ pub enum DbMode {
     Timescale,
     /// Plain PostgreSQL tables, no continuous aggregates.
     Postgres,
+}
+
+/// The sessionize stage: event-time session windows per user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionizeConfig {
+    /// Consumer group.
+    pub group: String,
+    /// A gap of inactivity longer than this ends a session, in seconds.
+    pub gap_s: u64,
+    /// How far behind the newest event time an event may arrive and still count, in
+    /// seconds; older ones are dead-lettered as `late`.
+    pub allowed_lateness_s: u64,
+}
+
+impl Default for SessionizeConfig {
+    fn default() -> Self {
+        Self {
+            group: "sluice-sessionize".into(),
+            gap_s: 1800,
+            allowed_lateness_s: 300,
+        }
+    }
 }
 
 /// The TimescaleDB / PostgreSQL sink.

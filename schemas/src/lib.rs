@@ -19,6 +19,39 @@ pub const CLICK_EVENT_AVSC: &str = include_str!("../avro/click_event.avsc");
 /// Text of the EnrichedEvent schema.
 pub const ENRICHED_EVENT_AVSC: &str = include_str!("../avro/enriched_event.avsc");
 
+/// Text of the SessionSummary schema.
+pub const SESSION_SUMMARY_AVSC: &str = include_str!("../avro/session_summary.avsc");
+
+/// One user's session, emitted by the sessionize stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    /// `<user_id>-<started_at ms>`: the same events always give the same id.
+    pub session_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// User.
+    pub user_id: String,
+    /// Event time of the first event, Unix milliseconds.
+    pub started_at: i64,
+    /// Event time of the last event, Unix milliseconds.
+    pub ended_at: i64,
+    /// Page views in the session.
+    pub page_views: i32,
+    /// Events in the session.
+    pub events: i32,
+    /// `ended_at - started_at`.
+    pub duration_ms: i64,
+}
+
+impl AvroRecord for SessionSummary {
+    const NAME: &'static str = "SessionSummary";
+    const AVSC: &'static str = SESSION_SUMMARY_AVSC;
+}
+
+/// The shared SessionSummary codec.
+pub static SESSION_SUMMARIES: LazyLock<SingleObjectCodec<SessionSummary>> =
+    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in SessionSummary schema parses"));
+
 /// Why a record could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

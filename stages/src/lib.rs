@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod parse;
 pub mod retry;
 pub mod runtime;
+pub mod sessionize;
 pub mod tenants;
 
 pub use dead_letter::{DeadLetter, Failure};

@@ -1,0 +1,196 @@
+//! The sessionize stage on a real broker: the session summaries of a known clickstream,
+//! a late event dead-lettered as `late`, and a restart mid-stream that neither loses nor
+//! double-counts a session (state is rebuilt by re-reading from the committed position).
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice::pipeline::{run_stage_named, StageName};
+use sluice_core::{headers, kafka, Config};
+use sluice_schemas::{EnrichedEvent, SessionSummary, ENRICHED_EVENTS, SESSION_SUMMARIES};
+use sluice_tests::{dead_letters, enriched, stack_config, unique};
+use tokio_util::sync::CancellationToken;
+
+const MIN: i64 = 60_000;
+const T0: &str = "2026-11-23T08:00:00Z";
+
+fn at(minutes: i64) -> String {
+    let t0 = chrono::DateTime::parse_from_rfc3339(T0).unwrap();
+    (t0 + chrono::Duration::minutes(minutes)).to_rfc3339()
+}
+
+/// Per user: two sessions (3 to 7 events, then 2 events 45 minutes later); events in
+/// time order across users. Returns the events and the expected summaries.
+fn clickstream(users: usize) -> (Vec<EnrichedEvent>, BTreeMap<String, SessionSummary>) {
+    let mut timed: Vec<(i64, EnrichedEvent)> = Vec::new();
+    let mut expected = BTreeMap::new();
+    let mut i = 0;
+    for u in 0..users {
+        let user = format!("user-{u}");
+        let first: Vec<i64> = (0..3 + u % 5).map(|k| u as i64 + 3 * k as i64).collect();
+        let last = *first.last().unwrap();
+        let second = [last + 45, last + 50];
+        for (session, minutes) in [first.as_slice(), second.as_slice()]
+            .into_iter()
+            .enumerate()
+        {
+            let mut views = 0;
+            for (k, m) in minutes.iter().enumerate() {
+                let kind = if k % 2 == 0 { "page_view" } else { "click" };
+                views += i32::from(kind == "page_view");
+                timed.push((*m, enriched(i, "acme", &user, kind, "/p", &at(*m))));
+                i += 1;
+            }
+            let (start, end) = (minutes[0], *minutes.last().unwrap());
+            let t0 = chrono::DateTime::parse_from_rfc3339(T0)
+                .unwrap()
+                .timestamp_millis();
+            let id = format!("{user}-{}", t0 + start * MIN);
+            expected.insert(
+                id.clone(),
+                SessionSummary {
+                    session_id: id,
+                    tenant: "acme".into(),
+                    user_id: user.clone(),
+                    started_at: t0 + start * MIN,
+                    ended_at: t0 + end * MIN,
+                    page_views: views,
+                    events: minutes.len() as i32,
+                    duration_ms: (end - start) * MIN,
+                },
+            );
+            let _ = session;
+        }
+    }
+    timed.sort_by_key(|(m, _)| *m);
+    (timed.into_iter().map(|(_, e)| e).collect(), expected)
+}
+
+async fn produce(config: &Config, events: &[EnrichedEvent], partition: Option<i32>) {
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    for e in events {
+        let payload = ENRICHED_EVENTS.encode(e).unwrap();
+        let key = format!("{}:{}", e.tenant, e.user_id);
+        let mut record = FutureRecord::to(&config.topics.enriched)
+            .key(&key)
+            .payload(&payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+
+fn start(config: &Config) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let (c, s) = (config.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        run_stage_named(&c, StageName::Sessionize, s).await.unwrap();
+    });
+    (stop, task)
+}
+
+async fn sessions(config: &Config) -> Vec<SessionSummary> {
+    let (k, t) = (config.kafka.clone(), config.topics.sessions.clone());
+    let records =
+        tokio::task::spawn_blocking(move || kafka::read_all(&k, &t, Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+    records
+        .iter()
+        .map(|m| SESSION_SUMMARIES.decode(m.payload().unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_known_clickstream_survive_a_restart() {
+    let mut config = stack_config();
+    sluice::demo::use_namespace(&mut config, &unique("t-sess-"), "unused");
+    config.sessionize.gap_s = 30 * 60;
+    config.sessionize.allowed_lateness_s = 5 * 60;
+    config
+        .kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    kafka::ensure_topics(&config.kafka, &config.topics)
+        .await
+        .unwrap();
+    let (events, expected) = clickstream(24);
+    // Past the first sessions of most users: their second sessions close the first ones.
+    let cut = events.len() * 85 / 100;
+
+    // First run: 85% of the stream, then a stop mid-stream.
+    produce(&config, &events[..cut], None).await;
+    let (stop, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sessions(&config).await.len() < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "no session emitted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let before = sessions(&config).await.len();
+
+    // Second run: the rest, then on every partition an event 10 hours later (its own
+    // user) that moves the watermark past every session, and one late event.
+    produce(&config, &events[cut..], None).await;
+    for p in 0..config.topics.partitions {
+        let tick = enriched(
+            100_000 + p as usize,
+            "acme",
+            &format!("tick-{p}"),
+            "click",
+            "/",
+            &at(600),
+        );
+        produce(&config, &[tick], Some(p)).await;
+    }
+    let late = enriched(200_000, "acme", "late-user", "click", "/", &at(1));
+    produce(&config, &[late], Some(0)).await;
+    let (stop, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let got = sessions(&config).await;
+        let distinct: HashMap<&str, &SessionSummary> =
+            got.iter().map(|s| (s.session_id.as_str(), s)).collect();
+        if distinct.len() >= expected.len() || tokio::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    stop.cancel();
+    task.await.unwrap();
+
+    // Every expected session, with its exact counts; a re-emitted one is identical.
+    let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
+    for s in &got {
+        if let Some(previous) = by_id.insert(s.session_id.clone(), s.clone()) {
+            assert_eq!(
+                &previous, s,
+                "a session re-emitted after the restart must be identical"
+            );
+        }
+    }
+    assert_eq!(by_id, expected);
+    println!(
+        "{} sessions ({before} emitted before the restart, {} records in all)",
+        expected.len(),
+        got.len()
+    );
+
+    let t = &config.topics;
+    let dlq = dead_letters(&config, &t.dlq(&t.enriched)).await;
+    assert_eq!(dlq.len(), 1);
+    let h = dlq[0].headers();
+    assert_eq!(headers::get(h, headers::DLQ_ERROR_CLASS), Some("late"));
+    assert!(headers::get(h, headers::DLQ_REASON)
+        .unwrap()
+        .contains("watermark"));
+}

@@ -162,6 +162,7 @@ pub fn use_namespace(config: &mut Config, prefix: &str, schema: &str) {
     config.parse.group = format!("{prefix}-parse");
     config.enrich.group = format!("{prefix}-enrich");
     config.timescale.group = format!("{prefix}-sink-timescale");
+    config.timescale.sessions_group = format!("{prefix}-sink-sessions");
     config.timescale.schema = schema.to_string();
     config.elasticsearch.group = format!("{prefix}-sink-elasticsearch");
     config.elasticsearch.index_prefix = format!("{prefix}-events");

@@ -12,7 +12,7 @@ use sluice_core::replay_scope::ReplayScope;
 use sluice_core::{telemetry, Config};
 use sluice_ingest::Ingest;
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
-use sluice_sinks::timescale::{self, TimescaleWriter};
+use sluice_sinks::timescale::{self, SessionsWriter, TimescaleWriter};
 use sluice_sinks::{run_sink, SinkSpec, SinkStats};
 use sluice_stages::enrich::{Enricher, IpTable};
 use sluice_stages::parse::Parser;
@@ -40,6 +40,8 @@ pub enum SinkName {
     Timescale,
     /// Elasticsearch.
     Elasticsearch,
+    /// Session summaries → the TimescaleDB / PostgreSQL sessions table.
+    Sessions,
 }
 
 impl StageName {
@@ -68,6 +70,7 @@ impl SinkName {
         match self {
             SinkName::Timescale => &config.timescale.group,
             SinkName::Elasticsearch => &config.elasticsearch.group,
+            SinkName::Sessions => &config.timescale.sessions_group,
         }
     }
 }
@@ -320,6 +323,33 @@ pub async fn run_sink_rewired(
                 shutdown,
             )
             .await?
+        }
+        SinkName::Sessions => {
+            let c = &config.timescale;
+            let pool = timescale::pool(c)?;
+            timescale::migrate(&pool, c)
+                .await
+                .context("database migrations")?;
+            let mut spec = SinkSpec {
+                group: c.sessions_group.clone(),
+                input: t.sessions.clone(),
+                dlq: t.dlq(&t.sessions),
+                batch_size: c.batch_size,
+                linger: Duration::from_millis(c.linger_ms),
+                write_concurrency: c.pool_size,
+                scope: None,
+            };
+            rewiring.apply_sink(&mut spec);
+            telemetry::process_readiness().set(true);
+            let stats = run_sink(
+                &config.kafka,
+                &spec,
+                SessionsWriter::new(pool.clone(), &c.schema),
+                shutdown,
+            )
+            .await?;
+            pool.close();
+            stats
         }
     };
     Ok(stats)

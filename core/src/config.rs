@@ -150,6 +150,7 @@ impl TopicsConfig {
             (self.enriched.clone(), self.retention_ms),
             (self.dlq(&self.enriched), self.retention_ms),
             (self.sessions.clone(), self.retention_ms),
+            (self.dlq(&self.sessions), self.retention_ms),
         ]
     }
 }
@@ -307,6 +308,8 @@ pub struct TimescaleConfig {
     pub mode: DbMode,
     /// Consumer group.
     pub group: String,
+    /// Consumer group of the sessions sink (`sluice sink sessions`).
+    pub sessions_group: String,
     /// Connections in the pool (PGlite serves one session: keep 1 there).
     pub pool_size: usize,
     /// Most rows in one INSERT.
@@ -328,6 +331,7 @@ impl Default for TimescaleConfig {
             schema: "sluice".into(),
             mode: DbMode::Auto,
             group: "sluice-sink-timescale".into(),
+            sessions_group: "sluice-sink-sessions".into(),
             pool_size: 1,
             batch_size: 2_000,
             linger_ms: 200,

@@ -20,7 +20,7 @@ use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::headers;
 use sluice_core::replay_scope::{Admit, ReplayScope};
-use sluice_schemas::{EnrichedEvent, ENRICHED_EVENTS};
+use sluice_schemas::{AvroRecord, SingleObjectCodec};
 use sluice_stages::{DeadLetter, Failure};
 use tokio_util::sync::CancellationToken;
 
@@ -35,15 +35,19 @@ pub enum WriteError {
     Fatal(String),
 }
 
-/// A destination for batches of enriched events.
+/// A destination for batches of records (enriched events, session summaries).
 pub trait BatchWriter: Send {
+    /// The record type written, decoded from the input topic.
+    type Record: AvroRecord + Send + Sync + 'static;
     /// Name used in metrics, logs and dead-letter headers.
     fn name(&self) -> &'static str;
-    /// Write `events` idempotently. Returns the indices of events that can never be
+    /// The codec of the input records.
+    fn codec(&self) -> &'static SingleObjectCodec<Self::Record>;
+    /// Write `records` idempotently. Returns the indices of records that can never be
     /// written, with why; they are dead-lettered and the rest count as written.
     fn write(
         &self,
-        events: &[EnrichedEvent],
+        records: &[Self::Record],
     ) -> impl std::future::Future<Output = Result<Vec<(usize, Failure)>, WriteError>> + Send;
 }
 
@@ -135,7 +139,7 @@ async fn write_batch<W: BatchWriter>(
         if scope.is_some_and(|s| !s.keeps_tenant(msg.headers())) {
             continue;
         }
-        match ENRICHED_EVENTS.decode(msg.payload().unwrap_or_default()) {
+        match writer.codec().decode(msg.payload().unwrap_or_default()) {
             Ok(e) => {
                 events.push(e);
                 sources.push(i);

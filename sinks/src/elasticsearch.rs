@@ -247,8 +247,14 @@ impl ElasticsearchWriter {
 }
 
 impl BatchWriter for ElasticsearchWriter {
+    type Record = EnrichedEvent;
+
     fn name(&self) -> &'static str {
         "elasticsearch"
+    }
+
+    fn codec(&self) -> &'static sluice_schemas::SingleObjectCodec<EnrichedEvent> {
+        &sluice_schemas::ENRICHED_EVENTS
     }
 
     async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {

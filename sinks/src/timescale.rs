@@ -10,7 +10,9 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sluice_core::config::{DbMode, TimescaleConfig};
-use sluice_schemas::EnrichedEvent;
+use sluice_schemas::{
+    EnrichedEvent, SessionSummary, SingleObjectCodec, ENRICHED_EVENTS, SESSION_SUMMARIES,
+};
 use sluice_stages::Failure;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -394,8 +396,14 @@ impl InsertError {
 }
 
 impl BatchWriter for TimescaleWriter {
+    type Record = EnrichedEvent;
+
     fn name(&self) -> &'static str {
         "timescale"
+    }
+
+    fn codec(&self) -> &'static SingleObjectCodec<EnrichedEvent> {
+        &ENRICHED_EVENTS
     }
 
     async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
@@ -511,4 +519,94 @@ pub fn extra_json(e: &EnrichedEvent) -> serde_json::Value {
             })
             .collect(),
     )
+}
+
+/// Writes session summaries into the sessions table, idempotently: a session re-emitted
+/// after a restart has the same key (tenant, session id, start) and is skipped.
+pub struct SessionsWriter {
+    pool: Pool,
+    insert: String,
+}
+
+impl SessionsWriter {
+    /// A writer into `schema`'s sessions table through `pool` (already migrated).
+    pub fn new(pool: Pool, schema: &str) -> Self {
+        let insert = format!(
+            "INSERT INTO {schema}.sessions (tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+               $6::int[], $7::int[], $8::bigint[])
+             ON CONFLICT DO NOTHING"
+        );
+        Self { pool, insert }
+    }
+}
+
+impl SessionsWriter {
+    async fn insert(
+        &self,
+        client: &deadpool_postgres::Client,
+        rows: &[&SessionSummary],
+    ) -> Result<(), tokio_postgres::Error> {
+        let ts = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        let tenant: Vec<&str> = rows.iter().map(|r| r.tenant.as_str()).collect();
+        let user: Vec<&str> = rows.iter().map(|r| r.user_id.as_str()).collect();
+        let id: Vec<&str> = rows.iter().map(|r| r.session_id.as_str()).collect();
+        let start: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.started_at)).collect();
+        let end: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.ended_at)).collect();
+        let views: Vec<i32> = rows.iter().map(|r| r.page_views).collect();
+        let events: Vec<i32> = rows.iter().map(|r| r.events).collect();
+        let duration: Vec<i64> = rows.iter().map(|r| r.duration_ms).collect();
+        client
+            .execute(
+                &self.insert,
+                &[
+                    &tenant, &user, &id, &start, &end, &views, &events, &duration,
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+impl BatchWriter for SessionsWriter {
+    type Record = SessionSummary;
+
+    fn name(&self) -> &'static str {
+        "sessions"
+    }
+
+    fn codec(&self) -> &'static SingleObjectCodec<SessionSummary> {
+        &SESSION_SUMMARIES
+    }
+
+    async fn write(&self, rows: &[SessionSummary]) -> Result<Vec<(usize, Failure)>, WriteError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| WriteError::Transient(e.to_string()))?;
+        let all: Vec<&SessionSummary> = rows.iter().collect();
+        let verdict = match self.insert(&client, &all).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(e) => InsertError::Db(e),
+        };
+        match verdict.verdict() {
+            Verdict::Transient => return Err(WriteError::Transient(verdict.to_string())),
+            Verdict::Fatal => return Err(WriteError::Fatal(verdict.to_string())),
+            Verdict::Row => {}
+        }
+        // Rejected for its data: row by row, so only the bad ones are dead-lettered.
+        let mut failures = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            if let Err(e) = self.insert(&client, &[row]).await {
+                match InsertError::Db(e) {
+                    e if e.verdict() == Verdict::Row => {
+                        failures.push((i, Failure::new("write", e.to_string())))
+                    }
+                    e => return Err(WriteError::Transient(e.to_string())),
+                }
+            }
+        }
+        Ok(failures)
+    }
 }

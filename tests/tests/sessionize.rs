@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice::pipeline::SinkName;
 use sluice::pipeline::{run_stage_named, StageName};
 use sluice_core::{headers, kafka, Config};
 use sluice_schemas::{EnrichedEvent, SessionSummary, ENRICHED_EVENTS, SESSION_SUMMARIES};
-use sluice_tests::{dead_letters, enriched, stack_config, unique};
+use sluice_tests::{dead_letters, enriched, stack_config, stack_var, unique, RunningSink};
 use tokio_util::sync::CancellationToken;
 
 const MIN: i64 = 60_000;
@@ -112,7 +113,9 @@ async fn sessions(config: &Config) -> Vec<SessionSummary> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_of_a_known_clickstream_survive_a_restart() {
     let mut config = stack_config();
-    sluice::demo::use_namespace(&mut config, &unique("t-sess-"), "unused");
+    let schema = unique("ss");
+    sluice::demo::use_namespace(&mut config, &format!("t-{schema}"), &schema);
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.sessionize.gap_s = 30 * 60;
     config.sessionize.allowed_lateness_s = 5 * 60;
     config
@@ -184,6 +187,34 @@ async fn sessions_of_a_known_clickstream_survive_a_restart() {
         expected.len(),
         got.len()
     );
+
+    // The sessions sink writes each session once, whatever was re-emitted.
+    let mut sink = RunningSink::start(&config, SinkName::Sessions);
+    sink.caught_up(
+        &config,
+        &config.timescale.sessions_group,
+        &config.topics.sessions,
+    )
+    .await;
+    sink.stop().await;
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    let rows = client
+        .query(
+            &format!("SELECT session_id, page_views, events, duration_ms FROM {schema}.sessions"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for r in rows {
+        let id: String = r.get(0);
+        let e = &expected[&id];
+        assert_eq!(
+            (r.get::<_, i32>(1), r.get::<_, i32>(2), r.get::<_, i64>(3)),
+            (e.page_views, e.events, e.duration_ms)
+        );
+    }
 
     let t = &config.topics;
     let dlq = dead_letters(&config, &t.dlq(&t.enriched)).await;

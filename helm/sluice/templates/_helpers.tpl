@@ -53,11 +53,17 @@ for consumers the group and topic their lag is measured on.
 {{- if .Values.stages.enrich.enabled -}}
 {{- $list = append $list (dict "name" "enrich" "args" (list "stage" "enrich") "values" .Values.stages.enrich "consumer" true "group" $c.enrich.group "topic" $t.parsed) -}}
 {{- end -}}
+{{- if .Values.stages.sessionize.enabled -}}
+{{- $list = append $list (dict "name" "sessionize" "args" (list "stage" "sessionize") "values" .Values.stages.sessionize "consumer" true "group" $c.sessionize.group "topic" $t.enriched) -}}
+{{- end -}}
 {{- if .Values.sinks.timescale.enabled -}}
 {{- $list = append $list (dict "name" "sink-timescale" "args" (list "sink" "timescale") "values" .Values.sinks.timescale "consumer" true "group" $c.timescale.group "topic" $t.enriched) -}}
 {{- end -}}
 {{- if .Values.sinks.elasticsearch.enabled -}}
 {{- $list = append $list (dict "name" "sink-elasticsearch" "args" (list "sink" "elasticsearch") "values" .Values.sinks.elasticsearch "consumer" true "group" $c.elasticsearch.group "topic" $t.enriched) -}}
+{{- end -}}
+{{- if .Values.sinks.sessions.enabled -}}
+{{- $list = append $list (dict "name" "sink-sessions" "args" (list "sink" "sessions") "values" .Values.sinks.sessions "consumer" true "group" $c.timescale.sessions_group "topic" $t.sessions) -}}
 {{- end -}}
 {{- toJson $list -}}
 {{- end -}}

@@ -13,7 +13,7 @@ use sluice_core::{telemetry, Config};
 use sluice_ingest::Ingest;
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
 use sluice_sinks::timescale::{self, SessionsWriter, TimescaleWriter};
-use sluice_sinks::{run_sink, SinkSpec, SinkStats};
+use sluice_sinks::{run_sink, BatchWriter, SinkSpec, SinkStats};
 use sluice_stages::enrich::{Enricher, IpTable};
 use sluice_stages::parse::Parser;
 use sluice_stages::sessionize::{run_sessionize, SessionizeSpec, Windows};
@@ -269,34 +269,16 @@ pub async fn run_sink_rewired(
     let t = &config.topics;
     let stats = match name {
         SinkName::Timescale => {
-            let c = &config.timescale;
-            let pool = timescale::pool(c)?;
-            let timescale = timescale::migrate(&pool, c)
-                .await
-                .context("database migrations")?;
-            tracing::info!(timescale, schema = %c.schema, "database ready");
-            let mut spec = SinkSpec {
-                group: c.group.clone(),
-                input: t.enriched.clone(),
-                dlq: t.dlq(&t.enriched),
-                batch_size: c.batch_size,
-                linger: Duration::from_millis(c.linger_ms),
-                // One batch per pooled connection.
-                write_concurrency: c.pool_size,
-                scope: None,
-            };
-            rewiring.apply_sink(&mut spec);
-            telemetry::process_readiness().set(true);
-            let stats = run_sink(
-                &config.kafka,
-                &spec,
-                TimescaleWriter::new(pool.clone(), &c.schema),
+            let topic = &t.enriched;
+            database_sink(
+                config,
+                &config.timescale.group,
+                topic,
+                rewiring,
                 shutdown,
+                TimescaleWriter::new,
             )
-            .await?;
-            // Release the connection: PGlite serves one session at a time.
-            pool.close();
-            stats
+            .await?
         }
         SinkName::Elasticsearch => {
             let c = &config.elasticsearch;
@@ -325,33 +307,58 @@ pub async fn run_sink_rewired(
             .await?
         }
         SinkName::Sessions => {
-            let c = &config.timescale;
-            let pool = timescale::pool(c)?;
-            timescale::migrate(&pool, c)
-                .await
-                .context("database migrations")?;
-            let mut spec = SinkSpec {
-                group: c.sessions_group.clone(),
-                input: t.sessions.clone(),
-                dlq: t.dlq(&t.sessions),
-                batch_size: c.batch_size,
-                linger: Duration::from_millis(c.linger_ms),
-                write_concurrency: c.pool_size,
-                scope: None,
-            };
-            rewiring.apply_sink(&mut spec);
-            telemetry::process_readiness().set(true);
-            let stats = run_sink(
-                &config.kafka,
-                &spec,
-                SessionsWriter::new(pool.clone(), &c.schema),
+            let (group, topic) = (&config.timescale.sessions_group, &t.sessions);
+            database_sink(
+                config,
+                group,
+                topic,
+                rewiring,
                 shutdown,
+                SessionsWriter::new,
             )
-            .await?;
-            pool.close();
-            stats
+            .await?
         }
     };
+    Ok(stats)
+}
+
+/// A sink into the TimescaleDB / PostgreSQL database (migrations first): `group` reads
+/// `topic` and the writer `make` builds writes it.
+async fn database_sink<W: BatchWriter + Sync + 'static>(
+    config: &Config,
+    group: &str,
+    topic: &str,
+    rewiring: &Rewiring,
+    shutdown: CancellationToken,
+    make: impl FnOnce(timescale::Pool, &str) -> W,
+) -> Result<SinkStats> {
+    let c = &config.timescale;
+    let pool = timescale::pool(c)?;
+    let timescale = timescale::migrate(&pool, c)
+        .await
+        .context("database migrations")?;
+    tracing::info!(timescale, schema = %c.schema, "database ready");
+    let mut spec = SinkSpec {
+        group: group.to_string(),
+        input: topic.to_string(),
+        dlq: config.topics.dlq(topic),
+        batch_size: c.batch_size,
+        linger: Duration::from_millis(c.linger_ms),
+        // One batch per pooled connection.
+        write_concurrency: c.pool_size,
+        scope: None,
+    };
+    rewiring.apply_sink(&mut spec);
+    telemetry::process_readiness().set(true);
+    let stats = run_sink(
+        &config.kafka,
+        &spec,
+        make(pool.clone(), &c.schema),
+        shutdown,
+    )
+    .await?;
+    // Release the connection: PGlite serves one session at a time.
+    pool.close();
     Ok(stats)
 }
 

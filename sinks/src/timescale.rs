@@ -8,7 +8,9 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+/// The connection pool of the database sinks.
+pub use deadpool_postgres::Pool;
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
 use sluice_core::config::{DbMode, TimescaleConfig};
 use sluice_schemas::{
     EnrichedEvent, SessionSummary, SingleObjectCodec, ENRICHED_EVENTS, SESSION_SUMMARIES,

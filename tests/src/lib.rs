@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use rdkafka::message::{Header, OwnedHeaders};
+
 use sluice_core::config::{parse_env_lines, Config};
 
 /// The stack settings file: `SLUICE_STACK_ENV`, or `<repo>/.stack/stack.env`.
@@ -266,4 +268,23 @@ pub fn sluice_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The headers ingest stamps on a raw record (tenant, event id, receipt time), for tests
+/// that write raw records directly.
+pub fn raw_headers(tenant: &str, event_id: &str, received_at_ms: &str) -> OwnedHeaders {
+    use sluice_core::headers;
+    OwnedHeaders::new()
+        .insert(Header {
+            key: headers::TENANT,
+            value: Some(tenant),
+        })
+        .insert(Header {
+            key: headers::EVENT_ID,
+            value: Some(event_id),
+        })
+        .insert(Header {
+            key: headers::RECEIVED_AT_MS,
+            value: Some(received_at_ms),
+        })
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::pipeline::{run_stage_named, StageName};
 use sluice::replay::{self, Filters, Mode, Range, Target};
@@ -49,19 +49,7 @@ async fn produce_raw(config: &Config, n: usize) {
             r#"{{"user_id":"u{i}","type":"click","ts":{}}}"#,
             1_795_428_000_000u64 + i as u64
         );
-        let h = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::TENANT,
-                value: Some(tenant),
-            })
-            .insert(Header {
-                key: headers::EVENT_ID,
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: headers::RECEIVED_AT_MS,
-                value: Some("1"),
-            });
+        let h = sluice_tests::raw_headers(tenant, &id, "1");
         producer
             .send(
                 FutureRecord::to(&config.topics.raw)

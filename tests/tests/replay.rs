@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::audit::{self, Window};
 use sluice::demo::{self, DemoOptions};
@@ -40,19 +40,7 @@ async fn produce_raw(config: &Config, range: std::ops::Range<usize>, t0: i64) {
         let (id, at) = (format!("ev-{i}"), t0 + i as i64 * 1000);
         let line = format!(r#"{{"user_id":"u{}","type":"click","ts":{at}}}"#, i % 7);
         let received = at.to_string();
-        let h = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::TENANT,
-                value: Some(TENANTS[i % 2]),
-            })
-            .insert(Header {
-                key: headers::EVENT_ID,
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: headers::RECEIVED_AT_MS,
-                value: Some(&received),
-            });
+        let h = sluice_tests::raw_headers(TENANTS[i % 2], &id, &received);
         let record = FutureRecord::to(&config.topics.raw)
             .key(&id)
             .payload(&line)

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_core::{headers, kafka, Config};
 use sluice_tests::{caught_up, sluice_bin, stack_config, stack_env_path, unique};
@@ -105,19 +105,7 @@ async fn produce_raw(config: &Config, lines: &[String], seconds: f64) {
         let mut acks = Vec::new();
         for (j, line) in part.iter().enumerate() {
             let id = format!("ev-{}", c * chunk + j);
-            let h = OwnedHeaders::new()
-                .insert(Header {
-                    key: headers::TENANT,
-                    value: Some("acme"),
-                })
-                .insert(Header {
-                    key: headers::EVENT_ID,
-                    value: Some(&id),
-                })
-                .insert(Header {
-                    key: headers::RECEIVED_AT_MS,
-                    value: Some("1"),
-                });
+            let h = sluice_tests::raw_headers("acme", &id, "1");
             acks.push(
                 producer
                     .send_result(

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::pipeline::{run_stage_named, StageName};
 use sluice_bench::{median, rate, report};
-use sluice_core::{headers, kafka, Config};
+use sluice_core::{kafka, Config};
 use tokio_util::sync::CancellationToken;
 
 /// Stages benchmark.
@@ -64,19 +64,7 @@ async fn produce_raw(config: &Config, n: usize) -> Result<()> {
             i % 40,
             i % 250
         );
-        let h = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::TENANT,
-                value: Some("acme"),
-            })
-            .insert(Header {
-                key: headers::EVENT_ID,
-                value: Some(&id),
-            })
-            .insert(Header {
-                key: headers::RECEIVED_AT_MS,
-                value: Some(&received),
-            });
+        let h = sluice_tests::raw_headers("acme", &id, &received);
         loop {
             let rec = FutureRecord::to(&config.topics.raw)
                 .key(&id)

@@ -25,7 +25,7 @@ use sluice_core::replay_scope::Admit;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::DeadLetter;
-use crate::runtime::{StageError, StageSpec, StageStats, Transform};
+use crate::runtime::{Held, Output, StageError, StageSpec, StageStats, Transform};
 
 /// Most records in one transaction.
 const BATCH_RECORDS: usize = 2_000;
@@ -130,28 +130,38 @@ pub async fn run_exactly_once<T: Transform>(
                 let mut result = transform.process(&msg);
                 metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
                     .record(started.elapsed().as_secs_f64());
-                // Detached: the retries wait, which must not hold the borrowed message.
-                let msg = msg.detach();
                 let mut attempts = 1;
-                if matches!(&result, Err(f) if f.transient) {
-                    (result, attempts) = retry.run(&*transform, &msg, result).await;
-                }
-                match result {
+                let held = if matches!(&result, Err(f) if f.transient) {
+                    // Detached only for retries: waiting must not hold the borrowed message.
+                    let owned = msg.detach();
+                    drop(msg);
+                    (result, attempts) = retry.run(&*transform, &owned, result).await;
+                    Held::Owned(owned)
+                } else {
+                    Held::Borrowed(msg)
+                };
+                // (topic, key, payload, headers) to produce, built before any wait.
+                let records: Vec<(&str, Output)> = match result {
                     Ok(outputs) => {
                         batch.stats.published += outputs.len() as u64;
                         metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
                             .increment(outputs.len() as u64);
-                        for o in outputs {
-                            produce(&producer, &spec.output, o.key.as_deref(), &o.payload, o.headers).await?;
-                        }
+                        outputs.into_iter().map(|o| (spec.output.as_str(), o)).collect()
                     }
                     Err(failure) => {
                         batch.stats.dead_lettered += 1;
                         metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
                             .increment(1);
-                        let dl = DeadLetter::of(&msg, name, &failure, attempts);
-                        produce(&producer, &spec.dlq, dl.key.as_deref(), &dl.payload, dl.headers).await?;
+                        let dl = match &held {
+                            Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
+                            Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
+                        };
+                        vec![(spec.dlq.as_str(), Output { key: dl.key, payload: dl.payload, headers: dl.headers })]
                     }
+                };
+                drop(held);
+                for (topic, o) in records {
+                    produce(&producer, topic, o.key.as_deref(), &o.payload, o.headers).await?;
                 }
             }
         }

@@ -75,7 +75,7 @@ pub struct StageSpec {
 }
 
 /// The record being processed: borrowed from the consumer, or detached for retries.
-enum Held<'a> {
+pub(crate) enum Held<'a> {
     Borrowed(rdkafka::message::BorrowedMessage<'a>),
     Owned(rdkafka::message::OwnedMessage),
 }

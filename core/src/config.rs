@@ -352,6 +352,8 @@ pub struct ElasticsearchConfig {
     pub index_prefix: String,
     /// Consumer group.
     pub group: String,
+    /// A request slower than this fails and is retried, in milliseconds.
+    pub request_timeout_ms: u64,
     /// Most documents in one `_bulk` request.
     pub bulk_max_docs: usize,
     /// Most bytes in one `_bulk` request.
@@ -381,6 +383,7 @@ impl Default for ElasticsearchConfig {
             url: "http://127.0.0.1:9200".into(),
             index_prefix: "sluice-events".into(),
             group: "sluice-sink-elasticsearch".into(),
+            request_timeout_ms: 30_000,
             bulk_max_docs: 1_000,
             bulk_max_bytes: 5 * 1024 * 1024,
             linger_ms: 200,

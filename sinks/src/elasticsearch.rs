@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use elasticsearch::http::request::JsonBody;
-use elasticsearch::http::transport::Transport;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::IndicesPutIndexTemplateParts;
 use elasticsearch::{BulkParts, Elasticsearch};
 use futures::StreamExt;
@@ -43,7 +43,14 @@ pub enum EsError {
 
 /// A client for the configured cluster.
 pub fn client(config: &ElasticsearchConfig) -> Result<Elasticsearch, EsError> {
-    let transport = Transport::single_node(&config.url).map_err(|e| EsError::Url(e.to_string()))?;
+    let url =
+        elasticsearch::http::Url::parse(&config.url).map_err(|e| EsError::Url(e.to_string()))?;
+    // A request to a server that hangs fails after the timeout and is retried, instead
+    // of stalling the sink for good.
+    let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        .timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
+        .build()
+        .map_err(|e| EsError::Url(e.to_string()))?;
     Ok(Elasticsearch::new(transport))
 }
 

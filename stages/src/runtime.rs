@@ -231,9 +231,19 @@ pub async fn run_stage<T: Transform>(
     while let Ok((partition, through)) = done_rx.try_recv() {
         store(&consumer, &spec.input, partition, through);
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing stored since the last auto-commit is the usual cause; not an error.
-        tracing::debug!(stage = name, error = %e, "final commit");
+    // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
+    // causes) would otherwise make the next owner repeat everything since the last
+    // auto-commit.
+    for attempt in 1..=3 {
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => break,
+            // Nothing stored since the last auto-commit: nothing to do.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => break,
+            Err(e) => {
+                tracing::warn!(stage = name, attempt, error = %e, "final commit failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
     tracing::info!(stage = name, ?stats, "stage stopped");
     Ok(stats)
@@ -300,8 +310,17 @@ fn drain_revoked(
         }
     }
     if commit.count() > 0 {
-        if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-            tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner repeats from the last commit");
+        for attempt in 1..=3 {
+            match consumer.commit(&commit, CommitMode::Sync) {
+                Ok(()) => break,
+                Err(e) if attempt == 3 => {
+                    tracing::warn!(error = %e, "commit of revoked partitions failed; the next owner repeats from the last commit")
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, attempt, "commit of revoked partitions failed; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
         }
     }
     tracing::info!(partitions = parts.len(), drained_in = ?started.elapsed(), "revoked partitions drained");

@@ -12,13 +12,18 @@ async fn creates_missing_topics_and_reports_differences() {
     config.topics.partitions = 4;
 
     let before = check_topics(&config.kafka, &config.topics).await.unwrap();
-    assert_eq!(before.len(), 6);
+    let wanted = config.topics.all().len();
+    assert_eq!(
+        wanted, 8,
+        "raw, parsed, enriched and sessions, with dead-letter topics"
+    );
+    assert_eq!(before.len(), wanted);
     assert!(before
         .iter()
         .all(|t| !t.exists && t.differences == ["missing"]));
 
     let created = ensure_topics(&config.kafka, &config.topics).await.unwrap();
-    assert_eq!(created.len(), 6);
+    assert_eq!(created.len(), wanted);
     assert!(
         ensure_topics(&config.kafka, &config.topics)
             .await

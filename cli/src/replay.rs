@@ -409,6 +409,14 @@ pub async fn run(
         Target::Stage(s) => (s.group(config), s.input(config)),
         Target::Sink(s) => (s.group(config), config.topics.enriched.as_str()),
     };
+    if matches!(target, Target::Stage(StageName::Sessionize)) && matches!(mode, Mode::FreshGroup(_))
+    {
+        // Its commits wait for open sessions, so a bounded run could never see them reach
+        // the end offsets.
+        bail!(
+            "--stage sessionize: replay it with --reset (its own group), not under a fresh group"
+        );
+    }
     match mode {
         Mode::ResetGroup => reset(config, plan, group, input).map(|()| Outcome::default()),
         Mode::FreshGroup(fresh_group) => {

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_core::config::SchemaMode;
 use sluice_core::replay_scope::ReplayScope;
 use sluice_core::{telemetry, Config};
 use sluice_ingest::Ingest;
+use sluice_schemas::{AvroRecord, Codec, RegistryAuth, SchemaRegistry};
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
 use sluice_sinks::timescale::{self, SessionsWriter, TimescaleWriter};
 use sluice_sinks::{run_sink, BatchWriter, SinkSpec, SinkStats};
@@ -108,6 +110,56 @@ impl Rewiring {
     }
 }
 
+/// The schema registry in registry mode; `None` in embedded mode.
+pub fn schema_registry(config: &Config) -> Option<Arc<SchemaRegistry>> {
+    let c = &config.schemas;
+    if c.mode != SchemaMode::Registry {
+        return None;
+    }
+    let auth = match (&c.registry_token, &c.registry_username) {
+        (Some(token), _) => RegistryAuth::Token(token.clone()),
+        (None, Some(username)) => RegistryAuth::Basic {
+            username: username.clone(),
+            password: c.registry_password.clone().unwrap_or_default(),
+        },
+        (None, None) => RegistryAuth::None,
+    };
+    let urls = c
+        .registry_url
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    Some(Arc::new(SchemaRegistry::new(
+        urls,
+        auth,
+        Duration::from_millis(c.registry_timeout_ms),
+    )))
+}
+
+/// The codec a process writes `T` to `topic` with: in registry mode, `T`'s schema is
+/// registered (after the registry's compatibility check) under the subject `<topic>-value`
+/// (Confluent's TopicNameStrategy).
+pub async fn writing_codec<T: AvroRecord>(config: &Config, topic: &str) -> Result<Arc<Codec<T>>> {
+    Ok(Arc::new(match schema_registry(config) {
+        None => Codec::embedded()?,
+        Some(registry) => {
+            let subject = format!("{topic}-value");
+            Codec::writing(registry, &subject)
+                .await
+                .with_context(|| format!("registering {} under subject `{subject}`", T::NAME))?
+        }
+    }))
+}
+
+/// The codec a process reads `T` with (either encoding; registry lookups in registry mode).
+pub fn reading_codec<T: AvroRecord>(config: &Config) -> Result<Arc<Codec<T>>> {
+    Ok(Arc::new(match schema_registry(config) {
+        None => Codec::embedded()?,
+        Some(registry) => Codec::reading(registry)?,
+    }))
+}
+
 /// Run a stage until `shutdown`.
 pub async fn run_stage_named(
     config: &Config,
@@ -143,7 +195,10 @@ pub async fn run_stage_rewired(
             run_stage(
                 &config.kafka,
                 &spec,
-                Arc::new(Parser::new(config.parse.max_event_bytes)),
+                Arc::new(
+                    Parser::new(config.parse.max_event_bytes)
+                        .with_codec(writing_codec(config, &t.parsed).await?),
+                ),
                 shutdown,
             )
             .await?
@@ -165,7 +220,10 @@ pub async fn run_stage_rewired(
                 retry: Default::default(),
             };
             rewiring.apply_stage(&mut spec);
-            let mut enricher = Enricher::new(ips);
+            let mut enricher = Enricher::new(ips).with_codecs(
+                reading_codec(config)?,
+                writing_codec(config, &t.enriched).await?,
+            );
             if let Some(url) = &config.enrich.tenants_url {
                 let ttl = Duration::from_secs(config.enrich.tenants_ttl_s.max(1));
                 let directory = Arc::new(TenantDirectory::new(ttl));
@@ -192,6 +250,8 @@ pub async fn run_stage_rewired(
                     gap_ms: (c.gap_s * 1000) as i64,
                     allowed_lateness_ms: (c.allowed_lateness_s * 1000) as i64,
                 },
+                input_codec: reading_codec(config)?,
+                output_codec: writing_codec(config, &t.sessions).await?,
             };
             telemetry::process_readiness().set(true);
             run_sessionize(&config.kafka, &spec, shutdown).await?
@@ -302,6 +362,7 @@ pub async fn run_sink_rewired(
                 &config.kafka,
                 &spec,
                 ElasticsearchWriter::new(client, c.clone()),
+                reading_codec(config)?,
                 shutdown,
             )
             .await?
@@ -354,6 +415,7 @@ async fn database_sink<W: BatchWriter + Sync + 'static>(
         &config.kafka,
         &spec,
         make(pool.clone(), &c.schema),
+        reading_codec(config)?,
         shutdown,
     )
     .await?;

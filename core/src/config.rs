@@ -67,6 +67,8 @@ pub struct Config {
     pub elasticsearch: ElasticsearchConfig,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// How Avro records are framed: embedded schemas or a schema registry.
+    pub schemas: SchemasConfig,
 }
 
 /// Kafka connection settings and librdkafka properties passed through as they are.
@@ -409,6 +411,49 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Where the Avro records' schemas live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaMode {
+    /// Compiled in; records carry the schema's fingerprint (Avro single-object encoding).
+    #[default]
+    Embedded,
+    /// A Confluent-compatible schema registry; records carry the schema id (Confluent
+    /// wire format). Writers register their schema, checked for compatibility, at start.
+    Registry,
+}
+
+/// How Avro records are framed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemasConfig {
+    /// `embedded` or `registry`.
+    pub mode: SchemaMode,
+    /// The registry's URL; several, comma-separated, are tried in order.
+    pub registry_url: String,
+    /// HTTP basic user (Confluent Cloud: the API key); none sends no credentials.
+    pub registry_username: Option<String>,
+    /// HTTP basic password (Confluent Cloud: the API secret).
+    pub registry_password: Option<String>,
+    /// Bearer token, instead of basic credentials.
+    pub registry_token: Option<String>,
+    /// Timeout of each registry request, in milliseconds.
+    pub registry_timeout_ms: u64,
+}
+
+impl Default for SchemasConfig {
+    fn default() -> Self {
+        Self {
+            mode: SchemaMode::Embedded,
+            registry_url: "http://127.0.0.1:8081".into(),
+            registry_username: None,
+            registry_password: None,
+            registry_token: None,
+            registry_timeout_ms: 5000,
+        }
+    }
+}
+
 impl Config {
     /// The configuration as TOML with secrets masked: API keys and the database password.
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
@@ -417,6 +462,14 @@ impl Config {
             k.key = "***".into();
         }
         c.timescale.url = redact_url_password(&c.timescale.url);
+        for secret in [
+            &mut c.schemas.registry_password,
+            &mut c.schemas.registry_token,
+        ] {
+            if secret.is_some() {
+                *secret = Some("***".into());
+            }
+        }
         toml::to_string(&c)
     }
 }

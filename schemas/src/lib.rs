@@ -1,12 +1,24 @@
 //! The Avro schemas of the pipeline's records (`schemas/avro/*.avsc`, compiled in) and
-//! their embedded encoding: Avro single-object encoding (a two-byte marker, the schema's
-//! 64-bit Rabin fingerprint, then the datum), which needs no schema registry.
+//! their two encodings:
+//!
+//! - embedded (the default): Avro single-object encoding (a two-byte marker, the schema's
+//!   64-bit Rabin fingerprint, then the datum), which needs no schema registry;
+//! - registry: the Confluent wire format (a zero byte, the 4-byte schema id, then the
+//!   datum), with the schemas registered in a Confluent-compatible schema registry.
+//!
+//! A [`Codec`] writes one of them and reads both, so a pipeline can switch modes while
+//! records of the other are still in its topics.
 
+pub mod codec;
 pub mod compat;
+pub mod registry;
+
+pub use codec::{Codec, Encoding};
+pub use registry::{RegistryAuth, RegistryError, SchemaRegistry};
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -48,9 +60,10 @@ impl AvroRecord for SessionSummary {
     const AVSC: &'static str = SESSION_SUMMARY_AVSC;
 }
 
-/// The shared SessionSummary codec.
-pub static SESSION_SUMMARIES: LazyLock<SingleObjectCodec<SessionSummary>> =
-    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in SessionSummary schema parses"));
+/// The embedded-mode SessionSummary codec.
+pub static SESSION_SUMMARIES: LazyLock<Arc<Codec<SessionSummary>>> = LazyLock::new(|| {
+    Arc::new(Codec::embedded().expect("compiled-in SessionSummary schema parses"))
+});
 
 /// Why a record could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +94,22 @@ pub enum CodecError {
         /// This schema's fingerprint, hex.
         expected: String,
     },
+    /// The record's schema id could not be resolved through the registry.
+    #[error("cannot decode {name}: {source}")]
+    Registry {
+        /// The schema's name.
+        name: &'static str,
+        /// The registry's answer.
+        source: RegistryError,
+    },
+    /// The bytes are in neither encoding.
+    #[error("cannot decode {name}: {reason}")]
+    Framing {
+        /// The schema's name.
+        name: &'static str,
+        /// What the bytes look like.
+        reason: String,
+    },
     /// The value does not fit the schema.
     #[error("cannot encode {name}: {source}")]
     Encode {
@@ -89,6 +118,13 @@ pub enum CodecError {
         /// The Avro error.
         source: Box<apache_avro::Error>,
     },
+}
+
+impl CodecError {
+    /// Worth retrying later: the schema registry was unreachable.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::Registry { source, .. } if source.is_transient())
+    }
 }
 
 /// A record type with a compiled-in Avro schema.
@@ -321,12 +357,12 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
     }
 }
 
-/// The shared ClickEvent codec.
-pub static CLICK_EVENTS: LazyLock<SingleObjectCodec<ClickEvent>> =
-    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in ClickEvent schema parses"));
-/// The shared EnrichedEvent codec.
-pub static ENRICHED_EVENTS: LazyLock<SingleObjectCodec<EnrichedEvent>> =
-    LazyLock::new(|| SingleObjectCodec::new().expect("compiled-in EnrichedEvent schema parses"));
+/// The embedded-mode ClickEvent codec.
+pub static CLICK_EVENTS: LazyLock<Arc<Codec<ClickEvent>>> =
+    LazyLock::new(|| Arc::new(Codec::embedded().expect("compiled-in ClickEvent schema parses")));
+/// The embedded-mode EnrichedEvent codec.
+pub static ENRICHED_EVENTS: LazyLock<Arc<Codec<EnrichedEvent>>> =
+    LazyLock::new(|| Arc::new(Codec::embedded().expect("compiled-in EnrichedEvent schema parses")));
 
 #[cfg(test)]
 mod tests {
@@ -387,7 +423,10 @@ mod tests {
                 .write_value_to_vec(apache_avro::types::Value::Record(old))
                 .unwrap(),
         );
-        assert_ne!(&bytes[..10], ENRICHED_EVENTS.header());
+        assert_ne!(
+            &bytes[..10],
+            SingleObjectCodec::<EnrichedEvent>::new().unwrap().header()
+        );
         assert_eq!(ENRICHED_EVENTS.decode(&bytes).unwrap(), e);
     }
 

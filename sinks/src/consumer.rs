@@ -20,7 +20,7 @@ use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::headers;
 use sluice_core::replay_scope::{Admit, ReplayScope};
-use sluice_schemas::{AvroRecord, SingleObjectCodec};
+use sluice_schemas::{AvroRecord, Codec};
 use sluice_stages::{DeadLetter, Failure};
 use tokio_util::sync::CancellationToken;
 
@@ -41,8 +41,6 @@ pub trait BatchWriter: Send {
     type Record: AvroRecord + Send + Sync + 'static;
     /// Name used in metrics, logs and dead-letter headers.
     fn name(&self) -> &'static str;
-    /// The codec of the input records.
-    fn codec(&self) -> &'static SingleObjectCodec<Self::Record>;
     /// Write `records` idempotently. Returns the indices of records that can never be
     /// written, with why; they are dead-lettered and the rest count as written.
     fn write(
@@ -126,27 +124,29 @@ enum Written {
 /// and jitter until it is written or `shutdown` is cancelled.
 async fn write_batch<W: BatchWriter>(
     writer: &W,
+    codec: &Codec<W::Record>,
     batch: &[OwnedMessage],
     scope: Option<&ReplayScope>,
     shutdown: &CancellationToken,
 ) -> Result<Written, WriteError> {
     let name = writer.name();
-    // What does not decode is dead-lettered without reaching the writer.
-    let mut events = Vec::with_capacity(batch.len());
-    let mut sources = Vec::with_capacity(batch.len());
-    let mut dead: Vec<(usize, Failure)> = Vec::new();
-    for (i, msg) in batch.iter().enumerate() {
-        if scope.is_some_and(|s| !s.keeps_tenant(msg.headers())) {
-            continue;
-        }
-        match writer.codec().decode(msg.payload().unwrap_or_default()) {
-            Ok(e) => {
-                events.push(e);
-                sources.push(i);
+    let mut backoff = Duration::from_millis(100);
+    // What does not decode is dead-lettered without reaching the writer; a schema
+    // registry that cannot be reached is waited for, like a destination that is down.
+    let (events, sources, mut dead) = loop {
+        match decode_batch(codec, batch, scope) {
+            Ok(decoded) => break decoded,
+            Err(e) => {
+                metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
+                tracing::warn!(sink = name, error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the batch");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(Written::Abandoned),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            Err(e) => dead.push((i, Failure::new("decode", e.to_string()))),
         }
-    }
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = std::time::Instant::now();
@@ -179,6 +179,33 @@ async fn write_batch<W: BatchWriter>(
     }
 }
 
+/// The records of a batch that decode, their indices, and the dead letters; fails as a
+/// whole when a schema could not be fetched from an unreachable registry.
+#[allow(clippy::type_complexity)]
+fn decode_batch<R: AvroRecord>(
+    codec: &Codec<R>,
+    batch: &[OwnedMessage],
+    scope: Option<&ReplayScope>,
+) -> Result<(Vec<R>, Vec<usize>, Vec<(usize, Failure)>), sluice_schemas::CodecError> {
+    let mut events = Vec::with_capacity(batch.len());
+    let mut sources = Vec::with_capacity(batch.len());
+    let mut dead = Vec::new();
+    for (i, msg) in batch.iter().enumerate() {
+        if scope.is_some_and(|s| !s.keeps_tenant(msg.headers())) {
+            continue;
+        }
+        match codec.decode(msg.payload().unwrap_or_default()) {
+            Ok(e) => {
+                events.push(e);
+                sources.push(i);
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => dead.push((i, Failure::new("decode", e.to_string()))),
+        }
+    }
+    Ok((events, sources, dead))
+}
+
 /// Run a sink until `shutdown` is cancelled.
 ///
 /// Records gather into batches bounded by `spec.batch_size` and `spec.linger`. Up to
@@ -191,6 +218,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     kafka: &KafkaConfig,
     spec: &SinkSpec,
     writer: W,
+    codec: std::sync::Arc<Codec<W::Record>>,
     shutdown: CancellationToken,
 ) -> Result<SinkStats, SinkError> {
     let name = writer.name();
@@ -237,10 +265,13 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
                 .record(batch.len() as f64);
             let (w, stop, scope) = (writer.clone(), shutdown.clone(), spec.scope.clone());
+            let codec = codec.clone();
             let batch = std::sync::Arc::new(batch);
             let b = batch.clone();
             let task =
-                tokio::spawn(async move { write_batch(&*w, &b, scope.as_deref(), &stop).await });
+                tokio::spawn(
+                    async move { write_batch(&*w, &codec, &b, scope.as_deref(), &stop).await },
+                );
             in_flight.push_back(async move { (batch, task.await) });
             continue;
         }

@@ -260,10 +260,6 @@ impl BatchWriter for ElasticsearchWriter {
         "elasticsearch"
     }
 
-    fn codec(&self) -> &'static sluice_schemas::SingleObjectCodec<EnrichedEvent> {
-        &sluice_schemas::ENRICHED_EVENTS
-    }
-
     async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         // Split into requests bounded by count and (approximate) bytes.

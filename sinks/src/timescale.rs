@@ -12,9 +12,7 @@ use chrono::{DateTime, Utc};
 pub use deadpool_postgres::Pool;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
 use sluice_core::config::{DbMode, TimescaleConfig};
-use sluice_schemas::{
-    EnrichedEvent, SessionSummary, SingleObjectCodec, ENRICHED_EVENTS, SESSION_SUMMARIES,
-};
+use sluice_schemas::{EnrichedEvent, SessionSummary};
 use sluice_stages::Failure;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -404,10 +402,6 @@ impl BatchWriter for TimescaleWriter {
         "timescale"
     }
 
-    fn codec(&self) -> &'static SingleObjectCodec<EnrichedEvent> {
-        &ENRICHED_EVENTS
-    }
-
     async fn write(&self, events: &[EnrichedEvent]) -> Result<Vec<(usize, Failure)>, WriteError> {
         let mut failures = Vec::new();
         let mut rows = Vec::with_capacity(events.len());
@@ -575,10 +569,6 @@ impl BatchWriter for SessionsWriter {
 
     fn name(&self) -> &'static str {
         "sessions"
-    }
-
-    fn codec(&self) -> &'static SingleObjectCodec<SessionSummary> {
-        &SESSION_SUMMARIES
     }
 
     async fn write(&self, rows: &[SessionSummary]) -> Result<Vec<(usize, Failure)>, WriteError> {

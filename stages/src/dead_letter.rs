@@ -32,6 +32,16 @@ impl Failure {
             ..Self::new(class, reason)
         }
     }
+
+    /// A record that does not decode: class `decode`, or a transient `registry` failure
+    /// when its schema could not be fetched because the registry was unreachable.
+    pub fn of_decode(e: sluice_schemas::CodecError) -> Self {
+        if e.is_transient() {
+            Self::transient("registry", e.to_string())
+        } else {
+            Self::new("decode", e.to_string())
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {

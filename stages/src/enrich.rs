@@ -7,10 +7,11 @@ use std::path::Path;
 use ipnet::IpNet;
 use rdkafka::message::{Header, Message};
 use sluice_core::headers;
-use sluice_schemas::{ClickEvent, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
+use std::sync::Arc;
+
+use sluice_schemas::{ClickEvent, Codec, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
 
 use crate::dead_letter::Failure;
-use crate::parse::AVRO_SINGLE_OBJECT;
 use crate::runtime::{Output, Transform};
 
 /// Why the enrich stage could not start.
@@ -102,6 +103,8 @@ pub struct Enricher {
     ua: woothee::parser::Parser,
     ips: IpTable,
     tenants: Option<std::sync::Arc<crate::tenants::TenantDirectory>>,
+    input: Arc<Codec<ClickEvent>>,
+    output: Arc<Codec<EnrichedEvent>>,
 }
 
 impl Enricher {
@@ -111,7 +114,20 @@ impl Enricher {
             ua: woothee::parser::Parser::new(),
             ips,
             tenants: None,
+            input: CLICK_EVENTS.clone(),
+            output: ENRICHED_EVENTS.clone(),
         }
+    }
+
+    /// Read and write with these codecs (e.g. in registry mode) instead of the embedded ones.
+    pub fn with_codecs(
+        mut self,
+        input: Arc<Codec<ClickEvent>>,
+        output: Arc<Codec<EnrichedEvent>>,
+    ) -> Self {
+        self.input = input;
+        self.output = output;
+        self
     }
 
     /// Also look tenants up in `directory` (name and plan).
@@ -151,9 +167,10 @@ impl Transform for Enricher {
     }
 
     fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure> {
-        let event = CLICK_EVENTS
+        let event = self
+            .input
             .decode(msg.payload().unwrap_or_default())
-            .map_err(|e| Failure::new("decode", e.to_string()))?;
+            .map_err(Failure::of_decode)?;
         let tenant = match &self.tenants {
             Some(directory) => directory.lookup(&event.tenant)?,
             None => None,
@@ -163,7 +180,8 @@ impl Transform for Enricher {
             enriched.tenant_name = t.name;
             enriched.tenant_plan = t.plan;
         }
-        let payload = ENRICHED_EVENTS
+        let payload = self
+            .output
             .encode(&enriched)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
         let out_headers = headers::without(
@@ -172,7 +190,7 @@ impl Transform for Enricher {
         )
         .insert(Header {
             key: headers::ENCODING,
-            value: Some(AVRO_SINGLE_OBJECT),
+            value: Some(self.output.encoding().as_str()),
         });
         Ok(vec![Output {
             key: msg.key().map(<[u8]>::to_vec),

@@ -12,13 +12,12 @@ use std::collections::HashMap;
 use rdkafka::message::{Header, Message};
 use serde_json::{Map, Value};
 use sluice_core::headers;
-use sluice_schemas::{ClickEvent, CLICK_EVENTS};
+use std::sync::Arc;
+
+use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
 use crate::dead_letter::Failure;
 use crate::runtime::{Output, Transform};
-
-/// Encoding header value of Avro single-object records.
-pub const AVRO_SINGLE_OBJECT: &str = "avro-single-object";
 
 /// Epoch values below this are seconds (in seconds it is year 5138; in ms, 1973).
 const SECONDS_BELOW: i64 = 100_000_000_000;
@@ -27,6 +26,7 @@ const SECONDS_BELOW: i64 = 100_000_000_000;
 #[derive(Debug)]
 pub struct Parser {
     max_event_bytes: usize,
+    codec: Arc<Codec<ClickEvent>>,
 }
 
 impl Default for Parser {
@@ -49,7 +49,16 @@ pub struct RawMeta<'a> {
 impl Parser {
     /// A parser dead-lettering events longer than `max_event_bytes`.
     pub fn new(max_event_bytes: usize) -> Self {
-        Self { max_event_bytes }
+        Self {
+            max_event_bytes,
+            codec: CLICK_EVENTS.clone(),
+        }
+    }
+
+    /// Write events with `codec` (e.g. in registry mode) instead of the embedded one.
+    pub fn with_codec(mut self, codec: Arc<Codec<ClickEvent>>) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// Parse one raw line.
@@ -153,7 +162,8 @@ impl Transform for Parser {
                 received_at,
             },
         )?;
-        let payload = CLICK_EVENTS
+        let payload = self
+            .codec
             .encode(&event)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
         let replaced = [headers::EVENT_ID, headers::RAW_EVENT_ID, headers::ENCODING];
@@ -168,7 +178,7 @@ impl Transform for Parser {
             })
             .insert(Header {
                 key: headers::ENCODING,
-                value: Some(AVRO_SINGLE_OBJECT),
+                value: Some(self.codec.encoding().as_str()),
             });
         Ok(vec![Output {
             key: Some(format!("{}:{}", event.tenant, event.user_id).into_bytes()),

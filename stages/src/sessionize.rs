@@ -21,7 +21,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
-use sluice_schemas::{SessionSummary, ENRICHED_EVENTS, SESSION_SUMMARIES};
+use sluice_schemas::{Codec, EnrichedEvent, SessionSummary};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetter, Failure};
@@ -202,6 +202,10 @@ pub struct SessionizeSpec {
     pub dlq: String,
     /// Window settings.
     pub windows: Windows,
+    /// How enriched events are read.
+    pub input_codec: std::sync::Arc<Codec<EnrichedEvent>>,
+    /// How session summaries are written.
+    pub output_codec: std::sync::Arc<Codec<SessionSummary>>,
 }
 
 /// Run the sessionize stage until `shutdown`; open sessions are left to be rebuilt.
@@ -242,15 +246,15 @@ pub async fn run_sessionize(
                     .entry(p)
                     .or_insert_with(|| (Sessionizer::new(spec.windows), offset));
                 entry.1 = offset + 1;
-                let failure = match ENRICHED_EVENTS.decode(msg.payload().unwrap_or_default()) {
-                    Err(e) => Some(Failure::new("decode", e.to_string())),
+                let failure = match spec.input_codec.decode(msg.payload().unwrap_or_default()) {
+                    Err(e) => Some(Failure::of_decode(e)),
                     Ok(e) => match entry.0.add(&e.tenant, &e.user_id, e.event_type == "page_view", e.event_time, offset) {
                         Ok(closed) => {
                             let mut out: Vec<SessionSummary> = closed.into_iter().collect();
                             out.extend(entry.0.close_due());
                             let dl = None;
                             for s in out {
-                                emit(&producer, &spec.output, &s).await;
+                                emit(&producer, &spec.output, &spec.output_codec, &s).await;
                                 stats.published += 1;
                             }
                             dl
@@ -285,8 +289,13 @@ pub async fn run_sessionize(
 }
 
 /// Send one summary and wait for its ack (sessions are few; commits follow acks).
-async fn emit(producer: &FutureProducer, topic: &str, s: &SessionSummary) {
-    let payload = match SESSION_SUMMARIES.encode(s) {
+async fn emit(
+    producer: &FutureProducer,
+    topic: &str,
+    codec: &Codec<SessionSummary>,
+    s: &SessionSummary,
+) {
+    let payload = match codec.encode(s) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "session summary does not encode");

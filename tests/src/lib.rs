@@ -4,6 +4,8 @@
 // Test support: a failed set-up step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+pub mod registry_fixture;
+
 use std::path::PathBuf;
 
 use rdkafka::message::{Header, OwnedHeaders};

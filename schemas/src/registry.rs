@@ -1,0 +1,235 @@
+//! A Confluent-compatible schema registry, reached through `schema_registry_converter`:
+//! registration with a compatibility check when a writer starts, and the writer schema of
+//! each record's id fetched (once, then cached) when a reader meets it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use apache_avro::Schema;
+use schema_registry_converter::async_impl::schema_registry::{
+    get_schema_by_id, is_compatible_schema, post_schema, SrSettings,
+};
+use schema_registry_converter::avro_common::get_supplied_schema;
+use schema_registry_converter::error::SRCError;
+
+/// Why the registry could not answer or refused a schema.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    /// The schema is not compatible with what the subject already holds.
+    #[error("schema {name} is not compatible with the versions registered under subject `{subject}` at {url}; bump it compatibly (new fields need defaults) or change the subject's compatibility level")]
+    Incompatible {
+        /// The record's name.
+        name: String,
+        /// The subject.
+        subject: String,
+        /// The registry.
+        url: String,
+    },
+    /// No schema has this id.
+    #[error("schema id {id} is not in the registry at {url}")]
+    UnknownId {
+        /// The id.
+        id: u32,
+        /// The registry.
+        url: String,
+    },
+    /// The registry holds a schema under this id that is not valid Avro.
+    #[error("schema id {id} from {url} is not a valid Avro schema: {reason}")]
+    BadSchema {
+        /// The id.
+        id: u32,
+        /// The registry.
+        url: String,
+        /// The parse error.
+        reason: String,
+    },
+    /// A request failed; `retriable` when the registry was unreachable or overloaded.
+    #[error("schema registry {url}: {what}: {reason}")]
+    Request {
+        /// The registry.
+        url: String,
+        /// What was asked.
+        what: String,
+        /// The error.
+        reason: String,
+        /// Worth asking again later.
+        retriable: bool,
+    },
+}
+
+impl RegistryError {
+    /// Worth retrying later (the registry was unreachable or overloaded).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Request {
+                retriable: true,
+                ..
+            }
+        )
+    }
+}
+
+/// How to authenticate to the registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RegistryAuth {
+    /// No credentials.
+    #[default]
+    None,
+    /// HTTP basic (Confluent Cloud: API key and secret).
+    Basic {
+        /// User name or API key.
+        username: String,
+        /// Password or API secret.
+        password: String,
+    },
+    /// A bearer token.
+    Token(String),
+}
+
+/// A schema registry and the writer schemas fetched from it so far.
+#[derive(Debug)]
+pub struct SchemaRegistry {
+    urls: Vec<String>,
+    auth: RegistryAuth,
+    timeout: Duration,
+    fetched: RwLock<HashMap<u32, Arc<Schema>>>,
+}
+
+impl SchemaRegistry {
+    /// A registry at `urls` (tried in order).
+    pub fn new(urls: Vec<String>, auth: RegistryAuth, timeout: Duration) -> Self {
+        Self {
+            urls,
+            auth,
+            timeout,
+            fetched: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The first URL, for messages.
+    pub fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
+    }
+
+    fn settings(&self) -> Result<SrSettings, RegistryError> {
+        let mut urls = self.urls.iter();
+        let mut builder = SrSettings::new_builder(urls.next().cloned().unwrap_or_default());
+        for u in urls {
+            builder.add_url(u.clone());
+        }
+        match &self.auth {
+            RegistryAuth::None => {}
+            RegistryAuth::Basic { username, password } => {
+                builder.set_basic_authorization(username, Some(password));
+            }
+            RegistryAuth::Token(t) => {
+                builder.set_token_authorization(t);
+            }
+        }
+        builder
+            .set_timeout(self.timeout)
+            .build()
+            .map_err(|e| self.request_error("client set-up", &e))
+    }
+
+    fn request_error(&self, what: &str, e: &SRCError) -> RegistryError {
+        RegistryError::Request {
+            url: self.url().to_string(),
+            what: what.to_string(),
+            reason: match &e.cause {
+                Some(c) => format!("{} ({c})", e.error),
+                None => e.error.clone(),
+            },
+            retriable: e.retriable,
+        }
+    }
+
+    /// Register `schema` under `subject` after checking it is compatible with the
+    /// versions there (by the subject's compatibility level); returns its id. Registering
+    /// a schema that is already there returns the existing id.
+    pub async fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
+        let settings = self.settings()?;
+        let supplied = get_supplied_schema(schema);
+        let name = supplied.name.clone().unwrap_or_default();
+        let incompatible = || RegistryError::Incompatible {
+            name: name.clone(),
+            subject: subject.to_string(),
+            url: self.url().to_string(),
+        };
+        match is_compatible_schema(&settings, subject.to_string(), supplied.clone()).await {
+            Ok(true) => {}
+            Ok(false) => return Err(incompatible()),
+            // A subject not registered yet: the first version is compatible by definition.
+            Err(e) if e.error.contains("404") => {}
+            Err(e) => return Err(self.request_error("compatibility check", &e)),
+        }
+        let registered = post_schema(&settings, subject.to_string(), supplied)
+            .await
+            .map_err(|e| {
+                if e.error.contains("409") {
+                    incompatible()
+                } else {
+                    self.request_error("registration", &e)
+                }
+            })?;
+        self.remember(registered.id, schema.clone());
+        Ok(registered.id)
+    }
+
+    fn remember(&self, id: u32, schema: Schema) -> Arc<Schema> {
+        let schema = Arc::new(schema);
+        self.fetched
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, schema.clone());
+        schema
+    }
+
+    /// The schema registered under `id`, fetched on first use.
+    ///
+    /// Decoding is synchronous (it runs inside a stage's transform), so a miss asks the
+    /// registry on a short-lived thread of its own and waits: that happens once per id
+    /// and process, and it must not need the caller's async runtime.
+    pub fn schema(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
+        if let Some(s) = self
+            .fetched
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(s.clone());
+        }
+        let settings = self.settings()?;
+        let fetched = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| SRCError::new("no runtime", Some(e.to_string()), true))?;
+                    runtime.block_on(get_schema_by_id(id, &settings))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(SRCError::new("lookup thread panicked", None, true)))
+        });
+        let registered = fetched.map_err(|e| {
+            if e.error.contains("404") {
+                RegistryError::UnknownId {
+                    id,
+                    url: self.url().to_string(),
+                }
+            } else {
+                self.request_error(&format!("lookup of schema id {id}"), &e)
+            }
+        })?;
+        let schema =
+            Schema::parse_str(&registered.schema).map_err(|e| RegistryError::BadSchema {
+                id,
+                url: self.url().to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(self.remember(id, schema))
+    }
+}

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use apache_avro::reader::datum::GenericDatumReader;
-use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 
 use crate::registry::SchemaRegistry;
@@ -47,50 +46,61 @@ struct Registered {
 /// Encodes records of `T` in the configured mode and decodes records in either mode.
 pub struct Codec<T> {
     single: SingleObjectCodec<T>,
+    /// Reads datums of the current schema (cached: building one resolves the schema).
+    direct: GenericDatumReader<'static>,
     registered: Option<Registered>,
 }
 
 impl<T: AvroRecord> Codec<T> {
     /// The embedded mode: single-object encoding, no registry.
     pub fn embedded() -> Result<Self, CodecError> {
+        Self::with(None)
+    }
+
+    fn with(registered: Option<Registered>) -> Result<Self, CodecError> {
+        let single = SingleObjectCodec::<T>::new()?;
+        let direct = GenericDatumReader::builder(single.schema())
+            .build()
+            .map_err(|e| CodecError::Schema {
+                name: T::NAME,
+                source: Box::new(e),
+            })?;
         Ok(Self {
-            single: SingleObjectCodec::new()?,
-            registered: None,
+            single,
+            direct,
+            registered,
         })
     }
 
     /// The registry mode for a writer: registers `T`'s schema under `subject` (the
     /// registry checks compatibility first) and writes with its id.
     pub async fn writing(registry: Arc<SchemaRegistry>, subject: &str) -> Result<Self, CodecError> {
-        let single = SingleObjectCodec::new()?;
+        let schema = Schema::parse_str(T::AVSC).map_err(|e| CodecError::Schema {
+            name: T::NAME,
+            source: Box::new(e),
+        })?;
         let id = registry
-            .register(subject, single.schema())
+            .register(subject, &schema)
             .await
             .map_err(|source| CodecError::Registry {
                 name: T::NAME,
                 source,
             })?;
-        Ok(Self {
-            single,
-            registered: Some(Registered {
-                registry,
-                write_id: Some(id),
-                writers: RwLock::new(HashMap::from([(id, None)])),
-            }),
-        })
+        Self::with(Some(Registered {
+            registry,
+            write_id: Some(id),
+            writers: RwLock::new(HashMap::from([(id, None)])),
+        }))
     }
 
     /// The registry mode for a reader: writer schemas are fetched by id as records name
     /// them. Writes (if any) stay single-object.
     pub fn reading(registry: Arc<SchemaRegistry>) -> Result<Self, CodecError> {
-        Ok(Self {
-            single: SingleObjectCodec::new()?,
-            registered: Some(Registered {
-                registry,
-                write_id: None,
-                writers: RwLock::new(HashMap::new()),
-            }),
-        })
+        Self::with(Some(Registered {
+            registry,
+            write_id: None,
+            writers: RwLock::new(HashMap::new()),
+        }))
     }
 
     /// The current schema.
@@ -116,17 +126,10 @@ impl<T: AvroRecord> Codec<T> {
         let Some(id) = self.schema_id() else {
             return self.single.encode(record);
         };
-        let err = |e| CodecError::Encode {
-            name: T::NAME,
-            source: Box::new(e),
-        };
-        let writer = GenericDatumWriter::builder(self.schema())
-            .build()
-            .map_err(err)?;
         let mut out = Vec::with_capacity(256);
         out.push(CONFLUENT_MAGIC);
         out.extend_from_slice(&id.to_be_bytes());
-        writer.write_ser(&mut out, record).map_err(err)?;
+        self.single.write_datum(&mut out, record)?;
         Ok(out)
     }
 
@@ -192,10 +195,7 @@ impl<T: AvroRecord> Codec<T> {
             source: Box::new(e),
         };
         match writer {
-            None => GenericDatumReader::builder(self.schema())
-                .build()
-                .and_then(|r| r.read_deser(&mut datum))
-                .map_err(err),
+            None => self.direct.read_deser(&mut datum).map_err(err),
             // Resolution works on values, not yet with direct deserialization.
             Some(w) => GenericDatumReader::builder(w)
                 .reader_schema(self.schema())

@@ -257,7 +257,10 @@ impl EnrichedEvent {
 
 /// Encodes and decodes one record type in Avro single-object encoding.
 pub struct SingleObjectCodec<T> {
-    schema: Schema,
+    /// Leaked (a codec lives as long as its process): the cached writer borrows it, and
+    /// building a writer per record resolved the schema's names every time.
+    schema: &'static Schema,
+    writer: GenericDatumWriter<'static>,
     header: Vec<u8>,
     reader: GenericSingleObjectReader,
     /// Released writer schemas by their 10-byte header, resolved into the current one.
@@ -272,8 +275,12 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
             name: T::NAME,
             source: Box::new(e),
         };
-        let schema = Schema::parse_str(T::AVSC).map_err(schema_err)?;
-        let header = RabinFingerprintHeader::from_schema(&schema).build_header();
+        let schema: &'static Schema =
+            Box::leak(Box::new(Schema::parse_str(T::AVSC).map_err(schema_err)?));
+        let header = RabinFingerprintHeader::from_schema(schema).build_header();
+        let writer = GenericDatumWriter::builder(schema)
+            .build()
+            .map_err(schema_err)?;
         let reader = GenericSingleObjectReader::builder()
             .schema(schema.clone())
             .build()
@@ -288,6 +295,7 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
         }
         Ok(Self {
             schema,
+            writer,
             header,
             reader,
             older,
@@ -296,8 +304,19 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
     }
 
     /// The parsed schema.
-    pub fn schema(&self) -> &Schema {
-        &self.schema
+    pub fn schema(&self) -> &'static Schema {
+        self.schema
+    }
+
+    /// Append the datum of `record` (no header) to `out`.
+    pub fn write_datum(&self, out: &mut Vec<u8>, record: &T) -> Result<(), CodecError> {
+        self.writer
+            .write_ser(out, record)
+            .map(drop)
+            .map_err(|e| CodecError::Encode {
+                name: T::NAME,
+                source: Box::new(e),
+            })
     }
 
     /// The 10-byte single-object header (marker and fingerprint) of this schema.
@@ -307,16 +326,9 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
 
     /// Encode one record.
     pub fn encode(&self, record: &T) -> Result<Vec<u8>, CodecError> {
-        let err = |e| CodecError::Encode {
-            name: T::NAME,
-            source: Box::new(e),
-        };
-        let writer = GenericDatumWriter::builder(&self.schema)
-            .build()
-            .map_err(err)?;
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&self.header);
-        writer.write_ser(&mut out, record).map_err(err)?;
+        self.write_datum(&mut out, record)?;
         Ok(out)
     }
 
@@ -331,7 +343,7 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
             };
             let mut datum = &bytes[10..];
             return apache_avro::reader::datum::GenericDatumReader::builder(writer)
-                .reader_schema(&self.schema)
+                .reader_schema(self.schema)
                 .build()
                 // Resolution works on values, not yet with direct deserialization.
                 .and_then(|r| r.read_value(&mut datum))

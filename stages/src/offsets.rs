@@ -6,7 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 /// In-flight and completed offsets of the partitions a stage consumes.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<(String, i32), PartitionOffsets>,
+    /// By topic, then partition: looked up by `&str`, so the per-record calls allocate
+    /// nothing.
+    topics: HashMap<String, HashMap<i32, PartitionOffsets>>,
 }
 
 #[derive(Debug, Default)]
@@ -21,10 +23,13 @@ struct PartitionOffsets {
 impl OffsetTracker {
     /// A record started processing.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
-        let p = self
-            .partitions
-            .entry((topic.to_string(), partition))
-            .or_default();
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_string(), HashMap::new());
+        }
+        let Some(partitions) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let p = partitions.entry(partition).or_default();
         // Nothing below the first record seen here is ours to commit.
         p.reported.get_or_insert(offset - 1);
         p.in_flight.insert(offset);
@@ -34,7 +39,7 @@ impl OffsetTracker {
     /// A record's outputs are all acked. Returns the offset of the last record of this
     /// partition that can now be committed, when that moved forward.
     pub fn complete(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
-        let p = self.partitions.get_mut(&(topic.to_string(), partition))?;
+        let p = self.topics.get_mut(topic)?.get_mut(&partition)?;
         p.in_flight.remove(&offset);
         let done_through = match p.in_flight.first() {
             Some(first) => first - 1,
@@ -49,25 +54,32 @@ impl OffsetTracker {
 
     /// Records still in flight, over all partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.in_flight.len()).sum()
+        self.topics
+            .values()
+            .flat_map(HashMap::values)
+            .map(|p| p.in_flight.len())
+            .sum()
     }
 
     /// Records of one partition still in flight.
     pub fn in_flight_of(&self, topic: &str, partition: i32) -> usize {
-        self.partitions
-            .get(&(topic.to_string(), partition))
+        self.topics
+            .get(topic)
+            .and_then(|t| t.get(&partition))
             .map_or(0, |p| p.in_flight.len())
     }
 
     /// The last offset of a partition reported as committable, if any.
     pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
-        let p = self.partitions.get(&(topic.to_string(), partition))?;
+        let p = self.topics.get(topic)?.get(&partition)?;
         p.reported.filter(|r| *r >= 0)
     }
 
     /// Forget a partition (after it was revoked).
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        self.partitions.remove(&(topic.to_string(), partition));
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.remove(&partition);
+        }
     }
 }
 

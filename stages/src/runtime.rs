@@ -6,19 +6,19 @@
 //! transformed in order and their outputs enqueued in order, so per-key order holds;
 //! acks are awaited concurrently, up to `max_in_flight` records.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{DeliveryResult, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::replay_scope::{Admit, ReplayScope};
-use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::{DeadLetter, Failure};
@@ -91,12 +91,57 @@ pub struct StageStats {
     pub dead_lettered: u64,
 }
 
-/// A record enqueued to the producer, kept so it can be re-sent if its delivery fails.
-struct Pending {
-    topic: String,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    headers: OwnedHeaders,
+/// One consumed record whose outputs are on their way to the broker.
+#[derive(Debug)]
+struct InFlight {
+    partition: i32,
+    offset: i64,
+    /// Outputs not acked yet.
+    outputs: AtomicUsize,
+}
+
+/// The producer's delivery callbacks: they complete offsets on the producer's polling
+/// thread, so an ack wakes no task (a wake-up per record cost more than the transforms),
+/// and they work while the consumer's rebalance callback waits for a drain.
+struct Acks {
+    input: String,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    /// Records in flight, for the `max_in_flight` bound.
+    in_flight: AtomicUsize,
+    /// Committable positions that moved since the loop last stored them.
+    moved: Mutex<HashMap<i32, i64>>,
+    /// Outputs whose delivery failed, for the loop to re-send.
+    failed: Mutex<Vec<(OwnedMessage, Arc<InFlight>)>>,
+}
+
+impl Acks {
+    /// One output of `record` was acked.
+    fn acked(&self, record: &InFlight) {
+        if record.outputs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let through =
+                lock(&self.tracker).complete(&self.input, record.partition, record.offset);
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            if let Some(through) = through {
+                lock(&self.moved).insert(record.partition, through);
+            }
+        }
+    }
+}
+
+impl rdkafka::ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = Arc<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, record: Arc<InFlight>) {
+        match result {
+            Ok(_) => self.acked(&record),
+            Err((e, msg)) => {
+                tracing::warn!(topic = msg.topic(), error = %e, "delivery failed; re-sending");
+                lock(&self.failed).push((msg.detach(), record));
+            }
+        }
+    }
 }
 
 /// Run `transform` as a stage until `shutdown` is cancelled; then drain in-flight
@@ -111,8 +156,8 @@ pub async fn run_stage<T: Transform>(
         return crate::exactly_once::run_exactly_once(kafka, spec, transform, shutdown).await;
     }
     let name = transform.name();
-    // Shared with the delivery tasks (which complete offsets) and the revoke hook (which
-    // drains revoked partitions and commits them before they move to another replica).
+    // Shared with the delivery callbacks (which complete offsets) and the revoke hook
+    // (which drains revoked partitions and commits them before they move on).
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let hook_tracker = tracker.clone();
     let drain_timeout = spec.drain_timeout;
@@ -123,20 +168,32 @@ pub async fn run_stage<T: Transform>(
         }),
     )?;
     consumer.subscribe(&[&spec.input])?;
-    let producer: FutureProducer = kafka.producer_config().create()?;
-    let permits = Arc::new(Semaphore::new(spec.max_in_flight.max(1)));
-    // Partitions whose committable offset moved: (partition, last done offset).
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(i32, i64)>();
+    let producer: ThreadedProducer<Acks> = kafka.producer_config().create_with_context(Acks {
+        input: spec.input.clone(),
+        tracker: tracker.clone(),
+        in_flight: AtomicUsize::new(0),
+        moved: Mutex::new(HashMap::new()),
+        failed: Mutex::new(Vec::new()),
+    })?;
+    let acks = producer.context().clone();
+    let max_in_flight = spec.max_in_flight.max(1);
     let mut stats = StageStats::default();
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
+    // Handles resolved once: a labelled lookup per record is measurable.
+    let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone());
+    let records_out = metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone());
+    let processing =
+        metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
 
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some((partition, through)) = done_rx.recv() => {
-                store(&consumer, &spec.input, partition, through);
+            _ = tick.tick() => {
+                settle(&consumer, &producer, &acks).await;
             }
             msg = consumer.recv() => {
                 let msg = match msg {
@@ -156,17 +213,20 @@ pub async fn run_stage<T: Transform>(
                 if let Some(scope) = &spec.scope {
                     scope.throttle().await;
                 }
-                let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
+                while acks.in_flight.load(Ordering::Acquire) >= max_in_flight {
+                    settle(&consumer, &producer, &acks).await;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 stats.consumed += 1;
-                metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
+                records_in.increment(1);
                 lock(&tracker).begin(msg.topic(), msg.partition(), msg.offset());
+                acks.in_flight.fetch_add(1, Ordering::AcqRel);
                 let started = std::time::Instant::now();
                 let mut result = match admit {
                     Admit::Process => transform.process(&msg),
                     _ => Ok(Vec::new()),
                 };
-                metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
-                    .record(started.elapsed().as_secs_f64());
+                processing.record(started.elapsed().as_secs_f64());
                 let mut attempts = 1;
                 let msg = match &result {
                     // A transient failure: retry (the record is detached, as waiting must
@@ -179,15 +239,11 @@ pub async fn run_stage<T: Transform>(
                     }
                     _ => Held::Borrowed(msg),
                 };
-                let pending = match result {
+                let (outputs, topic) = match result {
                     Ok(outputs) => {
                         stats.published += outputs.len() as u64;
-                        metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
-                            .increment(outputs.len() as u64);
-                        outputs
-                            .into_iter()
-                            .map(|o| Pending { topic: spec.output.clone(), key: o.key, payload: o.payload, headers: o.headers })
-                            .collect()
+                        records_out.increment(outputs.len() as u64);
+                        (outputs, &spec.output)
                     }
                     Err(failure) => {
                         stats.dead_lettered += 1;
@@ -198,7 +254,7 @@ pub async fn run_stage<T: Transform>(
                             Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
                             Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
                         };
-                        vec![Pending { topic: spec.dlq.clone(), key: dl.key, payload: dl.payload, headers: dl.headers }]
+                        (vec![Output { key: dl.key, payload: dl.payload, headers: dl.headers }], &spec.dlq)
                     }
                 };
                 let (partition, offset) = match &msg {
@@ -206,31 +262,27 @@ pub async fn run_stage<T: Transform>(
                     Held::Owned(m) => (m.partition(), m.offset()),
                 };
                 drop(msg);
-                let mut deliveries = Vec::with_capacity(pending.len());
-                for p in pending {
-                    deliveries.push(enqueue(&producer, p).await);
+                let record = Arc::new(InFlight { partition, offset, outputs: AtomicUsize::new(outputs.len()) });
+                if outputs.is_empty() {
+                    // Nothing to wait for (e.g. filtered out by a replay).
+                    record.outputs.store(1, Ordering::Release);
+                    acks.acked(&record);
+                    continue;
                 }
-                let (done, tracker, topic) = (done_tx.clone(), tracker.clone(), spec.input.clone());
-                tokio::spawn(async move {
-                    join_all(deliveries).await;
-                    if let Some(through) = lock(&tracker).complete(&topic, partition, offset) {
-                        let _ = done.send((partition, through));
-                    }
-                    drop(permit);
-                });
+                for o in outputs {
+                    enqueue(&producer, topic, o.key.as_deref(), &o.payload, o.headers, &record).await;
+                }
             }
         }
     }
 
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
-    drop(done_tx);
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
-    while lock(&tracker).in_flight() > 0 && tokio::time::Instant::now() < deadline {
+    while acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        settle(&consumer, &producer, &acks).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    while let Ok((partition, through)) = done_rx.try_recv() {
-        store(&consumer, &spec.input, partition, through);
-    }
+    settle(&consumer, &producer, &acks).await;
     // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
     // causes) would otherwise make the next owner repeat everything since the last
     // auto-commit.
@@ -264,11 +316,9 @@ fn pause_partition(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, part
     }
 }
 
-fn lock(tracker: &Mutex<OffsetTracker>) -> std::sync::MutexGuard<'_, OffsetTracker> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves counts that are still consistent.
-    tracker
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Before partitions move to another replica: wait (bounded) until their in-flight
@@ -326,60 +376,67 @@ fn drain_revoked(
     tracing::info!(partitions = parts.len(), drained_in = ?started.elapsed(), "revoked partitions drained");
 }
 
-/// Enqueue one record, waiting while the producer queue is full. Returns a future that
-/// completes once the broker acked it, re-sending after a failed delivery.
+/// Enqueue one output of `record`, waiting while the producer queue is full; its
+/// delivery callback completes it.
 async fn enqueue(
-    producer: &FutureProducer,
-    p: Pending,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let first = loop {
-        match send(producer, &p) {
-            Ok(d) => break d,
-            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "produce failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    let producer = producer.clone();
-    async move {
-        let mut delivery = first;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match delivery.await {
-                Ok(Ok(_)) => return,
-                Ok(Err((e, _))) => {
-                    tracing::warn!(topic = %p.topic, error = %e, "delivery failed; re-sending")
-                }
-                Err(_) => tracing::warn!(topic = %p.topic, "delivery cancelled; re-sending"),
-            }
-            loop {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                match send(&producer, &p) {
-                    Ok(d) => {
-                        delivery = d;
-                        break;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "re-send failed"),
-                }
+    producer: &ThreadedProducer<Acks>,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    headers: OwnedHeaders,
+    record: &Arc<InFlight>,
+) {
+    let mut r = BaseRecord::with_opaque_to(topic, record.clone())
+        .payload(payload)
+        .headers(headers);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    loop {
+        match producer.send(r) {
+            Ok(()) => return,
+            Err((e, back)) => {
+                r = back;
+                let wait = if matches!(
+                    e,
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                ) {
+                    Duration::from_millis(5)
+                } else {
+                    tracing::warn!(topic, error = %e, "produce failed; retrying");
+                    Duration::from_millis(200)
+                };
+                tokio::time::sleep(wait).await;
             }
         }
     }
 }
 
-fn send(
-    producer: &FutureProducer,
-    p: &Pending,
-) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
-    let mut record = FutureRecord::to(&p.topic)
-        .payload(&p.payload)
-        .headers(p.headers.clone());
-    if let Some(k) = &p.key {
-        record = record.key(k);
+/// Store the offsets that became committable, and re-send outputs whose delivery failed.
+async fn settle(
+    consumer: &StreamConsumer<MeteredConsumer>,
+    producer: &ThreadedProducer<Acks>,
+    acks: &Acks,
+) {
+    let moved = std::mem::take(&mut *lock(&acks.moved));
+    for (partition, through) in moved {
+        store(consumer, &acks.input, partition, through);
     }
-    producer.send_result(record).map_err(|(e, _)| e)
+    let failed = std::mem::take(&mut *lock(&acks.failed));
+    if !failed.is_empty() {
+        // Let a broker that failed them recover a little before trying again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (msg, record) in failed {
+        let headers = msg.headers().cloned().unwrap_or_default();
+        enqueue(
+            producer,
+            msg.topic(),
+            msg.key(),
+            msg.payload().unwrap_or_default(),
+            headers,
+            &record,
+        )
+        .await;
+    }
 }

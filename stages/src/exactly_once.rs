@@ -17,7 +17,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
@@ -28,9 +28,9 @@ use crate::dead_letter::DeadLetter;
 use crate::runtime::{Held, Output, StageError, StageSpec, StageStats, Transform};
 
 /// Most records in one transaction.
-const BATCH_RECORDS: usize = 2_000;
+const BATCH_RECORDS: usize = 10_000;
 /// Longest a transaction stays open waiting for more records.
-const BATCH_LINGER: Duration = Duration::from_millis(100);
+const BATCH_LINGER: Duration = Duration::from_millis(500);
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -73,12 +73,17 @@ pub async fn run_exactly_once<T: Transform>(
     producer_config
         .set("transactional.id", transactional_id(kafka, &spec.group))
         .set("transaction.timeout.ms", "30000");
-    let producer: FutureProducer = producer_config.create()?;
+    // Deliveries need no per-record callback: the commit fails if any of them did.
+    let producer: ThreadedProducer<DefaultProducerContext> = producer_config.create()?;
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
     let mut stats = StageStats::default();
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
     let mut batch = Batch::default();
     let mut deadline = tokio::time::Instant::now() + BATCH_LINGER;
+    let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone());
+    let records_out = metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone());
+    let processing =
+        metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "exactly-once stage started");
 
     loop {
@@ -122,14 +127,13 @@ pub async fn run_exactly_once<T: Transform>(
                 entry.1 = msg.offset() + 1;
                 batch.records += 1;
                 batch.stats.consumed += 1;
-                metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()).increment(1);
+                records_in.increment(1);
                 if admit == Admit::Skip {
                     continue;
                 }
                 let started = std::time::Instant::now();
                 let mut result = transform.process(&msg);
-                metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name)
-                    .record(started.elapsed().as_secs_f64());
+                processing.record(started.elapsed().as_secs_f64());
                 let mut attempts = 1;
                 let held = if matches!(&result, Err(f) if f.transient) {
                     // Detached only for retries: waiting must not hold the borrowed message.
@@ -144,8 +148,7 @@ pub async fn run_exactly_once<T: Transform>(
                 let records: Vec<(&str, Output)> = match result {
                     Ok(outputs) => {
                         batch.stats.published += outputs.len() as u64;
-                        metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone())
-                            .increment(outputs.len() as u64);
+                        records_out.increment(outputs.len() as u64);
                         outputs.into_iter().map(|o| (spec.output.as_str(), o)).collect()
                     }
                     Err(failure) => {
@@ -175,23 +178,22 @@ pub async fn run_exactly_once<T: Transform>(
 
 /// Enqueue one record in the open transaction, waiting while the queue is full.
 async fn produce(
-    producer: &FutureProducer,
+    producer: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
     headers: rdkafka::message::OwnedHeaders,
 ) -> Result<(), StageError> {
+    let mut record = BaseRecord::to(topic).payload(payload).headers(headers);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
     loop {
-        let mut record = FutureRecord::to(topic)
-            .payload(payload)
-            .headers(headers.clone());
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        match producer.send_result(record) {
+        match producer.send(record) {
             // The commit waits for every delivery; no need to await each one here.
-            Ok(_delivery) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => return Err(e.into()),
@@ -202,7 +204,7 @@ async fn produce(
 /// Commit the open transaction with its offsets; on a failure that needs it, abort and
 /// rewind to the batch's start, so the records are processed again in a new transaction.
 fn finish(
-    producer: &FutureProducer,
+    producer: &ThreadedProducer<DefaultProducerContext>,
     consumer: &StreamConsumer<MeteredConsumer>,
     spec: &StageSpec,
     batch: &mut Batch,

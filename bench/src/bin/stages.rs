@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
+};
 use sluice::pipeline::{run_stage_named, StageName};
 use sluice_bench::{median, rate, report};
 use sluice_core::{kafka, Config};
@@ -103,11 +105,12 @@ async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()
         .consumer_config(&sluice_tests::unique("b-copy-"))
         .create()?;
     consumer.subscribe(&[input])?;
-    let producer: FutureProducer = config.kafka.producer_config().create()?;
-    let mut acks = Vec::with_capacity(n);
-    while acks.len() < n {
+    // The leanest produce path: no per-record delivery future; one flush at the end.
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        config.kafka.producer_config().create()?;
+    for _ in 0..n {
         let m = consumer.recv().await?;
-        let mut rec = FutureRecord::to(output).payload(m.payload().unwrap_or_default());
+        let mut rec = BaseRecord::to(output).payload(m.payload().unwrap_or_default());
         if let Some(k) = m.key() {
             rec = rec.key(k);
         }
@@ -115,11 +118,8 @@ async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()
             rec = rec.headers(h.detach());
         }
         loop {
-            match producer.send_result(rec) {
-                Ok(d) => {
-                    acks.push(d);
-                    break;
-                }
+            match producer.send(rec) {
+                Ok(()) => break,
                 Err((_, r)) => {
                     rec = r;
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -127,9 +127,7 @@ async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()
             }
         }
     }
-    for a in acks {
-        a.await?.map_err(|(e, _)| e)?;
-    }
+    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(60)))?;
     Ok(())
 }
 

@@ -95,7 +95,7 @@ pub struct SinkStats {
     pub dead_lettered: u64,
     /// Batches written.
     pub batches: u64,
-    /// When the first record arrived (after joining the group).
+    /// When the first record was received (after joining the group).
     pub first_record_at: Option<std::time::Instant>,
     /// When the last batch was committed.
     pub last_commit_at: Option<std::time::Instant>,
@@ -206,14 +206,18 @@ fn decode_batch<R: AvroRecord>(
     Ok((events, sources, dead))
 }
 
+/// How long the sink may hold four unwritten batches before it pauses its partitions.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
+
 /// Run a sink until `shutdown` is cancelled.
 ///
 /// Records gather into batches bounded by `spec.batch_size` and `spec.linger`. Up to
 /// `spec.write_concurrency` batches are written at once (each on its own connection or
 /// bulk request), but batches are committed strictly in the order they were consumed,
-/// so a commit never covers an unwritten record. When writes fall behind (the
-/// destination is slow or down) and four batches wait, consumption is paused: the
-/// consumer keeps polling, so it stays in its group, but fetches nothing new.
+/// so a commit never covers an unwritten record. When writes fall behind and four
+/// batches wait, the sink takes no more records until one is written; when that lasts
+/// (the destination is slow or down), consumption is paused: the consumer keeps
+/// polling, so it stays in its group, but fetches nothing new.
 pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     kafka: &KafkaConfig,
     spec: &SinkSpec,
@@ -243,11 +247,20 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     }
     tracing::info!(sink = name, input = %spec.input, group = %spec.group, slots, "sink started");
 
+    let mut full_since: Option<tokio::time::Instant> = None;
     while consuming || !in_flight.is_empty() {
-        let over = pending.len() >= 4 * batch_size;
-        if over != paused {
-            set_paused(&consumer, over);
-            paused = over;
+        // Backpressure: with four batches waiting, take no more records until a write
+        // finishes. Only when that lasts (the destination is slow or down) are the
+        // partitions paused, which keeps the consumer polling (in its group) without
+        // fetching. Pausing at once would cost every busy moment a re-fetch, which
+        // librdkafka spaces by a second.
+        let full = pending.len() >= 4 * batch_size;
+        let now = tokio::time::Instant::now();
+        full_since = if full { full_since.or(Some(now)) } else { None };
+        let stalled = full_since.is_some_and(|t| now >= t + STALLED_AFTER);
+        if stalled != paused {
+            set_paused(&consumer, stalled);
+            paused = stalled;
         }
         let due = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
         if consuming
@@ -258,9 +271,6 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             let rest = pending.split_off(batch_size.min(pending.len()));
             let batch = std::mem::replace(&mut pending, rest);
             deadline = (!pending.is_empty()).then(|| tokio::time::Instant::now() + spec.linger);
-            stats
-                .first_record_at
-                .get_or_insert_with(std::time::Instant::now);
             stats.consumed += batch.len() as u64;
             metrics::histogram!("sluice_sink_batch_size_records", "sink" => name)
                 .record(batch.len() as f64);
@@ -275,7 +285,11 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             in_flight.push_back(async move { (batch, task.await) });
             continue;
         }
-        let wake = deadline.filter(|d| *d > tokio::time::Instant::now());
+        let wake = match full_since {
+            // Full but not paused yet: wake up to pause once it counts as stalled.
+            Some(t) if !paused => Some(t + STALLED_AFTER),
+            _ => deadline.filter(|d| *d > tokio::time::Instant::now()),
+        };
         tokio::select! {
             biased;
             Some((batch, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -305,7 +319,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(count as u64);
             }
             _ = shutdown.cancelled(), if consuming => consuming = false,
-            m = consumer.recv(), if consuming => match m {
+            m = consumer.recv(), if consuming && (!full || paused) => match m {
                 Ok(m) => {
                     let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(m.partition(), m.offset(), m.headers()));
                     if admit == Admit::PastEnd {
@@ -318,6 +332,9 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                     if let Some(scope) = &spec.scope {
                         scope.throttle().await;
                     }
+                    stats
+                        .first_record_at
+                        .get_or_insert_with(std::time::Instant::now);
                     // Skipped records (other tenants) are committed with their batch, unwritten.
                     pending.push(m.detach());
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);

@@ -188,6 +188,8 @@ pub async fn run_stage_rewired(
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
                 exactly_once: config.parse.exactly_once,
+                transaction_max_records: config.parse.transaction_max_records,
+                transaction_linger: Duration::from_millis(config.parse.transaction_ms),
                 retry: Default::default(),
             };
             rewiring.apply_stage(&mut spec);
@@ -217,6 +219,8 @@ pub async fn run_stage_rewired(
                 drain_timeout: Duration::from_secs(10),
                 scope: None,
                 exactly_once: config.enrich.exactly_once,
+                transaction_max_records: config.enrich.transaction_max_records,
+                transaction_linger: Duration::from_millis(config.enrich.transaction_ms),
                 retry: Default::default(),
             };
             rewiring.apply_stage(&mut spec);

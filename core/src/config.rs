@@ -216,6 +216,11 @@ pub struct ParseConfig {
     pub max_event_bytes: usize,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
     pub exactly_once: bool,
+    /// Exactly-once: most records in one transaction.
+    pub transaction_max_records: usize,
+    /// Exactly-once: longest a transaction stays open, in milliseconds (outputs become
+    /// visible to `read_committed` readers when it commits).
+    pub transaction_ms: u64,
 }
 
 impl Default for ParseConfig {
@@ -225,6 +230,8 @@ impl Default for ParseConfig {
             max_in_flight: 10_000,
             max_event_bytes: 1024 * 1024,
             exactly_once: false,
+            transaction_max_records: 10_000,
+            transaction_ms: 500,
         }
     }
 }
@@ -241,6 +248,10 @@ pub struct EnrichConfig {
     pub geo_csv: Option<PathBuf>,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
     pub exactly_once: bool,
+    /// Exactly-once: most records in one transaction.
+    pub transaction_max_records: usize,
+    /// Exactly-once: longest a transaction stays open, in milliseconds.
+    pub transaction_ms: u64,
     /// PostgreSQL URL of the tenant directory; none means no tenant lookup.
     pub tenants_url: Option<String>,
     /// Query returning `tenant, name, plan` rows.
@@ -256,6 +267,8 @@ impl Default for EnrichConfig {
             max_in_flight: 10_000,
             geo_csv: None,
             exactly_once: false,
+            transaction_max_records: 10_000,
+            transaction_ms: 500,
             tenants_url: None,
             tenants_query: "SELECT tenant, name, plan FROM tenants".into(),
             tenants_ttl_s: 60,

@@ -27,10 +27,6 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter::DeadLetter;
 use crate::runtime::{Held, Output, StageError, StageSpec, StageStats, Transform};
 
-/// Most records in one transaction.
-const BATCH_RECORDS: usize = 10_000;
-/// Longest a transaction stays open waiting for more records.
-const BATCH_LINGER: Duration = Duration::from_millis(500);
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,7 +75,7 @@ pub async fn run_exactly_once<T: Transform>(
     let mut stats = StageStats::default();
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
     let mut batch = Batch::default();
-    let mut deadline = tokio::time::Instant::now() + BATCH_LINGER;
+    let mut deadline = tokio::time::Instant::now() + spec.transaction_linger;
     let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone());
     let records_out = metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone());
     let processing =
@@ -88,9 +84,10 @@ pub async fn run_exactly_once<T: Transform>(
 
     loop {
         let due = batch.open
-            && (batch.records >= BATCH_RECORDS || tokio::time::Instant::now() >= deadline);
+            && (batch.records >= spec.transaction_max_records.max(1)
+                || tokio::time::Instant::now() >= deadline);
         if due {
-            finish(&producer, &consumer, spec, &mut batch, &mut stats)?;
+            finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
             continue;
         }
         let wake = if batch.open {
@@ -121,7 +118,7 @@ pub async fn run_exactly_once<T: Transform>(
                 if !batch.open {
                     producer.begin_transaction()?;
                     batch.open = true;
-                    deadline = tokio::time::Instant::now() + BATCH_LINGER;
+                    deadline = tokio::time::Instant::now() + spec.transaction_linger;
                 }
                 let entry = batch.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
                 entry.1 = msg.offset() + 1;
@@ -170,7 +167,7 @@ pub async fn run_exactly_once<T: Transform>(
         }
     }
     if batch.open {
-        finish(&producer, &consumer, spec, &mut batch, &mut stats)?;
+        finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
     }
     tracing::info!(stage = name, ?stats, "exactly-once stage stopped");
     Ok(stats)
@@ -204,6 +201,7 @@ async fn produce(
 /// Commit the open transaction with its offsets; on a failure that needs it, abort and
 /// rewind to the batch's start, so the records are processed again in a new transaction.
 fn finish(
+    name: &'static str,
     producer: &ThreadedProducer<DefaultProducerContext>,
     consumer: &StreamConsumer<MeteredConsumer>,
     spec: &StageSpec,
@@ -215,14 +213,28 @@ fn finish(
     for (&p, &(_, n)) in &done.offsets {
         next.add_partition_offset(&spec.input, p, Offset::Offset(n))?;
     }
+    let started = std::time::Instant::now();
     let result = tokio::task::block_in_place(|| -> Result<(), KafkaError> {
         let metadata = consumer
             .group_metadata()
             // Only missing before the consumer has a group; a defect, not a retry case.
             .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::InvalidGroupId))?;
+        // Wait for the deliveries here: the flush inside the commit waits in 100 ms
+        // steps when the producer's own thread serves the delivery reports.
+        let flushed_by = std::time::Instant::now() + TXN_TIMEOUT;
+        while producer.in_flight_count() > 0 && std::time::Instant::now() < flushed_by {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         producer.send_offsets_to_transaction(&next, &metadata, TXN_TIMEOUT)?;
         producer.commit_transaction(TXN_TIMEOUT)
     });
+    metrics::histogram!("sluice_stage_transaction_commit_seconds", "stage" => name)
+        .record(started.elapsed().as_secs_f64());
+    tracing::debug!(
+        records = done.records,
+        commit_ms = started.elapsed().as_millis() as u64,
+        "transaction committed"
+    );
     match result {
         Ok(()) => {
             stats.consumed += done.stats.consumed;

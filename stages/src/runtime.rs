@@ -70,6 +70,10 @@ pub struct StageSpec {
     pub scope: Option<Arc<ReplayScope>>,
     /// Kafka transactions around read-process-write instead of at-least-once.
     pub exactly_once: bool,
+    /// Exactly-once: most records in one transaction.
+    pub transaction_max_records: usize,
+    /// Exactly-once: longest a transaction stays open.
+    pub transaction_linger: Duration,
     /// How transient failures are retried before a record is dead-lettered.
     pub retry: crate::retry::RetryPolicy,
 }

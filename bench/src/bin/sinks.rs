@@ -16,7 +16,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use sluice::pipeline::SinkName;
-use sluice_bench::{rate, report, timed};
+use sluice_bench::{median, rate, report, timed};
 use sluice_core::config::DbMode;
 use sluice_sinks::elasticsearch::{document, index_name};
 use sluice_tests::{
@@ -29,6 +29,9 @@ struct Args {
     /// Rows for the PostgreSQL comparison.
     #[arg(long, default_value_t = 100_000)]
     rows: usize,
+    /// Alternating rounds of the PostgreSQL comparison (medians are compared).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Documents for the Elasticsearch comparison.
     #[arg(long, default_value_t = 20_000)]
     docs: usize,
@@ -38,7 +41,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     sluice_core::telemetry::init_logging();
-    postgres(args.rows).await?;
+    postgres(args.rows, args.rounds.max(1)).await?;
     elasticsearch(args.docs).await?;
     Ok(())
 }
@@ -75,7 +78,7 @@ fn csv_field(v: Option<&str>) -> String {
     }
 }
 
-async fn postgres(n: usize) -> Result<()> {
+async fn postgres(n: usize, rounds: usize) -> Result<()> {
     let mut config = stack_config();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.timescale.mode = DbMode::Postgres;
@@ -83,21 +86,17 @@ async fn postgres(n: usize) -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
+    // Four connections, as the Helm chart's default: PostgreSQL 15 serves them at once.
     config.timescale.pool_size = std::env::var("PG_POOL")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(4);
     let name = unique("bench_pg_");
     sink_namespace(&mut config, &name).await;
     let rows = events(n);
     produce_enriched(&config, &config.topics.enriched, &rows).await;
 
     // The bare load: the same rows as CSV, \copy into an identical table.
-    let mut bare = config.timescale.clone();
-    bare.schema = format!("{name}_bare");
-    let pool = sluice_sinks::timescale::pool(&bare)?;
-    sluice_sinks::timescale::migrate(&pool, &bare).await?;
-    pool.close();
     let csv = std::env::temp_dir().join(format!("{name}.csv"));
     let mut f = std::io::BufWriter::new(std::fs::File::create(&csv)?);
     for e in &rows {
@@ -125,38 +124,60 @@ async fn postgres(n: usize) -> Result<()> {
     }
     f.flush()?;
     drop(f);
-    let copy = format!(
-        "\\copy {}.events (time, event_id, tenant, user_id, session_id, event_type, url, received_at, browser, os, extra, referrer) FROM '{}' WITH (FORMAT csv)",
-        bare.schema,
-        csv.display()
-    );
-    let (status, bare_time) = timed(async {
-        Command::new("psql")
-            .arg(&config.timescale.url)
-            .arg("-qc")
-            .arg(&copy)
-            .status()
-    })
-    .await;
-    ensure!(status?.success(), "psql \\copy failed");
 
-    // From its first record to its last commit, like the ES sink: joining the group and
-    // the migrations are start-up, not throughput.
-    let mut sink = RunningSink::start(&config, SinkName::Timescale);
-    sink.caught_up(&config, &config.timescale.group, &config.topics.enriched)
+    // Alternating rounds, each into fresh tables (and the sink in a fresh group): the
+    // machine is noisy, so the medians are compared.
+    let (mut bare_rates, mut sink_rates) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut bare = config.timescale.clone();
+        bare.schema = format!("{name}_bare{round}");
+        let pool = sluice_sinks::timescale::pool(&bare)?;
+        sluice_sinks::timescale::migrate(&pool, &bare).await?;
+        pool.close();
+        let copy = format!(
+            "\\copy {}.events (time, event_id, tenant, user_id, session_id, event_type, url, received_at, browser, os, extra, referrer) FROM '{}' WITH (FORMAT csv)",
+            bare.schema,
+            csv.display()
+        );
+        let (status, bare_time) = timed(async {
+            Command::new("psql")
+                .arg(&config.timescale.url)
+                .arg("-qc")
+                .arg(&copy)
+                .status()
+        })
         .await;
-    let sink_rate = sink
-        .stop()
-        .await
-        .throughput()
-        .context("sink measured nothing")?;
+        ensure!(status?.success(), "psql \\copy failed");
+        bare_rates.push(rate(n, bare_time));
+
+        // From its first record to its last commit, like the ES sink: joining the group
+        // and the migrations are start-up, not throughput.
+        let mut c = config.clone();
+        c.timescale.schema = format!("{name}_sink{round}");
+        c.timescale.group = format!("{name}-sink{round}");
+        let mut sink = RunningSink::start(&c, SinkName::Timescale);
+        sink.caught_up(&c, &c.timescale.group, &c.topics.enriched)
+            .await;
+        sink_rates.push(
+            sink.stop()
+                .await
+                .throughput()
+                .context("sink measured nothing")?,
+        );
+        println!(
+            "round {}: psql \\copy {:.0} rows/s, sink {:.0} rows/s",
+            round + 1,
+            bare_rates[round],
+            sink_rates[round]
+        );
+    }
     let _ = std::fs::remove_file(&csv);
-    println!("postgres sink benchmark: {n} rows, PostgreSQL 15");
+    println!("postgres sink benchmark: {n} rows, PostgreSQL 15, median of {rounds} rounds");
     report(
         "sluice timescale sink (postgres mode)",
         "bare psql \\copy",
-        rate(n, bare_time),
-        sink_rate,
+        median(&mut bare_rates),
+        median(&mut sink_rates),
         0.5,
     );
     Ok(())

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
@@ -104,10 +104,18 @@ struct InFlight {
     outputs: AtomicUsize,
 }
 
-/// The producer's delivery callbacks: they complete offsets on the producer's polling
-/// thread, so an ack wakes no task (a wake-up per record cost more than the transforms),
-/// and they work while the consumer's rebalance callback waits for a drain.
-struct Acks {
+/// An output whose delivery failed, kept to be sent again.
+struct Resend {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+    record: Arc<InFlight>,
+}
+
+/// What the delivery callbacks share with the stage loop. It outlives a producer: a
+/// producer that fails for good is replaced, and its undelivered outputs re-sent.
+struct AckState {
     input: String,
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Records in flight, for the `max_in_flight` bound.
@@ -115,10 +123,10 @@ struct Acks {
     /// Committable positions that moved since the loop last stored them.
     moved: Mutex<HashMap<i32, i64>>,
     /// Outputs whose delivery failed, for the loop to re-send.
-    failed: Mutex<Vec<(OwnedMessage, Arc<InFlight>)>>,
+    failed: Mutex<Vec<Resend>>,
 }
 
-impl Acks {
+impl AckState {
     /// One output of `record` was acked.
     fn acked(&self, record: &InFlight) {
         if record.outputs.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -132,6 +140,11 @@ impl Acks {
     }
 }
 
+/// The producer's delivery callbacks: they complete offsets on the producer's polling
+/// thread, so an ack wakes no task (a wake-up per record cost more than the transforms),
+/// and they work while the consumer's rebalance callback waits for a drain.
+struct Acks(Arc<AckState>);
+
 impl rdkafka::ClientContext for Acks {}
 
 impl ProducerContext for Acks {
@@ -139,10 +152,16 @@ impl ProducerContext for Acks {
 
     fn delivery(&self, result: &DeliveryResult<'_>, record: Arc<InFlight>) {
         match result {
-            Ok(_) => self.acked(&record),
+            Ok(_) => self.0.acked(&record),
             Err((e, msg)) => {
                 tracing::warn!(topic = msg.topic(), error = %e, "delivery failed; re-sending");
-                lock(&self.failed).push((msg.detach(), record));
+                lock(&self.0.failed).push(Resend {
+                    topic: msg.topic().to_string(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().unwrap_or_default().to_vec(),
+                    headers: msg.headers().map(|h| h.detach()).unwrap_or_default(),
+                    record,
+                });
             }
         }
     }
@@ -172,14 +191,16 @@ pub async fn run_stage<T: Transform>(
         }),
     )?;
     consumer.subscribe(&[&spec.input])?;
-    let producer: ThreadedProducer<Acks> = kafka.producer_config().create_with_context(Acks {
+    let acks = Arc::new(AckState {
         input: spec.input.clone(),
         tracker: tracker.clone(),
         in_flight: AtomicUsize::new(0),
         moved: Mutex::new(HashMap::new()),
         failed: Mutex::new(Vec::new()),
-    })?;
-    let acks = producer.context().clone();
+    });
+    let mut producer: ThreadedProducer<Acks> = kafka
+        .producer_config()
+        .create_with_context(Acks(acks.clone()))?;
     let max_in_flight = spec.max_in_flight.max(1);
     let mut stats = StageStats::default();
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
@@ -197,7 +218,7 @@ pub async fn run_stage<T: Transform>(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                settle(&consumer, &producer, &acks).await;
+                settle(kafka, &consumer, &mut producer, &acks).await;
             }
             msg = consumer.recv() => {
                 let msg = match msg {
@@ -218,7 +239,7 @@ pub async fn run_stage<T: Transform>(
                     scope.throttle().await;
                 }
                 while acks.in_flight.load(Ordering::Acquire) >= max_in_flight {
-                    settle(&consumer, &producer, &acks).await;
+                    settle(kafka, &consumer, &mut producer, &acks).await;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 stats.consumed += 1;
@@ -274,7 +295,7 @@ pub async fn run_stage<T: Transform>(
                     continue;
                 }
                 for o in outputs {
-                    enqueue(&producer, topic, o.key.as_deref(), &o.payload, o.headers, &record).await;
+                    enqueue(&producer, &acks, topic, o.key.as_deref(), &o.payload, o.headers, &record).await;
                 }
             }
         }
@@ -283,10 +304,10 @@ pub async fn run_stage<T: Transform>(
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
     while acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        settle(&consumer, &producer, &acks).await;
+        settle(kafka, &consumer, &mut producer, &acks).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    settle(&consumer, &producer, &acks).await;
+    settle(kafka, &consumer, &mut producer, &acks).await;
     // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
     // causes) would otherwise make the next owner repeat everything since the last
     // auto-commit.
@@ -381,9 +402,11 @@ fn drain_revoked(
 }
 
 /// Enqueue one output of `record`, waiting while the producer queue is full; its
-/// delivery callback completes it.
+/// delivery callback completes it. A producer that failed for good takes nothing more:
+/// the output waits, with the failed ones, for its replacement.
 async fn enqueue(
     producer: &ThreadedProducer<Acks>,
+    acks: &AckState,
     topic: &str,
     key: Option<&[u8]>,
     payload: &[u8],
@@ -400,6 +423,16 @@ async fn enqueue(
         match producer.send(r) {
             Ok(()) => return,
             Err((e, back)) => {
+                if producer.client().fatal_error().is_some() {
+                    lock(&acks.failed).push(Resend {
+                        topic: topic.to_string(),
+                        key: key.map(<[u8]>::to_vec),
+                        payload: payload.to_vec(),
+                        headers: back.headers.unwrap_or_default(),
+                        record: record.clone(),
+                    });
+                    return;
+                }
                 r = back;
                 let wait = if matches!(
                     e,
@@ -416,30 +449,52 @@ async fn enqueue(
     }
 }
 
-/// Store the offsets that became committable, and re-send outputs whose delivery failed.
+/// Store the offsets that became committable; replace a producer that failed for good
+/// (e.g. an idempotence error after the broker lost its producer state); re-send the
+/// outputs whose delivery failed.
 async fn settle(
+    kafka: &KafkaConfig,
     consumer: &StreamConsumer<MeteredConsumer>,
-    producer: &ThreadedProducer<Acks>,
-    acks: &Acks,
+    producer: &mut ThreadedProducer<Acks>,
+    acks: &Arc<AckState>,
 ) {
     let moved = std::mem::take(&mut *lock(&acks.moved));
     for (partition, through) in moved {
         store(consumer, &acks.input, partition, through);
+    }
+    if let Some((code, reason)) = producer.client().fatal_error() {
+        tracing::warn!(
+            ?code,
+            reason,
+            "the producer failed for good; replacing it and re-sending what it had not delivered"
+        );
+        match kafka
+            .producer_config()
+            .create_with_context(Acks(acks.clone()))
+        {
+            Ok(fresh) => {
+                let old = std::mem::replace(producer, fresh);
+                // Dropping it purges its queue: every output still in it comes back
+                // through its delivery callback as failed, to be re-sent below.
+                let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot create a producer; retrying"),
+        }
     }
     let failed = std::mem::take(&mut *lock(&acks.failed));
     if !failed.is_empty() {
         // Let a broker that failed them recover a little before trying again.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for (msg, record) in failed {
-        let headers = msg.headers().cloned().unwrap_or_default();
+    for f in failed {
         enqueue(
             producer,
-            msg.topic(),
-            msg.key(),
-            msg.payload().unwrap_or_default(),
-            headers,
-            &record,
+            acks,
+            &f.topic,
+            f.key.as_deref(),
+            &f.payload,
+            f.headers,
+            &f.record,
         )
         .await;
     }

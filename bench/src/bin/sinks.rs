@@ -29,7 +29,7 @@ struct Args {
     /// Rows for the PostgreSQL comparison.
     #[arg(long, default_value_t = 100_000)]
     rows: usize,
-    /// Alternating rounds of the PostgreSQL comparison (medians are compared).
+    /// Alternating rounds of each comparison (medians are compared).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Documents for the Elasticsearch comparison.
@@ -42,7 +42,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     sluice_core::telemetry::init_logging();
     postgres(args.rows, args.rounds.max(1)).await?;
-    elasticsearch(args.docs).await?;
+    elasticsearch(args.docs, args.rounds.max(1)).await?;
     Ok(())
 }
 
@@ -183,7 +183,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
     Ok(())
 }
 
-async fn elasticsearch(n: usize) -> Result<()> {
+async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
     let mut config = stack_config();
     config.elasticsearch.bulk_max_docs = 1_000;
     config.elasticsearch.bulk_in_flight = std::env::var("BULK_IN_FLIGHT")
@@ -196,28 +196,29 @@ async fn elasticsearch(n: usize) -> Result<()> {
     produce_enriched(&config, &config.topics.enriched, &docs).await;
 
     // The bare load: the same documents and ids, 1,000 per _bulk, into identical indices
-    // of their own (templates with overlapping patterns are refused). It runs before and
-    // after the sink, and the two are averaged, since the server slows as it fills.
+    // of their own (templates with overlapping patterns are refused). Bare passes and
+    // sink passes (each in a fresh group, into fresh indices) alternate, bare first and
+    // last; each sink pass is compared with the mean of the bare passes around it, since
+    // the server slows as it fills, and the medians are reported.
     let client = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
     let url = format!("{}/_bulk", config.elasticsearch.url);
-    let mut bare_rates = Vec::new();
-    for pass in ["bare1", "bare2"] {
-        if pass == "bare2" {
-            let mut sink = RunningSink::start(&config, SinkName::Elasticsearch);
-            sink.caught_up(
-                &config,
-                &config.elasticsearch.group,
-                &config.topics.enriched,
-            )
-            .await;
-            bare_rates.push(
+    let (mut bare_rates, mut sink_rates) = (Vec::new(), Vec::new());
+    for pass in 0..=rounds {
+        if pass > 0 {
+            let mut c = config.clone();
+            c.elasticsearch.group = format!("{name}-sink{pass}");
+            c.elasticsearch.index_prefix = format!("{name}-sink{pass}");
+            let mut sink = RunningSink::start(&c, SinkName::Elasticsearch);
+            sink.caught_up(&c, &c.elasticsearch.group, &c.topics.enriched)
+                .await;
+            sink_rates.push(
                 sink.stop()
                     .await
                     .throughput()
                     .context("sink measured nothing")?,
             );
         }
-        let prefix = format!("{name}-{pass}");
+        let prefix = format!("{name}-bare{pass}");
         let mut bare_config = config.elasticsearch.clone();
         bare_config.index_prefix = prefix.clone();
         sluice_sinks::elasticsearch::put_template(&client, &bare_config).await?;
@@ -239,14 +240,21 @@ async fn elasticsearch(n: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         bare_rates.push(rate(n, bare_time));
     }
-    let sink_rate = bare_rates.remove(1);
-    let bare_rate = (bare_rates[0] + bare_rates[1]) / 2.0;
-    println!("elasticsearch sink benchmark: {n} documents, noida-db ES API (bare: mean of a pass before and after)");
+    let mut baselines: Vec<f64> = bare_rates.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    for (i, (b, s)) in baselines.iter().zip(&sink_rates).enumerate() {
+        println!(
+            "round {}: curl _bulk {b:.0} docs/s (mean of the passes around), sink {s:.0} docs/s",
+            i + 1
+        );
+    }
+    println!(
+        "elasticsearch sink benchmark: {n} documents, noida-db ES API, median of {rounds} rounds"
+    );
     report(
         "sluice elasticsearch sink",
         "bare curl _bulk",
-        bare_rate,
-        sink_rate,
+        median(&mut baselines),
+        median(&mut sink_rates),
         0.8,
     );
     Ok(())

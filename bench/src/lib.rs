@@ -32,3 +32,12 @@ pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
+
+/// Of paired rounds `(baseline, measured)`, the one whose ratio is the median: pairs
+/// measured side by side are compared, so a round where the whole machine was slow
+/// does not mix with another where it was fast.
+pub fn median_round(rounds: &[(f64, f64)]) -> (f64, f64) {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(|a, b| (a.1 / a.0.max(1e-9)).total_cmp(&(b.1 / b.0.max(1e-9))));
+    sorted.get(sorted.len() / 2).copied().unwrap_or((0.0, 0.0))
+}

@@ -16,7 +16,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use sluice::pipeline::SinkName;
-use sluice_bench::{median, rate, report, timed};
+use sluice_bench::{median_round, rate, report, timed};
 use sluice_core::config::DbMode;
 use sluice_sinks::elasticsearch::{document, index_name};
 use sluice_tests::{
@@ -172,12 +172,18 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         );
     }
     let _ = std::fs::remove_file(&csv);
-    println!("postgres sink benchmark: {n} rows, PostgreSQL 15, median of {rounds} rounds");
+    let pairs: Vec<(f64, f64)> = bare_rates
+        .iter()
+        .copied()
+        .zip(sink_rates.iter().copied())
+        .collect();
+    let median_pair = median_round(&pairs);
+    println!("postgres sink benchmark: {n} rows, PostgreSQL 15, the round with the median ratio of {rounds}");
     report(
         "sluice timescale sink (postgres mode)",
         "bare psql \\copy",
-        median(&mut bare_rates),
-        median(&mut sink_rates),
+        median_pair.0,
+        median_pair.1,
         0.5,
     );
     Ok(())
@@ -240,21 +246,27 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         bare_rates.push(rate(n, bare_time));
     }
-    let mut baselines: Vec<f64> = bare_rates.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let baselines: Vec<f64> = bare_rates.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
     for (i, (b, s)) in baselines.iter().zip(&sink_rates).enumerate() {
         println!(
             "round {}: curl _bulk {b:.0} docs/s (mean of the passes around), sink {s:.0} docs/s",
             i + 1
         );
     }
+    let pairs: Vec<(f64, f64)> = baselines
+        .iter()
+        .copied()
+        .zip(sink_rates.iter().copied())
+        .collect();
+    let median_pair = median_round(&pairs);
     println!(
-        "elasticsearch sink benchmark: {n} documents, noida-db ES API, median of {rounds} rounds"
+        "elasticsearch sink benchmark: {n} documents, noida-db ES API, the round with the median ratio of {rounds}"
     );
     report(
         "sluice elasticsearch sink",
         "bare curl _bulk",
-        median(&mut baselines),
-        median(&mut sink_rates),
+        median_pair.0,
+        median_pair.1,
         0.8,
     );
     Ok(())

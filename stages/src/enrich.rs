@@ -98,9 +98,27 @@ impl IpTable {
     }
 }
 
+/// User agents remembered by [`Enricher`].
+const UA_CACHE_ENTRIES: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(10_000) {
+    Some(n) => n,
+    None => panic!("non-zero"),
+};
+
+/// What a user agent says, as enrich stores it.
+#[derive(Debug, Clone, Default)]
+struct UserAgent {
+    browser: Option<String>,
+    browser_version: Option<String>,
+    os: Option<String>,
+    device: Option<String>,
+}
+
 /// The enrich stage.
 pub struct Enricher {
     ua: woothee::parser::Parser,
+    /// Parsed user agents: real traffic repeats a few thousand of them, and parsing one
+    /// costs more than the rest of the enrichment (Logstash's useragent filter caches too).
+    ua_cache: std::sync::Mutex<lru::LruCache<String, UserAgent>>,
     ips: IpTable,
     tenants: Option<std::sync::Arc<crate::tenants::TenantDirectory>>,
     input: Arc<Codec<ClickEvent>>,
@@ -112,6 +130,7 @@ impl Enricher {
     pub fn new(ips: IpTable) -> Self {
         Self {
             ua: woothee::parser::Parser::new(),
+            ua_cache: std::sync::Mutex::new(lru::LruCache::new(UA_CACHE_ENTRIES)),
             ips,
             tenants: None,
             input: CLICK_EVENTS.clone(),
@@ -139,15 +158,38 @@ impl Enricher {
         self
     }
 
+    /// What `ua` says, from the cache or parsed.
+    fn user_agent(&self, ua: &str) -> UserAgent {
+        let mut cache = self
+            .ua_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(hit) = cache.get(ua) {
+            return hit.clone();
+        }
+        let known = |s: &str| (s != woothee::woothee::VALUE_UNKNOWN).then(|| s.to_string());
+        let parsed = self
+            .ua
+            .parse(ua)
+            .map(|p| UserAgent {
+                browser: known(p.name),
+                browser_version: known(p.version),
+                os: known(p.os),
+                device: known(p.category),
+            })
+            .unwrap_or_default();
+        cache.put(ua.to_string(), parsed.clone());
+        parsed
+    }
+
     /// Enrich one event.
     pub fn enrich(&self, event: ClickEvent) -> EnrichedEvent {
         let mut out = EnrichedEvent::from_click(event);
-        let known = |s: &str| (s != woothee::woothee::VALUE_UNKNOWN).then(|| s.to_string());
-        if let Some(ua) = out.user_agent.as_deref().and_then(|ua| self.ua.parse(ua)) {
-            out.browser = known(ua.name);
-            out.browser_version = known(ua.version);
-            out.os = known(ua.os);
-            out.device = known(ua.category);
+        if let Some(ua) = out.user_agent.as_deref().map(|ua| self.user_agent(ua)) {
+            out.browser = ua.browser;
+            out.browser_version = ua.browser_version;
+            out.os = ua.os;
+            out.device = ua.device;
         }
         let ip = out
             .ip

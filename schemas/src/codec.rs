@@ -54,11 +54,13 @@ pub struct Codec<T> {
 impl<T: AvroRecord> Codec<T> {
     /// The embedded mode: single-object encoding, no registry.
     pub fn embedded() -> Result<Self, CodecError> {
-        Self::with(None)
+        Self::with(SingleObjectCodec::new()?, None)
     }
 
-    fn with(registered: Option<Registered>) -> Result<Self, CodecError> {
-        let single = SingleObjectCodec::<T>::new()?;
+    fn with(
+        single: SingleObjectCodec<T>,
+        registered: Option<Registered>,
+    ) -> Result<Self, CodecError> {
         let direct = GenericDatumReader::builder(single.schema())
             .build()
             .map_err(|e| CodecError::Schema {
@@ -75,32 +77,35 @@ impl<T: AvroRecord> Codec<T> {
     /// The registry mode for a writer: registers `T`'s schema under `subject` (the
     /// registry checks compatibility first) and writes with its id.
     pub async fn writing(registry: Arc<SchemaRegistry>, subject: &str) -> Result<Self, CodecError> {
-        let schema = Schema::parse_str(T::AVSC).map_err(|e| CodecError::Schema {
-            name: T::NAME,
-            source: Box::new(e),
-        })?;
+        let single = SingleObjectCodec::new()?;
         let id = registry
-            .register(subject, &schema)
+            .register(subject, single.schema())
             .await
             .map_err(|source| CodecError::Registry {
                 name: T::NAME,
                 source,
             })?;
-        Self::with(Some(Registered {
-            registry,
-            write_id: Some(id),
-            writers: RwLock::new(HashMap::from([(id, None)])),
-        }))
+        Self::with(
+            single,
+            Some(Registered {
+                registry,
+                write_id: Some(id),
+                writers: RwLock::new(HashMap::from([(id, None)])),
+            }),
+        )
     }
 
     /// The registry mode for a reader: writer schemas are fetched by id as records name
     /// them. Writes (if any) stay single-object.
     pub fn reading(registry: Arc<SchemaRegistry>) -> Result<Self, CodecError> {
-        Self::with(Some(Registered {
-            registry,
-            write_id: None,
-            writers: RwLock::new(HashMap::new()),
-        }))
+        Self::with(
+            SingleObjectCodec::new()?,
+            Some(Registered {
+                registry,
+                write_id: None,
+                writers: RwLock::new(HashMap::new()),
+            }),
+        )
     }
 
     /// The current schema.
@@ -110,7 +115,7 @@ impl<T: AvroRecord> Codec<T> {
 
     /// How this codec writes.
     pub fn encoding(&self) -> Encoding {
-        match self.registered.as_ref().and_then(|r| r.write_id) {
+        match self.schema_id() {
             Some(_) => Encoding::Confluent,
             None => Encoding::SingleObject,
         }
@@ -142,10 +147,8 @@ impl<T: AvroRecord> Codec<T> {
         match (bytes, &self.registered) {
             ([CONFLUENT_MAGIC, a, b, c, d, datum @ ..], Some(r)) => {
                 let id = u32::from_be_bytes([*a, *b, *c, *d]);
-                match self.writer(r, id)? {
-                    None => self.read(None, datum),
-                    Some(writer) => self.read(Some(&writer), datum),
-                }
+                let writer = self.writer(r, id)?;
+                self.read(writer.as_deref(), datum)
             }
             ([CONFLUENT_MAGIC, _, _, _, _, ..], None) => Err(CodecError::Framing {
                 name: T::NAME,
@@ -181,7 +184,7 @@ impl<T: AvroRecord> Codec<T> {
                 source,
             })?;
         let writer =
-            (fetched.canonical_form() != self.schema().canonical_form()).then_some(fetched);
+            (fetched.canonical_form() != self.schema().canonical_form()).then(|| Arc::new(fetched));
         r.writers
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -196,13 +199,7 @@ impl<T: AvroRecord> Codec<T> {
         };
         match writer {
             None => self.direct.read_deser(&mut datum).map_err(err),
-            // Resolution works on values, not yet with direct deserialization.
-            Some(w) => GenericDatumReader::builder(w)
-                .reader_schema(self.schema())
-                .build()
-                .and_then(|r| r.read_value(&mut datum))
-                .and_then(|v| apache_avro::from_value::<T>(&v))
-                .map_err(err),
+            Some(w) => crate::resolve(w, self.schema(), datum).map_err(err),
         }
     }
 }
@@ -230,20 +227,7 @@ mod tests {
     #[test]
     fn embedded_reads_and_writes_single_object() {
         let codec = Codec::<ClickEvent>::embedded().unwrap();
-        let e = ClickEvent {
-            event_id: "e".into(),
-            tenant: "t".into(),
-            user_id: "u".into(),
-            session_id: None,
-            event_type: "click".into(),
-            url: None,
-            referrer: None,
-            event_time: 1,
-            received_at: 2,
-            user_agent: None,
-            ip: None,
-            extra: Default::default(),
-        };
+        let e = crate::tests::click();
         let bytes = codec.encode(&e).unwrap();
         assert_eq!(codec.encoding(), Encoding::SingleObject);
         assert_eq!(codec.decode(&bytes).unwrap(), e);

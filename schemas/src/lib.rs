@@ -341,14 +341,7 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
                 name: T::NAME,
                 source: Box::new(e),
             };
-            let mut datum = &bytes[10..];
-            return apache_avro::reader::datum::GenericDatumReader::builder(writer)
-                .reader_schema(self.schema)
-                .build()
-                // Resolution works on values, not yet with direct deserialization.
-                .and_then(|r| r.read_value(&mut datum))
-                .and_then(|v| apache_avro::from_value::<T>(&v))
-                .map_err(err);
+            return resolve::<T>(writer, self.schema, &bytes[10..]).map_err(err);
         }
         // Name the fingerprint rather than report a confusing datum error.
         if bytes.len() >= 10 && bytes[..2] == self.header[..2] && bytes[2..10] != self.header[2..10]
@@ -369,6 +362,20 @@ impl<T: AvroRecord> SingleObjectCodec<T> {
     }
 }
 
+/// Read a datum written with `writer` as `T` of schema `reader` (Avro schema resolution).
+fn resolve<T: DeserializeOwned>(
+    writer: &Schema,
+    reader: &Schema,
+    mut datum: &[u8],
+) -> Result<T, apache_avro::Error> {
+    apache_avro::reader::datum::GenericDatumReader::builder(writer)
+        .reader_schema(reader)
+        .build()
+        // Resolution works on values, not yet with direct deserialization.
+        .and_then(|r| r.read_value(&mut datum))
+        .and_then(|v| apache_avro::from_value::<T>(&v))
+}
+
 /// The embedded-mode ClickEvent codec.
 pub static CLICK_EVENTS: LazyLock<Arc<Codec<ClickEvent>>> =
     LazyLock::new(|| Arc::new(Codec::embedded().expect("compiled-in ClickEvent schema parses")));
@@ -380,7 +387,8 @@ pub static ENRICHED_EVENTS: LazyLock<Arc<Codec<EnrichedEvent>>> =
 mod tests {
     use super::*;
 
-    fn click() -> ClickEvent {
+    /// A ClickEvent for the tests of this crate.
+    pub(crate) fn click() -> ClickEvent {
         ClickEvent {
             event_id: "e1".into(),
             tenant: "acme".into(),

@@ -1,9 +1,7 @@
 //! A Confluent-compatible schema registry, reached through `schema_registry_converter`:
 //! registration with a compatibility check when a writer starts, and the writer schema of
-//! each record's id fetched (once, then cached) when a reader meets it.
+//! a record's id fetched when a reader meets it (the [`crate::Codec`] caches it).
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use apache_avro::Schema;
@@ -88,13 +86,12 @@ pub enum RegistryAuth {
     Token(String),
 }
 
-/// A schema registry and the writer schemas fetched from it so far.
+/// Where a schema registry is and how to reach it.
 #[derive(Debug)]
 pub struct SchemaRegistry {
     urls: Vec<String>,
     auth: RegistryAuth,
     timeout: Duration,
-    fetched: RwLock<HashMap<u32, Arc<Schema>>>,
 }
 
 impl SchemaRegistry {
@@ -104,7 +101,6 @@ impl SchemaRegistry {
             urls,
             auth,
             timeout,
-            fetched: RwLock::new(HashMap::new()),
         }
     }
 
@@ -174,33 +170,15 @@ impl SchemaRegistry {
                     self.request_error("registration", &e)
                 }
             })?;
-        self.remember(registered.id, schema.clone());
         Ok(registered.id)
     }
 
-    fn remember(&self, id: u32, schema: Schema) -> Arc<Schema> {
-        let schema = Arc::new(schema);
-        self.fetched
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, schema.clone());
-        schema
-    }
-
-    /// The schema registered under `id`, fetched on first use.
+    /// Fetch the schema registered under `id`.
     ///
-    /// Decoding is synchronous (it runs inside a stage's transform), so a miss asks the
-    /// registry on a short-lived thread of its own and waits: that happens once per id
-    /// and process, and it must not need the caller's async runtime.
-    pub fn schema(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
-        if let Some(s) = self
-            .fetched
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-        {
-            return Ok(s.clone());
-        }
+    /// Decoding is synchronous (it runs inside a stage's transform), so this asks the
+    /// registry on a short-lived thread of its own and waits: it must not need the
+    /// caller's async runtime. Codecs cache the answer, so it runs once per id.
+    pub fn schema(&self, id: u32) -> Result<Schema, RegistryError> {
         let settings = self.settings()?;
         let fetched = std::thread::scope(|scope| {
             scope
@@ -224,12 +202,10 @@ impl SchemaRegistry {
                 self.request_error(&format!("lookup of schema id {id}"), &e)
             }
         })?;
-        let schema =
-            Schema::parse_str(&registered.schema).map_err(|e| RegistryError::BadSchema {
-                id,
-                url: self.url().to_string(),
-                reason: e.to_string(),
-            })?;
-        Ok(self.remember(id, schema))
+        Schema::parse_str(&registered.schema).map_err(|e| RegistryError::BadSchema {
+            id,
+            url: self.url().to_string(),
+            reason: e.to_string(),
+        })
     }
 }

@@ -139,11 +139,9 @@ async fn write_batch<W: BatchWriter>(
             Err(e) => {
                 metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
                 tracing::warn!(sink = name, error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the batch");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Written::Abandoned),
-                    _ = tokio::time::sleep(backoff) => {}
+                if !back_off(&mut backoff, shutdown).await {
+                    return Ok(Written::Abandoned);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     };
@@ -167,16 +165,25 @@ async fn write_batch<W: BatchWriter>(
             Err(WriteError::Transient(why)) => {
                 metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
                 tracing::warn!(sink = name, error = %why, retry_in = ?backoff, "write failed; retrying the batch");
-                let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(Written::Abandoned),
-                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                if !back_off(&mut backoff, shutdown).await {
+                    return Ok(Written::Abandoned);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(fatal) => return Err(fatal),
         }
     }
+}
+
+/// Wait `backoff` plus up to half of it again (jitter), then double it (10 s at most).
+/// Returns `false` when `shutdown` came first.
+async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+    let waited = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(*backoff + Duration::from_millis(jitter)) => true,
+    };
+    *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    waited
 }
 
 /// The records of a batch that decode, their indices, and the dead letters; fails as a

@@ -185,17 +185,10 @@ async fn produce(
     if let Some(k) = key {
         record = record.key(k);
     }
-    loop {
-        match producer.send(record) {
-            // The commit waits for every delivery; no need to await each one here.
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
+    // The commit waits for every delivery; no need to await each one here.
+    crate::runtime::send_queued(producer, record)
+        .await
+        .map_err(|(e, _)| e.into())
 }
 
 /// Commit the open transaction with its offsets; on a failure that needs it, abort and

@@ -287,10 +287,9 @@ pub async fn run_stage<T: Transform>(
                     Held::Owned(m) => (m.partition(), m.offset()),
                 };
                 drop(msg);
-                let record = Arc::new(InFlight { partition, offset, outputs: AtomicUsize::new(outputs.len()) });
+                // Nothing to wait for (e.g. filtered out by a replay): completed at once.
+                let record = Arc::new(InFlight { partition, offset, outputs: AtomicUsize::new(outputs.len().max(1)) });
                 if outputs.is_empty() {
-                    // Nothing to wait for (e.g. filtered out by a replay).
-                    record.outputs.store(1, Ordering::Release);
                     acks.acked(&record);
                     continue;
                 }
@@ -420,7 +419,7 @@ async fn enqueue(
         r = r.key(k);
     }
     loop {
-        match producer.send(r) {
+        match send_queued(producer, r).await {
             Ok(()) => return,
             Err((e, back)) => {
                 if producer.client().fatal_error().is_some() {
@@ -434,17 +433,28 @@ async fn enqueue(
                     return;
                 }
                 r = back;
-                let wait = if matches!(
-                    e,
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-                ) {
-                    Duration::from_millis(5)
-                } else {
-                    tracing::warn!(topic, error = %e, "produce failed; retrying");
-                    Duration::from_millis(200)
-                };
-                tokio::time::sleep(wait).await;
+                tracing::warn!(topic, error = %e, "produce failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+    }
+}
+
+/// Send `record`, waiting while the producer's queue is full; any other error comes
+/// back with the record.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn send_queued<'a, C: ProducerContext + 'static>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'a, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<(), (KafkaError, BaseRecord<'a, [u8], [u8], C::DeliveryOpaque>)> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -76,6 +76,25 @@ fn parse(body: &Value) -> Result<Schema, Box<Response>> {
 }
 
 impl Store {
+    /// Add `text` as the next version of `subject`; its id is the one it already has
+    /// under any subject, or a new one.
+    fn add(&mut self, subject: &str, text: &str, canonical: String) -> u32 {
+        let id = match self.ids.get(&canonical) {
+            Some(&id) => id,
+            None => {
+                self.schemas.push(text.to_string());
+                let id = self.schemas.len() as u32;
+                self.ids.insert(canonical, id);
+                id
+            }
+        };
+        self.subjects
+            .entry(subject.to_string())
+            .or_default()
+            .push(id);
+        id
+    }
+
     fn schema(&self, id: u32) -> Option<Schema> {
         let text = self.schemas.get(id.checked_sub(1)? as usize)?;
         Schema::parse_str(text).ok()
@@ -136,18 +155,7 @@ async fn register(
             "Schema being registered is incompatible with an earlier schema for subject",
         );
     }
-    let id = match store.ids.get(&canonical) {
-        Some(&id) => id,
-        None => {
-            store
-                .schemas
-                .push(body["schema"].as_str().unwrap_or("").to_string());
-            let id = store.schemas.len() as u32;
-            store.ids.insert(canonical, id);
-            id
-        }
-    };
-    store.subjects.entry(subject).or_default().push(id);
+    let id = store.add(&subject, body["schema"].as_str().unwrap_or(""), canonical);
     Json(json!({"id": id})).into_response()
 }
 
@@ -301,22 +309,11 @@ impl RegistryFixture {
 
     /// Register `schema` under `subject` directly (a producer outside Sluice).
     pub fn register(&self, subject: &str, schema: &str) -> u32 {
-        let parsed = Schema::parse_str(schema).unwrap();
-        let mut store = self.shared.store.lock().unwrap();
-        let id = match store.ids.get(&parsed.canonical_form()) {
-            Some(&id) => id,
-            None => {
-                store.schemas.push(schema.to_string());
-                let id = store.schemas.len() as u32;
-                store.ids.insert(parsed.canonical_form(), id);
-                id
-            }
-        };
-        store
-            .subjects
-            .entry(subject.to_string())
-            .or_default()
-            .push(id);
-        id
+        let canonical = Schema::parse_str(schema).unwrap().canonical_form();
+        self.shared
+            .store
+            .lock()
+            .unwrap()
+            .add(subject, schema, canonical)
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use std::num::NonZeroU32;
@@ -142,7 +142,9 @@ pub struct Accepted {
 
 /// Shared state of the ingest server.
 pub struct Ingest {
-    producer: FutureProducer,
+    /// Replaced when it fails for good (see [`Ingest::replace_if_failed`]).
+    producer: RwLock<FutureProducer>,
+    kafka: KafkaConfig,
     topic: String,
     config: IngestConfig,
     /// Bearer token → tenant.
@@ -160,10 +162,9 @@ impl Ingest {
         config: IngestConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Arc<Self>, IngestError> {
-        let mut pc = kafka.producer_config();
-        // Fail deliveries that the broker cannot ack in time, so the client gets a 503.
-        pc.set("message.timeout.ms", config.ack_timeout_ms.to_string());
-        let producer: FutureProducer = pc.create()?;
+        let producer = new_producer(kafka, &config)?;
+        // Exported at 0 from the start, so an alert on its increase has a series to watch.
+        metrics::counter!("sluice_ingest_producer_replacements_total").increment(0);
         let keys = config
             .api_keys
             .iter()
@@ -180,13 +181,49 @@ impl Ingest {
                 DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
             });
         Ok(Arc::new(Self {
-            producer,
+            producer: RwLock::new(producer),
+            kafka: kafka.clone(),
             topic: topic.into(),
             config,
             keys,
             limiter,
             metrics,
         }))
+    }
+
+    /// The producer in use now; a new one replaces it after a fatal error.
+    pub fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replace `failed` if it has a fatal error and is still the one in use. An
+    /// idempotent producer fails for good when the broker lost its sequence state (a
+    /// restarted broker can): without a new one, every request would get a 503 until
+    /// the process restarts. Requests it failed got a 503 and are retried by clients.
+    fn replace_if_failed(&self, failed: &FutureProducer) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.client().native_ptr() != failed.client().native_ptr() {
+            return; // another request replaced it already
+        }
+        match new_producer(&self.kafka, &self.config) {
+            Ok(fresh) => {
+                tracing::warn!(?code, reason, "the producer failed for good; replaced it");
+                metrics::counter!("sluice_ingest_producer_replacements_total").increment(1);
+                let old = std::mem::replace(&mut *current, fresh);
+                // Destroying a client blocks; other requests may still hold clones.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot create a producer; will retry"),
+        }
     }
 
     /// The HTTP routes.
@@ -216,7 +253,7 @@ impl Ingest {
             .with_graceful_shutdown(shutdown)
             .await?;
         // Requests that got a 202 were already acked; this only drains stragglers.
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))
             .await
             .ok();
@@ -327,10 +364,29 @@ impl Ingest {
             ));
         }
         self.admit(tenant, lines.len())?;
+        let producer = self.producer();
+        let result = self
+            .send_lines(&producer, tenant, source, content_type, &lines)
+            .await;
+        if result.is_err() {
+            self.replace_if_failed(&producer);
+        }
+        result
+    }
+
+    /// Write one request's lines and wait for the broker to acknowledge all of them.
+    async fn send_lines(
+        &self,
+        producer: &FutureProducer,
+        tenant: &str,
+        source: &str,
+        content_type: &str,
+        lines: &[&str],
+    ) -> Result<Accepted, Rejection> {
         let ingest_id = uuid::Uuid::now_v7().to_string();
         let received_at = sluice_core::now_ms().to_string();
         let mut deliveries = Vec::with_capacity(lines.len());
-        for line in &lines {
+        for line in lines {
             let event_id = uuid::Uuid::now_v7().to_string();
             let key = self.record_key(tenant, line, &event_id);
             let hdrs = RawHeaders {
@@ -346,7 +402,7 @@ impl Ingest {
                 .key(&key)
                 .payload(line.as_bytes())
                 .headers(hdrs);
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     return Err(Rejection::new(
@@ -384,6 +440,14 @@ impl Ingest {
             ingest_id,
         })
     }
+}
+
+/// An idempotent producer whose deliveries fail once the broker cannot ack them in time,
+/// so the client gets a 503 rather than waiting.
+fn new_producer(kafka: &KafkaConfig, config: &IngestConfig) -> Result<FutureProducer, KafkaError> {
+    let mut pc = kafka.producer_config();
+    pc.set("message.timeout.ms", config.ack_timeout_ms.to_string());
+    pc.create()
 }
 
 fn limiter_rate(config: &IngestConfig) -> u32 {
@@ -479,7 +543,7 @@ async fn post_events(
 }
 
 async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
-    let producer = ingest.producer.clone();
+    let producer = ingest.producer();
     let topic = ingest.topic.clone();
     let check = tokio::task::spawn_blocking(move || {
         producer

@@ -182,11 +182,23 @@ pub async fn produce_enriched(
     for e in events {
         let payload = sluice_schemas::ENRICHED_EVENTS.encode(e).unwrap();
         let key = format!("{}:{}", e.tenant, e.user_id);
-        acks.push(
-            producer
-                .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
-                .unwrap(),
-        );
+        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(ack) => break acks.push(ack),
+                // A large set outruns the producer's queue: wait for room.
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
     }
     for a in acks {
         a.await.unwrap().unwrap();
@@ -289,4 +301,21 @@ pub fn raw_headers(tenant: &str, event_id: &str, received_at_ms: &str) -> OwnedH
             key: headers::RECEIVED_AT_MS,
             value: Some(received_at_ms),
         })
+}
+
+/// Make `client` fail for good, as librdkafka does when the broker lost an idempotent
+/// producer's sequence state, through librdkafka's own fault-injection hook.
+#[allow(unsafe_code)]
+pub fn inject_fatal_error<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>) {
+    use rdkafka::bindings::{rd_kafka_resp_err_t, rd_kafka_test_fatal_error};
+    let reason = std::ffi::CString::new("injected by a test").unwrap();
+    // SAFETY: `client` outlives the call, and librdkafka copies `reason`.
+    let rc = unsafe {
+        rd_kafka_test_fatal_error(
+            client.native_ptr(),
+            rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        )
+    };
+    assert_eq!(rc, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
 }

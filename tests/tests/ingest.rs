@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::message::Message;
+use rdkafka::producer::Producer;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sluice_core::config::{ApiKey, Config};
 use sluice_core::{headers, kafka, telemetry};
 use sluice_ingest::Ingest;
-use sluice_tests::{stack_config, unique, PrivateBroker};
+use sluice_tests::{inject_fatal_error, stack_config, unique, PrivateBroker};
 use tokio_util::sync::CancellationToken;
 
 const KEY_A: &str = "key-tenant-a";
@@ -29,6 +30,7 @@ fn metrics_handle() -> PrometheusHandle {
 
 /// An ingest server on a free port writing to a topic of its own.
 struct Server {
+    ingest: Arc<Ingest>,
     addr: SocketAddr,
     topic: String,
     config: Config,
@@ -64,13 +66,15 @@ impl Server {
         let (listener, addr) = ingest.bind().await.unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
+        let serving = Arc::clone(&ingest);
         let task = tokio::spawn(async move {
-            Arc::clone(&ingest)
+            serving
                 .serve(listener, async move { s.cancelled().await })
                 .await
                 .unwrap();
         });
         Self {
+            ingest,
             addr,
             topic,
             config,
@@ -399,5 +403,50 @@ async fn broker_down_answers_503_then_recovers() {
             "acked event {a} lost; topic has {on_topic:?}"
         );
     }
+    server.shutdown().await;
+}
+
+/// The producer fails for good, as an idempotent one does when a restarted broker lost
+/// its sequence state: the request it failed gets a 503, the next one is written by a
+/// new producer, and nothing is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_that_failed_for_good_is_replaced() {
+    let server = Server::start(stack_config()).await;
+    let line = |i: usize| format!(r#"{{"user_id":"u{i}","type":"click","ts":{i}}}"#);
+    let (s, _, b) = server.post(Some(KEY_A), "application/json", line(0)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+
+    let failed = server.ingest.producer();
+    inject_fatal_error(failed.client());
+    let (s, h, b) = server.post(Some(KEY_A), "application/json", line(1)).await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "kafka_error");
+    assert!(h.contains_key("retry-after"));
+
+    let (s, _, b) = server.post(Some(KEY_A), "application/json", line(2)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let fresh = server.ingest.producer();
+    assert_ne!(fresh.client().native_ptr(), failed.client().native_ptr());
+    assert!(fresh.client().fatal_error().is_none());
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let replacements: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_ingest_producer_replacements_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no replacement counter: {metrics}"));
+    assert_eq!(replacements, 1.0);
+
+    let mut on_topic: Vec<String> = server
+        .records()
+        .await
+        .iter()
+        .map(|r| String::from_utf8(r.payload().unwrap().to_vec()).unwrap())
+        .collect();
+    on_topic.sort();
+    assert_eq!(on_topic, vec![line(0), line(2)]);
     server.shutdown().await;
 }

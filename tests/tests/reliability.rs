@@ -580,24 +580,90 @@ fn signal_service(service: &str, signal: &str) {
     assert!(status.success(), "kill {signal} {service}");
 }
 
-/// Scenario 5: the Elasticsearch server stops answering for several seconds (frozen with
-/// SIGSTOP: noida-db loses documents it acknowledged but had not refreshed when it is
-/// restarted, which real Elasticsearch's translog prevents), then returns. Requests time
-/// out and are retried; nothing is committed meanwhile.
+/// A TCP relay in front of a server that the test can take down (new connections are
+/// refused and open ones cut, as when the server's process is gone) and bring back on the
+/// same address.
+struct Relay {
+    addr: SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Self {
+        use tokio::net::{TcpListener, TcpStream};
+        let (down, mut state) = tokio::sync::watch::channel(false);
+        let mut listener = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.as_ref().unwrap().local_addr().unwrap();
+        let watcher = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let open = match listener.take() {
+                    Some(l) => l,
+                    None => TcpListener::bind(addr).await.unwrap(),
+                };
+                loop {
+                    tokio::select! {
+                        accepted = open.accept() => {
+                            let Ok((mut inbound, _)) = accepted else { continue };
+                            let mut cut = watcher.clone();
+                            tokio::spawn(async move {
+                                let Ok(mut outbound) = TcpStream::connect(upstream).await else { return };
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                                    _ = cut.wait_for(|down| *down) => {}
+                                }
+                            });
+                        }
+                        _ = state.wait_for(|down| *down) => break,
+                    }
+                }
+                drop(open);
+                if state.wait_for(|down| !*down).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { addr, down }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+}
+
+/// Scenario 5: the Elasticsearch server is unavailable twice while the sink writes, then
+/// returns each time: first it is gone (a relay in front of it refuses connections and
+/// cuts open ones), then it stops answering (frozen with SIGSTOP: noida-db loses
+/// documents it acknowledged but had not refreshed when it is restarted, which real
+/// Elasticsearch's translog prevents). Requests fail or time out and are retried;
+/// nothing is committed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn elasticsearch_outage_during_writes() {
     let _serial = SERIAL.lock().await;
     let from = Utc::now() - chrono::Duration::seconds(5);
     let mut config = pipeline_config(&unique("re")).await;
     config.elasticsearch.request_timeout_ms = 1_500;
+    let upstream: SocketAddr = config
+        .elasticsearch
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let relay = Relay::start(upstream).await;
+    config.elasticsearch.url = format!("http://{}", relay.addr);
     create_topics(&config).await;
     let (addr, tasks) = start_all(&config, true).await;
-    let events = events("es", 6_000);
+    let events = events("es", 8_000);
     let (a, ev) = (addr, events.clone());
-    let posting = tokio::spawn(async move { post_events(a, &ev, 500, 4.0).await });
+    let posting = tokio::spawn(async move { post_events(a, &ev, 500, 9.0).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.set_down(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    relay.set_down(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     signal_service("es", "-STOP");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     signal_service("es", "-CONT");
     posting.await.unwrap();
     settle(&config).await;

@@ -114,6 +114,15 @@ impl Server {
             .unwrap()
     }
 
+    /// The records' payloads, as text.
+    async fn payloads(&self) -> Vec<String> {
+        self.records()
+            .await
+            .iter()
+            .map(|r| String::from_utf8(r.payload().unwrap().to_vec()).unwrap())
+            .collect()
+    }
+
     async fn shutdown(self) {
         self.stop.cancel();
         self.task.await.unwrap();
@@ -392,11 +401,7 @@ async fn broker_down_answers_503_then_recovers() {
         i += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let records = server.records().await;
-    let on_topic: Vec<String> = records
-        .iter()
-        .map(|r| String::from_utf8(r.payload().unwrap().to_vec()).unwrap())
-        .collect();
+    let on_topic = server.payloads().await;
     for a in &acked {
         assert!(
             on_topic.contains(a),
@@ -440,12 +445,7 @@ async fn producer_that_failed_for_good_is_replaced() {
         .unwrap_or_else(|| panic!("no replacement counter: {metrics}"));
     assert_eq!(replacements, 1.0);
 
-    let mut on_topic: Vec<String> = server
-        .records()
-        .await
-        .iter()
-        .map(|r| String::from_utf8(r.payload().unwrap().to_vec()).unwrap())
-        .collect();
+    let mut on_topic = server.payloads().await;
     on_topic.sort();
     assert_eq!(on_topic, vec![line(0), line(2)]);
     server.shutdown().await;

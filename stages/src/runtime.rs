@@ -209,8 +209,10 @@ pub async fn run_stage<T: Transform>(
     let records_out = metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone());
     let processing =
         metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name);
+    let replacements =
+        metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name);
     // Exported at 0 from the start, so an alert on its increase has a series to watch.
-    metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name).increment(0);
+    replacements.increment(0);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
@@ -220,7 +222,7 @@ pub async fn run_stage<T: Transform>(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                settle(kafka, name, &consumer, &mut producer, &acks).await;
+                settle(kafka, &replacements, &consumer, &mut producer, &acks).await;
             }
             msg = consumer.recv() => {
                 let msg = match msg {
@@ -241,7 +243,7 @@ pub async fn run_stage<T: Transform>(
                     scope.throttle().await;
                 }
                 while acks.in_flight.load(Ordering::Acquire) >= max_in_flight {
-                    settle(kafka, name, &consumer, &mut producer, &acks).await;
+                    settle(kafka, &replacements, &consumer, &mut producer, &acks).await;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 stats.consumed += 1;
@@ -305,10 +307,10 @@ pub async fn run_stage<T: Transform>(
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
     while acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        settle(kafka, name, &consumer, &mut producer, &acks).await;
+        settle(kafka, &replacements, &consumer, &mut producer, &acks).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    settle(kafka, name, &consumer, &mut producer, &acks).await;
+    settle(kafka, &replacements, &consumer, &mut producer, &acks).await;
     // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
     // causes) would otherwise make the next owner repeat everything since the last
     // auto-commit.
@@ -466,7 +468,7 @@ pub(crate) async fn send_queued<'a, C: ProducerContext + 'static>(
 /// outputs whose delivery failed.
 async fn settle(
     kafka: &KafkaConfig,
-    stage: &'static str,
+    replacements: &metrics::Counter,
     consumer: &StreamConsumer<MeteredConsumer>,
     producer: &mut ThreadedProducer<Acks>,
     acks: &Arc<AckState>,
@@ -486,8 +488,7 @@ async fn settle(
             .create_with_context(Acks(acks.clone()))
         {
             Ok(fresh) => {
-                metrics::counter!("sluice_stage_producer_replacements_total", "stage" => stage)
-                    .increment(1);
+                replacements.increment(1);
                 let old = std::mem::replace(producer, fresh);
                 // Dropping it purges its queue: every output still in it comes back
                 // through its delivery callback as failed, to be re-sent below.

@@ -114,6 +114,16 @@ impl Server {
             .unwrap()
     }
 
+    /// The text of `/metrics`.
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The records' payloads, as text.
     async fn payloads(&self) -> Vec<String> {
         self.records()
@@ -289,12 +299,7 @@ async fn every_rejection_is_a_clear_json_error() {
     assert_eq!(health.status(), StatusCode::OK);
     let ready = reqwest::get(server.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("sluice_ingest_requests_total"),
         "{metrics}"
@@ -432,12 +437,7 @@ async fn producer_that_failed_for_good_is_replaced() {
     let fresh = server.ingest.producer();
     assert_ne!(fresh.client().native_ptr(), failed.client().native_ptr());
     assert!(fresh.client().fatal_error().is_none());
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     let replacements: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("sluice_ingest_producer_replacements_total "))

@@ -378,14 +378,14 @@ async fn db_rows(config: &Config) -> i64 {
 }
 
 /// Make every INSERT into the events table wait 200 ms (a statement trigger), or stop
-/// doing so. The table is created first, as the sink's migrations would.
+/// doing so. Turning it on creates the table first, as the sink's migrations would.
 async fn slow_inserts(config: &Config, on: bool) {
     let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
-    sluice_sinks::timescale::migrate(&pool, &config.timescale)
-        .await
-        .unwrap();
     let s = &config.timescale.schema;
     let sql = if on {
+        sluice_sinks::timescale::migrate(&pool, &config.timescale)
+            .await
+            .unwrap();
         format!(
             "CREATE FUNCTION {s}.slow_insert() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; \
@@ -592,15 +592,11 @@ impl Relay {
     async fn start(upstream: SocketAddr) -> Self {
         use tokio::net::{TcpListener, TcpStream};
         let (down, mut state) = tokio::sync::watch::channel(false);
-        let mut listener = Some(TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let addr = listener.as_ref().unwrap().local_addr().unwrap();
+        let mut open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = open.local_addr().unwrap();
         let watcher = state.clone();
         tokio::spawn(async move {
             loop {
-                let open = match listener.take() {
-                    Some(l) => l,
-                    None => TcpListener::bind(addr).await.unwrap(),
-                };
                 loop {
                     tokio::select! {
                         accepted = open.accept() => {
@@ -621,6 +617,7 @@ impl Relay {
                 if state.wait_for(|down| !*down).await.is_err() {
                     return;
                 }
+                open = TcpListener::bind(addr).await.unwrap();
             }
         });
         Self { addr, down }

@@ -18,6 +18,7 @@ use clap::Parser;
 use sluice::pipeline::SinkName;
 use sluice_bench::{median_round, rate, report, timed};
 use sluice_core::config::DbMode;
+use sluice_core::Config;
 use sluice_sinks::elasticsearch::{document, index_name};
 use sluice_tests::{
     enriched, produce_enriched, sink_namespace, stack_config, stack_var, unique, RunningSink,
@@ -155,15 +156,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         let mut c = config.clone();
         c.timescale.schema = format!("{name}_sink{round}");
         c.timescale.group = format!("{name}-sink{round}");
-        let mut sink = RunningSink::start(&c, SinkName::Timescale);
-        sink.caught_up(&c, &c.timescale.group, &c.topics.enriched)
-            .await;
-        sink_rates.push(
-            sink.stop()
-                .await
-                .throughput()
-                .context("sink measured nothing")?,
-        );
+        sink_rates.push(sink_rate(&c, SinkName::Timescale, &c.timescale.group).await?);
         println!(
             "round {}: psql \\copy {:.0} rows/s, sink {:.0} rows/s",
             round + 1,
@@ -187,6 +180,20 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         0.5,
     );
     Ok(())
+}
+
+/// Run `sink` in group `group` until it has committed the whole enriched topic; its rate
+/// from its first record to its last commit.
+async fn sink_rate(config: &Config, sink: SinkName, group: &str) -> Result<f64> {
+    let mut running = RunningSink::start(config, sink);
+    running
+        .caught_up(config, group, &config.topics.enriched)
+        .await;
+    running
+        .stop()
+        .await
+        .throughput()
+        .context("sink measured nothing")
 }
 
 async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
@@ -214,15 +221,7 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
             let mut c = config.clone();
             c.elasticsearch.group = format!("{name}-sink{pass}");
             c.elasticsearch.index_prefix = format!("{name}-sink{pass}");
-            let mut sink = RunningSink::start(&c, SinkName::Elasticsearch);
-            sink.caught_up(&c, &c.elasticsearch.group, &c.topics.enriched)
-                .await;
-            sink_rates.push(
-                sink.stop()
-                    .await
-                    .throughput()
-                    .context("sink measured nothing")?,
-            );
+            sink_rates.push(sink_rate(&c, SinkName::Elasticsearch, &c.elasticsearch.group).await?);
         }
         let prefix = format!("{name}-bare{pass}");
         let mut bare_config = config.elasticsearch.clone();

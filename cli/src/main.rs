@@ -74,6 +74,10 @@ enum Command {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Also compare every stored row and document, field by field, with the newest
+        /// record of its event on the enriched topic (holds the window's records in memory).
+        #[arg(long)]
+        values: bool,
     },
     /// Run the demo pipeline end to end on a generated clickstream.
     Demo {
@@ -354,6 +358,7 @@ async fn main() -> Result<()> {
             to,
             bucket,
             tenant,
+            values,
         } => {
             let to = to.unwrap_or_else(chrono::Utc::now);
             if from >= to {
@@ -367,6 +372,7 @@ async fn main() -> Result<()> {
                 to,
                 bucket,
                 tenant,
+                values,
             };
             let report = sluice::audit::run(&config, &window).await?;
             print!("{}", report.render());

@@ -9,15 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_core::config::SchemaMode;
+use sluice_core::config::TimescaleConfig;
 use sluice_core::replay_scope::ReplayScope;
 use sluice_core::{telemetry, Config};
 use sluice_ingest::Ingest;
 use sluice_schemas::{AvroRecord, Codec, RegistryAuth, SchemaRegistry};
 use sluice_sinks::elasticsearch::{self as es, ElasticsearchWriter};
-use sluice_sinks::timescale::{self, SessionsWriter, TimescaleWriter};
+use sluice_sinks::timescale::{self, EventsWriter, SessionsWriter};
 use sluice_sinks::{run_sink, BatchWriter, SinkSpec, SinkStats};
 use sluice_stages::enrich::{Enricher, IpTable};
-use sluice_stages::parse::Parser;
+use sluice_stages::parse::{ParseRules, Parser};
 use sluice_stages::sessionize::{run_sessionize, SessionizeSpec, Windows};
 use sluice_stages::tenants::{Tenant, TenantDirectory};
 use sluice_stages::{run_stage, StageSpec, StageStats};
@@ -198,7 +199,7 @@ pub async fn run_stage_rewired(
                 &config.kafka,
                 &spec,
                 Arc::new(
-                    Parser::new(config.parse.max_event_bytes)
+                    Parser::new(ParseRules::of(&config.parse)?)
                         .with_codec(writing_codec(config, &t.parsed).await?),
                 ),
                 shutdown,
@@ -244,24 +245,35 @@ pub async fn run_stage_rewired(
             run_stage(&config.kafka, &spec, Arc::new(enricher), shutdown).await?
         }
         StageName::Sessionize => {
-            let c = &config.sessionize;
-            let spec = SessionizeSpec {
-                group: rewiring.group.clone().unwrap_or_else(|| c.group.clone()),
-                input: rewiring.input.clone().unwrap_or_else(|| t.enriched.clone()),
-                output: t.sessions.clone(),
-                dlq: t.dlq(&t.enriched),
-                windows: Windows {
-                    gap_ms: (c.gap_s * 1000) as i64,
-                    allowed_lateness_ms: (c.allowed_lateness_s * 1000) as i64,
-                },
-                input_codec: reading_codec(config)?,
-                output_codec: writing_codec(config, &t.sessions).await?,
-            };
+            let mut spec = sessionize_spec(config).await?;
+            if let Some(g) = &rewiring.group {
+                spec.group = g.clone();
+            }
+            if let Some(i) = &rewiring.input {
+                spec.input = i.clone();
+            }
             telemetry::process_readiness().set(true);
             run_sessionize(&config.kafka, &spec, shutdown).await?
         }
     };
     Ok(stats)
+}
+
+/// The sessionize stage's wiring from the configuration.
+pub async fn sessionize_spec(config: &Config) -> Result<SessionizeSpec> {
+    let (c, t) = (&config.sessionize, &config.topics);
+    Ok(SessionizeSpec {
+        group: c.group.clone(),
+        input: t.enriched.clone(),
+        output: t.sessions.clone(),
+        dlq: t.dlq(&t.enriched),
+        windows: Windows {
+            gap_ms: (c.gap_s * 1000) as i64,
+            allowed_lateness_ms: (c.allowed_lateness_s * 1000) as i64,
+        },
+        input_codec: reading_codec(config)?,
+        output_codec: writing_codec(config, &t.sessions).await?,
+    })
 }
 
 /// Load the tenant directory once; a failure is logged and recorded (lookups fail
@@ -340,7 +352,9 @@ pub async fn run_sink_rewired(
                 topic,
                 rewiring,
                 shutdown,
-                TimescaleWriter::new,
+                |pool, c, timescale| {
+                    EventsWriter::new(pool, c, timescale, rewiring.scope.is_some())
+                },
             )
             .await?
         }
@@ -373,14 +387,9 @@ pub async fn run_sink_rewired(
         }
         SinkName::Sessions => {
             let (group, topic) = (&config.timescale.sessions_group, &t.sessions);
-            database_sink(
-                config,
-                group,
-                topic,
-                rewiring,
-                shutdown,
-                SessionsWriter::new,
-            )
+            database_sink(config, group, topic, rewiring, shutdown, |pool, c, _| {
+                SessionsWriter::new(pool, &c.schema)
+            })
             .await?
         }
     };
@@ -395,7 +404,7 @@ async fn database_sink<W: BatchWriter + Sync + 'static>(
     topic: &str,
     rewiring: &Rewiring,
     shutdown: CancellationToken,
-    make: impl FnOnce(timescale::Pool, &str) -> W,
+    make: impl FnOnce(timescale::Pool, &TimescaleConfig, bool) -> W,
 ) -> Result<SinkStats> {
     let c = &config.timescale;
     let pool = timescale::pool(c)?;
@@ -418,7 +427,7 @@ async fn database_sink<W: BatchWriter + Sync + 'static>(
     let stats = run_sink(
         &config.kafka,
         &spec,
-        make(pool.clone(), &c.schema),
+        make(pool.clone(), c, timescale),
         reading_codec(config)?,
         shutdown,
     )

@@ -335,6 +335,8 @@ pub struct Outcome {
     pub interrupted: bool,
     /// After an interruption, the `--offsets` value that resumes it.
     pub resume: Option<String>,
+    /// What else it did, one line each (e.g. the aggregate ranges it refreshed).
+    pub notes: Vec<String>,
 }
 
 impl Outcome {
@@ -344,6 +346,9 @@ impl Outcome {
             "read {}  written {}  dead-lettered {}  skipped (tenant filter) {}",
             self.read, self.written, self.dead_lettered, self.skipped
         );
+        for note in &self.notes {
+            s += &format!("\n{note}");
+        }
         if let Some(resume) = &self.resume {
             s += &format!("\ninterrupted; to resume, run the same command with --offsets {resume}");
         } else if self.interrupted {
@@ -409,13 +414,10 @@ pub async fn run(
         Target::Stage(s) => (s.group(config), s.input(config)),
         Target::Sink(s) => (s.group(config), config.topics.enriched.as_str()),
     };
-    if matches!(target, Target::Stage(StageName::Sessionize)) && matches!(mode, Mode::FreshGroup(_))
-    {
-        // Its commits wait for open sessions, so a bounded run could never see them reach
-        // the end offsets.
-        bail!(
-            "--stage sessionize: replay it with --reset (its own group), not under a fresh group"
-        );
+    if let (Target::Stage(StageName::Sessionize), Mode::FreshGroup(name)) = (target, mode) {
+        // Sessions of a bounded range are recomputed in batch (a streaming run's commits
+        // wait for open sessions, and corrected events arrive out of order).
+        return replay_sessions(config, plan, name, filters, stop).await;
     }
     match mode {
         Mode::ResetGroup => reset(config, plan, group, input).map(|()| Outcome::default()),
@@ -423,6 +425,64 @@ pub async fn run(
             fresh(config, plan, target, fresh_group, filters, stop).await
         }
     }
+}
+
+/// Recompute the sessions of the plan's range in batch and emit them to the sessions
+/// topic, where the sessions sink replaces the sessions they overlap.
+async fn replay_sessions(
+    config: &Config,
+    plan: &Plan,
+    name: &str,
+    filters: &Filters,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    let mut spec = pipeline::sessionize_spec(config).await?;
+    spec.input = plan.topic.clone();
+    let scope = Arc::new(ReplayScope::new(
+        plan.ends(),
+        filters.tenant.clone(),
+        filters.rate,
+    ));
+    let ranges = plan
+        .ranges
+        .iter()
+        .map(|r| sluice_core::kafka::PartitionRange {
+            partition: r.partition,
+            start: r.start,
+            end: r.end,
+        })
+        .collect();
+    let done =
+        sluice_stages::sessionize::replay_sessions(&config.kafka, &spec, ranges, scope, name, stop)
+            .await
+            .context("sessionize replay")?;
+    let mut notes = Vec::new();
+    if done.at_edges > 0 {
+        notes.push(format!(
+            "{} session(s) within one gap ({} s) of the range's first or last event time were left as they are: they may continue outside the range; widen it to recompute them",
+            done.at_edges, config.sessionize.gap_s
+        ));
+    }
+    if done.undecodable > 0 {
+        notes.push(format!(
+            "{} record(s) did not decode and were left out",
+            done.undecodable
+        ));
+    }
+    if done.interrupted {
+        notes.push(
+            "interrupted before the end of the range: nothing was emitted; run it again".into(),
+        );
+    }
+    Ok(Outcome {
+        read: done.read,
+        skipped: done.skipped,
+        written: done.sessions,
+        dead_lettered: 0,
+        interrupted: done.interrupted,
+        resume: None,
+        notes,
+    })
 }
 
 /// Move the target's own group to the start of the range, refusing while it has members.
@@ -513,10 +573,10 @@ async fn fresh(
         match target {
             Target::Stage(name) => pipeline::run_stage_rewired(&cfg, name, &r, token)
                 .await
-                .map(|s| (s.consumed, s.published, s.dead_lettered)),
+                .map(|s| (s.consumed, s.published, s.dead_lettered, Vec::new())),
             Target::Sink(name) => pipeline::run_sink_rewired(&cfg, name, &r, token)
                 .await
-                .map(|s| (s.consumed, s.written, s.dead_lettered)),
+                .map(|s| (s.consumed, s.written, s.dead_lettered, s.settled)),
             Target::Copy(to) => anyhow::bail!("copying to {to} runs no stage or sink"),
         }
     });
@@ -543,7 +603,7 @@ async fn fresh(
         }
     }
     runner.cancel();
-    let (read, written, dead_lettered) = task.await.context("replay task")??;
+    let (read, written, dead_lettered, notes) = task.await.context("replay task")??;
     bar.finish_and_clear();
     if interrupted {
         committed = group_positions(config, group, &plan.topic)?;
@@ -556,6 +616,7 @@ async fn fresh(
         dead_lettered,
         interrupted,
         resume: (interrupted && !resume.is_empty()).then_some(resume),
+        notes,
     })
 }
 

@@ -221,6 +221,10 @@ pub struct ParseConfig {
     /// Exactly-once: longest a transaction stays open, in milliseconds (outputs become
     /// visible to `read_committed` readers when it commits).
     pub transaction_ms: u64,
+    /// Fields holding the event time, tried in order.
+    pub time_fields: Vec<String>,
+    /// IANA time zone of times written without an offset (`2026-11-23 10:00:00`).
+    pub timezone: String,
 }
 
 impl Default for ParseConfig {
@@ -232,6 +236,8 @@ impl Default for ParseConfig {
             exactly_once: false,
             transaction_max_records: 10_000,
             transaction_ms: 500,
+            time_fields: vec!["ts".into(), "timestamp".into(), "event_time".into()],
+            timezone: "UTC".into(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Names of the Kafka record headers Sluice sets, and helpers to read them.
 
-use rdkafka::message::{Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 /// Tenant that sent the event.
 pub const TENANT: &str = "sluice.tenant";
@@ -19,6 +19,16 @@ pub const EVENT_ID: &str = "sluice.event_id";
 pub const RAW_EVENT_ID: &str = "sluice.raw_event_id";
 /// Encoding of the record value (`json`, `avro-single-object`, `avro-confluent`).
 pub const ENCODING: &str = "sluice.encoding";
+/// When the stage that produced the record processed it, Unix milliseconds: the
+/// record's version. Sinks keep the newest processing of an event and ignore older ones,
+/// so a replay after a fix overwrites and a late re-delivery of an old result does not.
+pub const PROCESSED_AT_MS: &str = "sluice.processed_at_ms";
+/// The replay that produced the record (its consumer group); absent outside replays.
+/// `sluice audit` tells a replay's repeats from at-least-once redeliveries with it.
+pub const REPLAY: &str = "sluice.replay";
+
+/// Headers a stage sets on its own outputs; dropped from what it forwards.
+pub const STAGE_STAMPS: &[&str] = &[PROCESSED_AT_MS, REPLAY];
 
 /// Dead letters: topic the failed record came from.
 pub const DLQ_TOPIC: &str = "sluice.dlq.topic";
@@ -60,6 +70,49 @@ pub fn get<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The version of a record: its processing stamp, else its Kafka timestamp (records
+/// written before stamps existed), else 0.
+pub fn processed_at<M: rdkafka::message::Message>(msg: &M) -> i64 {
+    get(msg.headers(), PROCESSED_AT_MS)
+        .and_then(|v| v.parse().ok())
+        .or_else(|| msg.timestamp().to_millis())
+        .unwrap_or(0)
+}
+
+/// The headers a stage forwards from its input: all but the dead-letter headers, the
+/// previous stage's stamps and the keys in `replaced` (which the stage sets itself).
+pub fn forward<H: Headers>(input: Option<&H>, replaced: &[&str]) -> OwnedHeaders {
+    let mut out =
+        OwnedHeaders::new_with_capacity(input.map_or(0, Headers::count) + replaced.len() + 2);
+    if let Some(h) = input {
+        for header in h.iter().filter(|h| {
+            !replaced.contains(&h.key)
+                && !DEAD_LETTER.contains(&h.key)
+                && !STAGE_STAMPS.contains(&h.key)
+        }) {
+            out = out.insert(header);
+        }
+    }
+    out
+}
+
+/// Add a stage's stamps to one of its outputs: the processing time, and the replay
+/// that produced it, if any.
+pub fn stamp(headers: OwnedHeaders, processed_at_ms: i64, replay: Option<&str>) -> OwnedHeaders {
+    let at = processed_at_ms.to_string();
+    let h = headers.insert(Header {
+        key: PROCESSED_AT_MS,
+        value: Some(at.as_str()),
+    });
+    match replay {
+        Some(r) => h.insert(Header {
+            key: REPLAY,
+            value: Some(r),
+        }),
+        None => h,
+    }
 }
 
 /// Headers without any whose key is in `drop`.

@@ -216,11 +216,39 @@ pub fn scan(
     timeout: Duration,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<bool, KafkaAdminError> {
+    let ranges = ranges_since(kafka, topic, since_ms)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let next = read_ranges(
+        kafka,
+        topic,
+        &ranges,
+        || std::time::Instant::now() >= deadline,
+        |m| {
+            each(m);
+            Ok::<(), std::convert::Infallible>(())
+        },
+    )
+    .map_err(|e| match e {
+        ReadError::Kafka(k) => k,
+        ReadError::Each(never) => match never {},
+    })?;
+    Ok(ranges
+        .iter()
+        .all(|r| next.get(&r.partition).is_some_and(|n| *n >= r.end)))
+}
+
+/// The range of every partition of `topic` from the first record stamped at or after
+/// `since_ms` (or from the log start) to the end now. Blocking.
+pub fn ranges_since(
+    kafka: &KafkaConfig,
+    topic: &str,
+    since_ms: Option<i64>,
+) -> Result<Vec<PartitionRange>, KafkaAdminError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};
     let ends = end_offsets(kafka, topic)?;
     let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
+    let timeout = Duration::from_secs(10);
     let mut starts = TopicPartitionList::new();
     for &(p, _) in &ends {
         starts.add_partition_offset(
@@ -230,53 +258,116 @@ pub fn scan(
         )?;
     }
     if since_ms.is_some() {
-        starts = consumer.offsets_for_times(starts, Duration::from_secs(10))?;
+        starts = consumer.offsets_for_times(starts, timeout)?;
     }
-    let mut remaining: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
-    let mut tpl = TopicPartitionList::new();
+    let mut out = Vec::new();
     for e in starts.elements() {
         let end = ends
             .iter()
             .find(|(q, _)| *q == e.partition())
             .map_or(0, |(_, end)| *end);
-        let (low, _) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+        let (low, _) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
         let start = match e.offset() {
             Offset::Offset(o) => o.max(low),
             Offset::Beginning => low,
             // No record at or after `since_ms`.
             _ => end,
         };
-        if start < end {
-            tpl.add_partition_offset(topic, e.partition(), Offset::Offset(start))?;
-            remaining.insert(e.partition(), end);
-        }
+        out.push(PartitionRange {
+            partition: e.partition(),
+            start,
+            end,
+        });
     }
-    if remaining.is_empty() {
-        return Ok(true);
+    Ok(out)
+}
+
+/// Offsets `[start, end)` of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// Partition.
+    pub partition: i32,
+    /// First offset.
+    pub start: i64,
+    /// First offset after.
+    pub end: i64,
+}
+
+/// Why reading a range stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError<E> {
+    /// The consumer failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaAdminError),
+    /// The caller's handler failed.
+    #[error("{0}")]
+    Each(E),
+}
+
+impl<E> From<KafkaError> for ReadError<E> {
+    fn from(e: KafkaError) -> Self {
+        Self::Kafka(e.into())
     }
+}
+
+/// Call `each` with every record of `ranges` of `topic`, in offset order per partition,
+/// until every range is read, `stop()` is true, or `each` fails. Returns, per partition,
+/// the offset after the last record handed over (where a later read resumes). Gaps at a
+/// range's end (transaction markers) count as read. Uses no consumer group.
+/// Blocking: call from a blocking context.
+pub fn read_ranges<E>(
+    kafka: &KafkaConfig,
+    topic: &str,
+    ranges: &[PartitionRange],
+    stop: impl Fn() -> bool,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<std::collections::HashMap<i32, i64>, ReadError<E>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut next: std::collections::HashMap<i32, i64> =
+        ranges.iter().map(|r| (r.partition, r.start)).collect();
+    let end_of = |p: i32| {
+        ranges
+            .iter()
+            .find(|r| r.partition == p)
+            .map_or(0, |r| r.end)
+    };
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges.iter().filter(|r| r.start < r.end) {
+        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
+    }
+    if tpl.count() == 0 {
+        return Ok(next);
+    }
+    let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + timeout;
-    while !remaining.is_empty() && std::time::Instant::now() < deadline {
+    let done = |next: &std::collections::HashMap<i32, i64>| {
+        ranges
+            .iter()
+            .all(|r| next.get(&r.partition).is_some_and(|n| *n >= r.end))
+    };
+    while !done(&next) && !stop() {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                let Some(&end) = remaining.get(&m.partition()) else {
-                    continue;
-                };
-                if m.offset() < end {
-                    each(&m);
-                }
-                if m.offset() + 1 >= end {
-                    remaining.remove(&m.partition());
+                let p = m.partition();
+                if m.offset() < end_of(p) && next.get(&p).is_some_and(|n| m.offset() >= *n) {
+                    each(&m).map_err(ReadError::Each)?;
+                    next.insert(p, m.offset() + 1);
+                } else if m.offset() >= end_of(p) {
+                    next.insert(p, end_of(p).max(*next.get(&p).unwrap_or(&0)));
                 }
             }
             Some(Err(e)) => return Err(e.into()),
             None => {
-                // Gaps at the end of a partition (transaction markers) leave no record.
+                // Gaps at the end of a range (transaction markers) leave no record.
                 if let Ok(position) = consumer.position() {
                     for e in position.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            if remaining.get(&e.partition()).is_some_and(|end| o >= *end) {
-                                remaining.remove(&e.partition());
+                        if let (Offset::Offset(o), Some(n)) =
+                            (e.offset(), next.get_mut(&e.partition()))
+                        {
+                            if o > *n {
+                                *n = o.min(end_of(e.partition()));
                             }
                         }
                     }
@@ -284,7 +375,7 @@ pub fn scan(
             }
         }
     }
-    Ok(remaining.is_empty())
+    Ok(next)
 }
 
 /// How a topic on the broker differs from what the configuration asks for.

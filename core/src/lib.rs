@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod consumer_metrics;
+pub mod failure;
 pub mod headers;
 pub mod kafka;
 pub mod replay_scope;

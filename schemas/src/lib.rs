@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod compat;
+pub mod fields;
 pub mod registry;
 
 pub use codec::{Codec, Encoding};
@@ -127,6 +128,18 @@ impl CodecError {
     }
 }
 
+/// A record that does not decode: class `decode`, or a transient `registry` failure when
+/// its schema could not be fetched because the registry was unreachable.
+impl From<CodecError> for sluice_core::failure::Failure {
+    fn from(e: CodecError) -> Self {
+        if e.is_transient() {
+            Self::transient("registry", e.to_string())
+        } else {
+            Self::new("decode", e.to_string())
+        }
+    }
+}
+
 /// A record type with a compiled-in Avro schema.
 pub trait AvroRecord: Serialize + DeserializeOwned {
     /// The schema's name, for messages.
@@ -138,7 +151,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
 }
 
 /// A parsed clickstream/log event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClickEvent {
     /// Unique id; sinks use it for idempotence.
     pub event_id: String,
@@ -174,7 +187,7 @@ impl AvroRecord for ClickEvent {
 }
 
 /// A ClickEvent with user-agent, network/geo and tenant details added.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EnrichedEvent {
     /// Unique id; sinks use it for idempotence.
     pub event_id: String,

@@ -18,10 +18,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::failure::{DeadLetter, Failure};
 use sluice_core::headers;
 use sluice_core::replay_scope::{Admit, ReplayScope};
 use sluice_schemas::{AvroRecord, Codec};
-use sluice_stages::{DeadLetter, Failure};
 use tokio_util::sync::CancellationToken;
 
 /// A failure of a whole batch write.
@@ -35,18 +35,35 @@ pub enum WriteError {
     Fatal(String),
 }
 
+/// A record decoded from the input topic, with its version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<R> {
+    /// The record.
+    pub record: R,
+    /// When the stage that produced it processed it, Unix milliseconds
+    /// ([`headers::PROCESSED_AT_MS`]): of two versions of one event, the newer wins.
+    pub processed_at: i64,
+}
+
 /// A destination for batches of records (enriched events, session summaries).
 pub trait BatchWriter: Send {
     /// The record type written, decoded from the input topic.
     type Record: AvroRecord + Send + Sync + 'static;
     /// Name used in metrics, logs and dead-letter headers.
     fn name(&self) -> &'static str;
-    /// Write `records` idempotently. Returns the indices of records that can never be
-    /// written, with why; they are dead-lettered and the rest count as written.
+    /// Write `records` idempotently: the newest processing of each event wins, and an
+    /// older one arriving later changes nothing. Returns the indices of records that can
+    /// never be written, with why; they are dead-lettered and the rest count as written.
     fn write(
         &self,
-        records: &[Self::Record],
+        records: &[Versioned<Self::Record>],
     ) -> impl std::future::Future<Output = Result<Vec<(usize, Failure)>, WriteError>> + Send;
+    /// Do the work that writes deferred (e.g. refreshing the continuous aggregates they
+    /// touched). Called every few seconds and once more when the sink stops; returns
+    /// what it did, one line each, for the operator.
+    fn settle(&self) -> impl std::future::Future<Output = Result<Vec<String>, WriteError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// Why a sink stopped with an error.
@@ -85,7 +102,7 @@ pub struct SinkSpec {
 }
 
 /// Counts of what a sink did, returned when it stops.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SinkStats {
     /// Records consumed.
     pub consumed: u64,
@@ -99,6 +116,8 @@ pub struct SinkStats {
     pub first_record_at: Option<std::time::Instant>,
     /// When the last batch was committed.
     pub last_commit_at: Option<std::time::Instant>,
+    /// What the writer's deferred work did (see [`BatchWriter::settle`]), one line each.
+    pub settled: Vec<String>,
 }
 
 impl SinkStats {
@@ -193,7 +212,7 @@ fn decode_batch<R: AvroRecord>(
     codec: &Codec<R>,
     batch: &[OwnedMessage],
     scope: Option<&ReplayScope>,
-) -> Result<(Vec<R>, Vec<usize>, Vec<(usize, Failure)>), sluice_schemas::CodecError> {
+) -> Result<(Vec<Versioned<R>>, Vec<usize>, Vec<(usize, Failure)>), sluice_schemas::CodecError> {
     let mut events = Vec::with_capacity(batch.len());
     let mut sources = Vec::with_capacity(batch.len());
     let mut dead = Vec::new();
@@ -202,8 +221,11 @@ fn decode_batch<R: AvroRecord>(
             continue;
         }
         match codec.decode(msg.payload().unwrap_or_default()) {
-            Ok(e) => {
-                events.push(e);
+            Ok(record) => {
+                events.push(Versioned {
+                    record,
+                    processed_at: headers::processed_at(msg),
+                });
                 sources.push(i);
             }
             Err(e) if e.is_transient() => return Err(e),
@@ -255,6 +277,10 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     tracing::info!(sink = name, input = %spec.input, group = %spec.group, slots, "sink started");
 
     let mut full_since: Option<tokio::time::Instant> = None;
+    // The writer's deferred work runs beside the writes, one run at a time.
+    let mut settle_tick = tokio::time::interval(SETTLE_EVERY);
+    settle_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut settling: Option<tokio::task::JoinHandle<Result<Vec<String>, WriteError>>> = None;
     while consuming || !in_flight.is_empty() {
         // Backpressure: with four batches waiting, take no more records until a write
         // finishes. Only when that lasts (the destination is slow or down) are the
@@ -326,6 +352,14 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(count as u64);
             }
             _ = shutdown.cancelled(), if consuming => consuming = false,
+            _ = settle_tick.tick(), if settling.is_none() => {
+                let w = writer.clone();
+                settling = Some(tokio::spawn(async move { w.settle().await }));
+            }
+            done = async { settling.as_mut().expect("guarded").await }, if settling.is_some() => {
+                settling = None;
+                settled(name, done, &mut stats.settled);
+            }
             m = consumer.recv(), if consuming && (!full || paused) => match m {
                 Ok(m) => {
                     let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(m.partition(), m.offset(), m.headers()));
@@ -357,8 +391,42 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = name, error = %e, "final commit");
     }
-    tracing::info!(sink = name, ?stats, "sink stopped");
+    // Last, the deferred work of everything written (e.g. a replay's aggregates).
+    if let Some(running) = settling.take() {
+        settled(name, running.await, &mut stats.settled);
+    }
+    settled(name, Ok(writer.settle().await), &mut stats.settled);
+    tracing::info!(
+        sink = name,
+        consumed = stats.consumed,
+        written = stats.written,
+        dead_lettered = stats.dead_lettered,
+        batches = stats.batches,
+        "sink stopped"
+    );
     Ok(stats)
+}
+
+/// How often a sink runs its writer's deferred work.
+const SETTLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Log and keep what a run of the writer's deferred work did; a failed run is retried at
+/// the next one.
+fn settled(
+    sink: &'static str,
+    result: Result<Result<Vec<String>, WriteError>, tokio::task::JoinError>,
+    into: &mut Vec<String>,
+) {
+    match result {
+        Ok(Ok(lines)) => {
+            for line in &lines {
+                tracing::info!(sink, "{line}");
+            }
+            into.extend(lines);
+        }
+        Ok(Err(e)) => tracing::warn!(sink, error = %e, "deferred work failed; retrying later"),
+        Err(e) => tracing::warn!(sink, error = %e, "deferred work panicked; retrying later"),
+    }
 }
 
 /// End-to-end latency of each committed record: from ingest's receipt to now.

@@ -5,4 +5,35 @@ pub mod consumer;
 pub mod elasticsearch;
 pub mod timescale;
 
-pub use consumer::{run_sink, BatchWriter, SinkSpec, SinkStats, WriteError};
+pub use consumer::{run_sink, BatchWriter, SinkSpec, SinkStats, Versioned, WriteError};
+
+/// What a sink holds of one event, read back for `sluice audit` and `replay --diff`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// Tenant.
+    pub tenant: String,
+    /// Event id.
+    pub event_id: String,
+    /// When ingest received it, Unix milliseconds.
+    pub received_at: i64,
+    /// Its version (processing stamp), Unix milliseconds; 0 when unknown.
+    pub processed_at: i64,
+    /// The whole event, when asked for.
+    pub event: Option<sluice_schemas::EnrichedEvent>,
+}
+
+/// Which stored events to read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Events received (by ingest) in `[from, to)`, Unix milliseconds, of one tenant or all.
+    Received {
+        /// First millisecond.
+        from: i64,
+        /// First millisecond after.
+        to: i64,
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+    /// These events, by `(tenant, event_id)`.
+    Events(Vec<(String, String)>),
+}

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
 
-use crate::dead_letter::Failure;
 use crate::runtime::{Output, Transform};
+use sluice_core::failure::Failure;
 
 /// Why the enrich stage could not start.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +212,7 @@ impl Transform for Enricher {
         let event = self
             .input
             .decode(msg.payload().unwrap_or_default())
-            .map_err(Failure::of_decode)?;
+            .map_err(Failure::from)?;
         let tenant = match &self.tenants {
             Some(directory) => directory.lookup(&event.tenant)?,
             None => None,
@@ -226,11 +226,7 @@ impl Transform for Enricher {
             .output
             .encode(&enriched)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
-        let out_headers = headers::without(
-            msg.headers(),
-            &[&[headers::ENCODING][..], headers::DEAD_LETTER].concat(),
-        )
-        .insert(Header {
+        let out_headers = headers::forward(msg.headers(), &[headers::ENCODING]).insert(Header {
             key: headers::ENCODING,
             value: Some(self.output.encoding().as_str()),
         });

@@ -24,8 +24,8 @@ use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::replay_scope::Admit;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DeadLetter;
 use crate::runtime::{Held, Output, StageError, StageSpec, StageStats, Transform};
+use sluice_core::failure::DeadLetter;
 
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,7 +146,7 @@ pub async fn run_exactly_once<T: Transform>(
                     Ok(outputs) => {
                         batch.stats.published += outputs.len() as u64;
                         records_out.increment(outputs.len() as u64);
-                        outputs.into_iter().map(|o| (spec.output.as_str(), o)).collect()
+                        crate::runtime::stamped(outputs, spec).into_iter().map(|o| (spec.output.as_str(), o)).collect()
                     }
                     Err(failure) => {
                         batch.stats.dead_lettered += 1;

@@ -2,7 +2,6 @@
 //! record and publish to the next, dead-lettering what fails. Holds the runtime and the
 //! built-in parse and enrich stages.
 
-pub mod dead_letter;
 pub mod enrich;
 pub mod exactly_once;
 pub mod offsets;
@@ -12,5 +11,5 @@ pub mod runtime;
 pub mod sessionize;
 pub mod tenants;
 
-pub use dead_letter::{DeadLetter, Failure};
 pub use runtime::{run_stage, Output, StageSpec, StageStats, Transform};
+pub use sluice_core::failure::{DeadLetter, Failure};

@@ -16,22 +16,71 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
-use crate::dead_letter::Failure;
 use crate::runtime::{Output, Transform};
+use sluice_core::failure::Failure;
 
 /// Epoch values below this are seconds (in seconds it is year 5138; in ms, 1973).
 const SECONDS_BELOW: i64 = 100_000_000_000;
 
+/// How the parse stage reads events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParseRules {
+    /// Longer raw events are dead-lettered as `oversized`.
+    pub max_event_bytes: usize,
+    /// Fields holding the event time, tried in order.
+    pub time_fields: Vec<String>,
+    /// Time zone of times written without an offset.
+    pub timezone: chrono_tz::Tz,
+}
+
+impl Default for ParseRules {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 1024 * 1024,
+            time_fields: vec!["ts".into(), "timestamp".into(), "event_time".into()],
+            timezone: chrono_tz::UTC,
+        }
+    }
+}
+
+/// Why the parse settings are wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseConfigError {
+    /// The time zone is not an IANA name.
+    #[error("parse.timezone: {0:?} is not an IANA time zone name such as \"Europe/Berlin\"")]
+    Timezone(String),
+    /// No time field is given.
+    #[error("parse.time_fields: give at least one field name")]
+    NoTimeFields,
+}
+
+impl ParseRules {
+    /// The rules of the `[parse]` settings.
+    pub fn of(config: &sluice_core::config::ParseConfig) -> Result<Self, ParseConfigError> {
+        if config.time_fields.is_empty() {
+            return Err(ParseConfigError::NoTimeFields);
+        }
+        Ok(Self {
+            max_event_bytes: config.max_event_bytes,
+            time_fields: config.time_fields.clone(),
+            timezone: config
+                .timezone
+                .parse()
+                .map_err(|_| ParseConfigError::Timezone(config.timezone.clone()))?,
+        })
+    }
+}
+
 /// The parse stage.
 #[derive(Debug)]
 pub struct Parser {
-    max_event_bytes: usize,
+    rules: ParseRules,
     codec: Arc<Codec<ClickEvent>>,
 }
 
 impl Default for Parser {
     fn default() -> Self {
-        Self::new(1024 * 1024)
+        Self::new(ParseRules::default())
     }
 }
 
@@ -47,10 +96,10 @@ pub struct RawMeta<'a> {
 }
 
 impl Parser {
-    /// A parser dead-lettering events longer than `max_event_bytes`.
-    pub fn new(max_event_bytes: usize) -> Self {
+    /// A parser following `rules`.
+    pub fn new(rules: ParseRules) -> Self {
         Self {
-            max_event_bytes,
+            rules,
             codec: CLICK_EVENTS.clone(),
         }
     }
@@ -63,12 +112,12 @@ impl Parser {
 
     /// Parse one raw line.
     pub fn parse(&self, line: &[u8], meta: RawMeta<'_>) -> Result<ClickEvent, Failure> {
-        if line.len() > self.max_event_bytes {
+        if line.len() > self.rules.max_event_bytes {
             return Err(Failure::new(
                 "oversized",
                 format!(
                     "event: at most {} bytes (parse.max_event_bytes), got {}",
-                    self.max_event_bytes,
+                    self.rules.max_event_bytes,
                     line.len()
                 ),
             ));
@@ -91,16 +140,19 @@ impl Parser {
                 .ok_or_else(|| Failure::new("validation", "field `type`: required, missing"))?,
         };
         let mut event_time = None;
-        for field in ["ts", "timestamp", "event_time"] {
+        for field in &self.rules.time_fields {
             if let Some(v) = obj.remove(field) {
-                event_time = Some(parse_time(field, &v)?);
+                event_time = Some(parse_time(field, &v, self.rules.timezone)?);
                 break;
             }
         }
         let event_time = event_time.ok_or_else(|| {
             Failure::new(
                 "validation",
-                "field `ts`: required (RFC 3339 or epoch ms/s), missing",
+                format!(
+                    "field `{}`: required (RFC 3339 or epoch ms/s), missing",
+                    self.rules.time_fields.join("` or `")
+                ),
             )
         })?;
         let event_id = take_str(&mut obj, "event_id")?.unwrap_or_else(|| meta.event_id.to_string());
@@ -167,7 +219,7 @@ impl Transform for Parser {
             .encode(&event)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
         let replaced = [headers::EVENT_ID, headers::RAW_EVENT_ID, headers::ENCODING];
-        let out_headers = headers::without(h, &[&replaced[..], headers::DEAD_LETTER].concat())
+        let out_headers = headers::forward(h, &replaced)
             .insert(Header {
                 key: headers::EVENT_ID,
                 value: Some(event.event_id.as_str()),
@@ -235,8 +287,25 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// A time as Unix milliseconds: RFC 3339 text, or epoch milliseconds or seconds.
-fn parse_time(field: &str, v: &Value) -> Result<i64, Failure> {
+/// A time written without an offset (`2026-11-23T10:00:00`, `2026-11-23 10:00:00.250`),
+/// read in `tz`. `None` when the text is not such a time; an error when the local time
+/// does not exist there (skipped by a daylight-saving change).
+fn naive_time(s: &str, tz: chrono_tz::Tz) -> Option<Result<i64, String>> {
+    use chrono::TimeZone;
+    let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(s, f).ok())?;
+    Some(
+        tz.from_local_datetime(&naive)
+            .earliest()
+            .map(|t| t.timestamp_millis())
+            .ok_or_else(|| format!("{s:?} does not exist in time zone {tz} (parse.timezone)")),
+    )
+}
+
+/// A time as Unix milliseconds: RFC 3339 text, a time without offset (read in `tz`), or
+/// epoch milliseconds or seconds.
+fn parse_time(field: &str, v: &Value, tz: chrono_tz::Tz) -> Result<i64, Failure> {
     let bad = |got: String| {
         Failure::new(
             "validation",
@@ -244,10 +313,20 @@ fn parse_time(field: &str, v: &Value) -> Result<i64, Failure> {
         )
     };
     match v {
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
-            .map(|t| t.timestamp_millis())
-            .or_else(|_| s.parse::<i64>().map(epoch_to_ms))
-            .map_err(|_| bad(format!("{s:?}"))),
+        Value::String(s) => match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(t) => Ok(t.timestamp_millis()),
+            Err(_) => match naive_time(s, tz) {
+                Some(Ok(ms)) => Ok(ms),
+                Some(Err(why)) => Err(Failure::new(
+                    "validation",
+                    format!("field `{field}`: {why}"),
+                )),
+                None => s
+                    .parse::<i64>()
+                    .map(epoch_to_ms)
+                    .map_err(|_| bad(format!("{s:?}"))),
+            },
+        },
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => Ok(epoch_to_ms(i)),
             (None, Some(f)) if f.is_finite() && f.abs() < 1e16 => Ok(epoch_to_ms_f(f)),
@@ -323,6 +402,57 @@ mod tests {
     }
 
     #[test]
+    fn times_without_offset_are_read_in_the_configured_zone() {
+        let line = r#"{"user_id":"u","type":"click","ts":"2026-11-20T22:30:00"}"#;
+        let utc = parse(line).unwrap().event_time;
+        assert_eq!(utc, 1_795_213_800_000); // 2026-11-20T22:30:00Z
+        let ny = ParseRules {
+            timezone: chrono_tz::America::New_York,
+            ..ParseRules::default()
+        };
+        let moved = Parser::new(ny.clone())
+            .parse(line.as_bytes(), META)
+            .unwrap();
+        // 22:30 in New York (UTC-5 in November) is 03:30 UTC the next day.
+        assert_eq!(moved.event_time - utc, 5 * 3_600_000);
+        let spaced = r#"{"user_id":"u","type":"click","ts":"2026-11-20 22:30:00.5"}"#;
+        assert_eq!(parse(spaced).unwrap().event_time, utc + 500);
+        // 02:30 on 2026-03-08 does not exist in New York (clocks jump 02:00 → 03:00).
+        let gap = r#"{"user_id":"u","type":"click","ts":"2026-03-08T02:30:00"}"#;
+        let f = Parser::new(ny).parse(gap.as_bytes(), META).unwrap_err();
+        assert!(f.reason.contains("does not exist"), "{f}");
+    }
+
+    #[test]
+    fn time_fields_and_zone_come_from_the_settings() {
+        let mut c = sluice_core::config::ParseConfig {
+            time_fields: vec!["when".into()],
+            timezone: "Europe/Berlin".into(),
+            ..Default::default()
+        };
+        let p = Parser::new(ParseRules::of(&c).unwrap());
+        let e = p
+            .parse(
+                br#"{"user_id":"u","type":"t","when":1795428000,"ts":"x"}"#,
+                META,
+            )
+            .unwrap();
+        assert_eq!(e.event_time, 1_795_428_000_000);
+        assert_eq!(
+            e.extra["ts"], "\"x\"",
+            "a field no longer read as the time is kept"
+        );
+        let f = p.parse(br#"{"user_id":"u","type":"t"}"#, META).unwrap_err();
+        assert!(f.reason.starts_with("field `when`: required"), "{f}");
+        c.timezone = "Mars/Olympus".into();
+        let err = ParseRules::of(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("parse.timezone") && err.contains("Mars/Olympus"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn client_event_id_wins() {
         let e = parse(r#"{"user_id":"u","type":"click","ts":1,"event_id":"mine"}"#).unwrap();
         assert_eq!(e.event_id, "mine");
@@ -354,7 +484,7 @@ mod tests {
         );
         assert_eq!(
             reason(r#"{"user_id":"u","type":"x"}"#),
-            "validation: field `ts`: required (RFC 3339 or epoch ms/s), missing"
+            "validation: field `ts` or `timestamp` or `event_time`: required (RFC 3339 or epoch ms/s), missing"
         );
         assert_eq!(
             reason(r#"{"user_id":"u","type":"x","ts":1,"url":5}"#),
@@ -465,7 +595,11 @@ mod properties {
             r#"{{"user_id":"u","type":"t","ts":1,"pad":"{}"}}"#,
             "x".repeat(100)
         );
-        let f = Parser::new(64).parse(line.as_bytes(), META).unwrap_err();
+        let rules = ParseRules {
+            max_event_bytes: 64,
+            ..ParseRules::default()
+        };
+        let f = Parser::new(rules).parse(line.as_bytes(), META).unwrap_err();
         assert_eq!(f.class, "oversized");
         assert!(
             f.reason.contains("at most 64 bytes") && f.reason.contains(&line.len().to_string()),

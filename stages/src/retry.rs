@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rdkafka::message::Message;
 
-use crate::dead_letter::Failure;
 use crate::runtime::{Output, Transform};
+use sluice_core::failure::Failure;
 
 /// How transient failures are retried.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,8 +21,8 @@ use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::replay_scope::{Admit, ReplayScope};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetter, Failure};
 use crate::offsets::OffsetTracker;
+use sluice_core::failure::{DeadLetter, Failure};
 
 /// One record a transform produces for the stage's output topic.
 #[derive(Debug, Clone)]
@@ -49,6 +49,12 @@ pub enum StageError {
     /// A Kafka client failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// Reading a range of a topic failed.
+    #[error("{0}")]
+    Admin(#[from] sluice_core::kafka::KafkaAdminError),
+    /// An output does not encode (a defect of the stage).
+    #[error("encoding an output: {0}")]
+    Encode(String),
 }
 
 /// Where a stage reads from and writes to.
@@ -272,7 +278,7 @@ pub async fn run_stage<T: Transform>(
                     Ok(outputs) => {
                         stats.published += outputs.len() as u64;
                         records_out.increment(outputs.len() as u64);
-                        (outputs, &spec.output)
+                        (stamped(outputs, spec), &spec.output)
                     }
                     Err(failure) => {
                         stats.dead_lettered += 1;
@@ -327,6 +333,19 @@ pub async fn run_stage<T: Transform>(
     }
     tracing::info!(stage = name, ?stats, "stage stopped");
     Ok(stats)
+}
+
+/// Stamp a record's outputs with this processing (and the replay running it, if any).
+pub(crate) fn stamped(outputs: Vec<Output>, spec: &StageSpec) -> Vec<Output> {
+    let now = sluice_core::now_ms();
+    let replay = spec.scope.is_some().then_some(spec.group.as_str());
+    outputs
+        .into_iter()
+        .map(|o| Output {
+            headers: sluice_core::headers::stamp(o.headers, now, replay),
+            ..o
+        })
+        .collect()
 }
 
 fn store(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, partition: i32, through: i64) {

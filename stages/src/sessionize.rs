@@ -13,19 +13,23 @@
 //! sessions table absorbs. Nothing is lost or counted twice.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::headers;
+use sluice_core::kafka::PartitionRange;
+use sluice_core::replay_scope::ReplayScope;
 use sluice_schemas::{Codec, EnrichedEvent, SessionSummary};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::{DeadLetter, Failure};
 use crate::runtime::{StageError, StageStats};
+use sluice_core::failure::{DeadLetter, Failure};
 
 /// Window settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,24 +40,99 @@ pub struct Windows {
     pub allowed_lateness_ms: i64,
 }
 
-#[derive(Debug, Clone)]
+/// One event of a session, as sessionize needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Click {
+    /// Tenant.
+    pub tenant: String,
+    /// User.
+    pub user: String,
+    /// Event id: a later version of the same event replaces the earlier one.
+    pub event_id: String,
+    /// Event time, Unix milliseconds.
+    pub at: i64,
+    /// Whether it is a page view.
+    pub page_view: bool,
+    /// Its processing stamp.
+    pub version: i64,
+}
+
+impl Click {
+    /// What sessionize needs of an enriched event at version `version`.
+    pub fn of(e: &EnrichedEvent, version: i64) -> Self {
+        Self {
+            tenant: e.tenant.clone(),
+            user: e.user_id.clone(),
+            event_id: e.event_id.clone(),
+            at: e.event_time,
+            page_view: e.event_type == "page_view",
+            version,
+        }
+    }
+}
+
+/// An event in an open session.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    at: i64,
+    page_view: bool,
+    version: i64,
+    offset: i64,
+}
+
+#[derive(Debug, Clone, Default)]
 struct Open {
+    /// Events by id.
+    members: HashMap<String, Member>,
     start: i64,
     end: i64,
     page_views: i32,
-    events: i32,
-    first_offset: i64,
-    last_offset: i64,
 }
+
+impl Open {
+    fn insert(&mut self, id: String, m: Member) {
+        if self.members.is_empty() {
+            (self.start, self.end) = (m.at, m.at);
+        }
+        self.start = self.start.min(m.at);
+        self.end = self.end.max(m.at);
+        self.page_views += i32::from(m.page_view);
+        self.members.insert(id, m);
+    }
+
+    /// Take an event out; the span shrinks to what is left.
+    fn remove(&mut self, id: &str) {
+        if let Some(m) = self.members.remove(id) {
+            self.page_views -= i32::from(m.page_view);
+            self.start = self.members.values().map(|m| m.at).min().unwrap_or(0);
+            self.end = self.members.values().map(|m| m.at).max().unwrap_or(0);
+        }
+    }
+
+    fn first_offset(&self) -> i64 {
+        self.members.values().map(|m| m.offset).min().unwrap_or(0)
+    }
+
+    fn last_offset(&self) -> i64 {
+        self.members.values().map(|m| m.offset).max().unwrap_or(0)
+    }
+}
+
+/// A user of a tenant.
+type UserKey = (String, String);
 
 /// The sessions of one partition.
 #[derive(Debug)]
 pub struct Sessionizer {
     windows: Windows,
-    open: HashMap<(String, String), Open>,
+    open: HashMap<UserKey, Open>,
+    /// Which open session holds each event, by (tenant, event id).
+    holder: HashMap<(String, String), UserKey>,
     newest: Option<i64>,
     /// Offset ranges of emitted sessions that may still straddle the commit point.
     closed: Vec<(i64, i64)>,
+    /// Events already in an open session at the same or a newer version (repeats).
+    repeats: u64,
 }
 
 /// An event older than the watermark that no open session takes.
@@ -69,8 +148,10 @@ impl Sessionizer {
         Self {
             windows,
             open: HashMap::new(),
+            holder: HashMap::new(),
             newest: None,
             closed: Vec::new(),
+            repeats: 0,
         }
     }
 
@@ -79,29 +160,48 @@ impl Sessionizer {
         self.newest.map(|n| n - self.windows.allowed_lateness_ms)
     }
 
-    /// Add one event at `offset`. Returns the session it closed, if it started a new one
+    /// Events ignored so far because an open session held them at the same or a newer
+    /// version (at-least-once repeats upstream, or a stale re-delivery).
+    pub fn repeats(&self) -> u64 {
+        self.repeats
+    }
+
+    /// Add one event at `offset`. A later version of an event an open session holds
+    /// replaces it (even in another user's session, or at another time); the same or an
+    /// older version is ignored. Returns the session it closed, if it started a new one
     /// for a user whose previous session had ended.
-    pub fn add(
-        &mut self,
-        tenant: &str,
-        user: &str,
-        page_view: bool,
-        at: i64,
-        offset: i64,
-    ) -> Result<Option<SessionSummary>, Late> {
+    pub fn add(&mut self, c: &Click, offset: i64) -> Result<Option<SessionSummary>, Late> {
+        let id = (c.tenant.clone(), c.event_id.clone());
+        if let Some(key) = self.holder.get(&id) {
+            let held = self.open.get(key).and_then(|s| s.members.get(&c.event_id));
+            if held.is_some_and(|m| m.version >= c.version) {
+                self.repeats += 1;
+                return Ok(None);
+            }
+            // A newer version: take the old one out of its session first.
+            let key = key.clone();
+            if let Some(s) = self.open.get_mut(&key) {
+                s.remove(&c.event_id);
+                if s.members.is_empty() {
+                    self.open.remove(&key);
+                }
+            }
+            self.holder.remove(&id);
+        }
         let gap = self.windows.gap_ms;
-        let key = (tenant.to_string(), user.to_string());
+        let key = (c.tenant.clone(), c.user.clone());
+        let at = c.at;
+        let member = Member {
+            at,
+            page_view: c.page_view,
+            version: c.version,
+            offset,
+        };
         let fits = |s: &Open| at >= s.start - gap && at <= s.end + gap;
         let watermark = self.watermark();
         let mut closed = None;
         match self.open.get_mut(&key) {
-            Some(s) if fits(s) => {
-                s.start = s.start.min(at);
-                s.end = s.end.max(at);
-                s.events += 1;
-                s.page_views += i32::from(page_view);
-                s.last_offset = offset;
-            }
+            Some(s) if fits(s) => s.insert(c.event_id.clone(), member),
             existing => {
                 if let Some(w) = watermark {
                     let before_open = existing.as_ref().is_some_and(|s| at < s.start);
@@ -112,35 +212,22 @@ impl Sessionizer {
                 if let Some(prev) = self.open.remove(&key) {
                     closed = Some(self.emit(&key, prev));
                 }
-                self.open.insert(
-                    key,
-                    Open {
-                        start: at,
-                        end: at,
-                        page_views: i32::from(page_view),
-                        events: 1,
-                        first_offset: offset,
-                        last_offset: offset,
-                    },
-                );
+                let mut s = Open::default();
+                s.insert(c.event_id.clone(), member);
+                self.open.insert(key.clone(), s);
             }
         }
+        self.holder.insert(id, key);
         self.newest = Some(self.newest.map_or(at, |n| n.max(at)));
         Ok(closed)
     }
 
-    fn emit(&mut self, key: &(String, String), s: Open) -> SessionSummary {
-        self.closed.push((s.first_offset, s.last_offset));
-        SessionSummary {
-            session_id: format!("{}-{}", key.1, s.start),
-            tenant: key.0.clone(),
-            user_id: key.1.clone(),
-            started_at: s.start,
-            ended_at: s.end,
-            page_views: s.page_views,
-            events: s.events,
-            duration_ms: s.end - s.start,
+    fn emit(&mut self, key: &UserKey, s: Open) -> SessionSummary {
+        self.closed.push((s.first_offset(), s.last_offset()));
+        for id in s.members.keys() {
+            self.holder.remove(&(key.0.clone(), id.clone()));
         }
+        summary(key, s.start, s.end, s.page_views, s.members.len() as i32)
     }
 
     /// Close and return every session the watermark has passed (end + gap), oldest first.
@@ -149,7 +236,7 @@ impl Sessionizer {
             return Vec::new();
         };
         let gap = self.windows.gap_ms;
-        let mut due: Vec<(String, String)> = self
+        let mut due: Vec<UserKey> = self
             .open
             .iter()
             .filter(|(_, s)| s.end + gap < w)
@@ -167,7 +254,7 @@ impl Sessionizer {
         let mut point = self
             .open
             .values()
-            .map(|s| s.first_offset)
+            .map(Open::first_offset)
             .min()
             .unwrap_or(next)
             .min(next);
@@ -187,6 +274,73 @@ impl Sessionizer {
         self.closed.retain(|(_, last)| *last >= point);
         point
     }
+}
+
+fn summary(key: &UserKey, start: i64, end: i64, page_views: i32, events: i32) -> SessionSummary {
+    SessionSummary {
+        session_id: format!("{}-{start}", key.1),
+        tenant: key.0.clone(),
+        user_id: key.1.clone(),
+        started_at: start,
+        ended_at: end,
+        page_views,
+        events,
+        duration_ms: end - start,
+    }
+}
+
+/// The sessions of a finished set of events (a replayed range), in batch: the newest
+/// version of each event, per user in time order, split where the gap is exceeded.
+/// Sessions within one gap of the earliest or latest event time of the set may continue
+/// outside it, so they are left out; returns them counted apart.
+pub fn sessions_of(clicks: &[Click], gap_ms: i64) -> (Vec<SessionSummary>, usize) {
+    let mut newest: HashMap<(&str, &str), &Click> = HashMap::new();
+    for c in clicks {
+        newest
+            .entry((c.tenant.as_str(), c.event_id.as_str()))
+            .and_modify(|n| {
+                if c.version >= n.version {
+                    *n = c;
+                }
+            })
+            .or_insert(c);
+    }
+    let (Some(first), Some(last)) = (
+        newest.values().map(|c| c.at).min(),
+        newest.values().map(|c| c.at).max(),
+    ) else {
+        return (Vec::new(), 0);
+    };
+    let mut by_user: HashMap<UserKey, Vec<&Click>> = HashMap::new();
+    for c in newest.into_values() {
+        by_user
+            .entry((c.tenant.clone(), c.user.clone()))
+            .or_default()
+            .push(c);
+    }
+    let (mut out, mut edges) = (Vec::new(), 0);
+    for (key, mut cs) in by_user {
+        cs.sort_by_key(|c| c.at);
+        let mut i = 0;
+        while i < cs.len() {
+            let mut j = i + 1;
+            while j < cs.len() && cs[j].at - cs[j - 1].at <= gap_ms {
+                j += 1;
+            }
+            let (start, end) = (cs[i].at, cs[j - 1].at);
+            if start - gap_ms < first || end + gap_ms > last {
+                edges += 1;
+            } else {
+                let views = cs[i..j].iter().filter(|c| c.page_view).count() as i32;
+                out.push(summary(&key, start, end, views, (j - i) as i32));
+            }
+            i = j;
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.started_at, &a.tenant, &a.user_id).cmp(&(b.started_at, &b.tenant, &b.user_id))
+    });
+    (out, edges)
 }
 
 /// Where the sessionize stage reads and writes.
@@ -214,7 +368,6 @@ pub async fn run_sessionize(
     spec: &SessionizeSpec,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
-    const NAME: &str = "sessionize";
     let mut consumer_config = kafka.consumer_config(&spec.group);
     consumer_config.set("enable.auto.commit", "false");
     let consumer: StreamConsumer<MeteredConsumer> =
@@ -224,6 +377,9 @@ pub async fn run_sessionize(
     let mut partitions: HashMap<i32, (Sessionizer, i64)> = HashMap::new();
     let mut stats = StageStats::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => NAME, "topic" => spec.input.clone());
+    let replayed_late = metrics::counter!("sluice_stage_skipped_total", "stage" => NAME, "reason" => "replayed_late");
+    replayed_late.increment(0);
     tracing::info!(input = %spec.input, output = %spec.output, group = %spec.group, "sessionize started");
     loop {
         tokio::select! {
@@ -240,24 +396,30 @@ pub async fn run_sessionize(
                     }
                 };
                 stats.consumed += 1;
-                metrics::counter!("sluice_stage_records_in_total", "stage" => NAME, "topic" => spec.input.clone()).increment(1);
+                records_in.increment(1);
                 let (p, offset) = (msg.partition(), msg.offset());
                 let entry = partitions
                     .entry(p)
                     .or_insert_with(|| (Sessionizer::new(spec.windows), offset));
                 entry.1 = offset + 1;
                 let failure = match spec.input_codec.decode(msg.payload().unwrap_or_default()) {
-                    Err(e) => Some(Failure::of_decode(e)),
-                    Ok(e) => match entry.0.add(&e.tenant, &e.user_id, e.event_type == "page_view", e.event_time, offset) {
+                    Err(e) => Some(Failure::from(e)),
+                    Ok(e) => match entry.0.add(&Click::of(&e, headers::processed_at(&msg)), offset) {
                         Ok(closed) => {
                             let mut out: Vec<SessionSummary> = closed.into_iter().collect();
                             out.extend(entry.0.close_due());
-                            let dl = None;
+                            let now = sluice_core::now_ms();
                             for s in out {
-                                emit(&producer, &spec.output, &spec.output_codec, &s).await;
+                                emit(&producer, &spec.output, &spec.output_codec, &s, now, None).await?;
                                 stats.published += 1;
                             }
-                            dl
+                            None
+                        }
+                        // A replay's correction of old events is too late for the live
+                        // sessions: `sluice replay --stage sessionize` recomputes them.
+                        Err(_) if headers::get(msg.headers(), headers::REPLAY).is_some() => {
+                            replayed_late.increment(1);
+                            None
                         }
                         Err(late) => Some(Failure::new(
                             "late",
@@ -284,30 +446,54 @@ pub async fn run_sessionize(
         }
     }
     commit(&consumer, &spec.input, &mut partitions);
-    tracing::info!(?stats, "sessionize stopped");
+    tracing::info!(
+        consumed = stats.consumed,
+        published = stats.published,
+        dead_lettered = stats.dead_lettered,
+        "sessionize stopped"
+    );
     Ok(stats)
 }
 
-/// Send one summary and wait for its ack (sessions are few; commits follow acks).
+/// The stage's name in metrics, logs and dead letters.
+const NAME: &str = "sessionize";
+
+/// Send one summary, stamped with `processed_at` (and the replay, if any), and wait for
+/// its ack (sessions are few; commits follow acks). A summary that does not encode is a
+/// defect of this stage: it stops.
 async fn emit(
     producer: &FutureProducer,
     topic: &str,
     codec: &Codec<SessionSummary>,
     s: &SessionSummary,
-) {
-    let payload = match codec.encode(s) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "session summary does not encode");
-            return;
-        }
-    };
+    processed_at: i64,
+    replay: Option<&str>,
+) -> Result<(), StageError> {
+    let payload = codec
+        .encode(s)
+        .map_err(|e| StageError::Encode(e.to_string()))?;
     let key = format!("{}:{}", s.tenant, s.user_id);
+    let h = headers::stamp(
+        OwnedHeaders::new_with_capacity(4)
+            .insert(Header {
+                key: headers::TENANT,
+                value: Some(s.tenant.as_str()),
+            })
+            .insert(Header {
+                key: headers::ENCODING,
+                value: Some(codec.encoding().as_str()),
+            }),
+        processed_at,
+        replay,
+    );
     let mut backoff = Duration::from_millis(100);
     loop {
-        let record = FutureRecord::to(topic).key(&key).payload(&payload);
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(h.clone());
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
             Err((e, _)) => {
                 tracing::warn!(error = %e, "session summary not delivered; retrying");
                 tokio::time::sleep(backoff).await;
@@ -315,6 +501,100 @@ async fn emit(
             }
         }
     }
+}
+
+/// What a sessionize replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionReplay {
+    /// Records read.
+    pub read: u64,
+    /// Records skipped by the tenant filter.
+    pub skipped: u64,
+    /// Records that did not decode (left alone; the live stage dead-letters them).
+    pub undecodable: u64,
+    /// Sessions emitted.
+    pub sessions: u64,
+    /// Sessions within one gap of the range's first or last event time, not emitted.
+    pub at_edges: u64,
+    /// Whether it was interrupted (nothing was emitted then).
+    pub interrupted: bool,
+}
+
+/// Recompute the sessions of the events in `ranges` of the input topic, in batch, and
+/// emit them (stamped as produced by replay `replay`): the newest version of each event
+/// counts, whatever order the versions come in. The sessions sink replaces the stored
+/// sessions they overlap. Sessions within one gap of the range's earliest or latest
+/// event time may continue outside it and are left alone (see [`sessions_of`]).
+pub async fn replay_sessions(
+    kafka: &KafkaConfig,
+    spec: &SessionizeSpec,
+    ranges: Vec<PartitionRange>,
+    scope: Arc<ReplayScope>,
+    replay: &str,
+    stop: CancellationToken,
+) -> Result<SessionReplay, StageError> {
+    let mut out = SessionReplay::default();
+    let (k, topic, codec, s, halt) = (
+        kafka.clone(),
+        spec.input.clone(),
+        spec.input_codec.clone(),
+        scope.clone(),
+        stop.clone(),
+    );
+    let (clicks, read) = tokio::task::spawn_blocking(move || {
+        let mut clicks = Vec::new();
+        let mut counts = SessionReplay::default();
+        sluice_core::kafka::read_ranges(
+            &k,
+            &topic,
+            &ranges,
+            || halt.is_cancelled(),
+            |m| {
+                counts.read += 1;
+                if !s.keeps_tenant(m.headers()) {
+                    counts.skipped += 1;
+                    return Ok::<(), std::convert::Infallible>(());
+                }
+                match codec.decode(m.payload().unwrap_or_default()) {
+                    Ok(e) => clicks.push(Click::of(&e, headers::processed_at(m))),
+                    Err(_) => counts.undecodable += 1,
+                }
+                Ok(())
+            },
+        )
+        .map_err(|e| match e {
+            sluice_core::kafka::ReadError::Kafka(k) => StageError::Admin(k),
+            sluice_core::kafka::ReadError::Each(never) => match never {},
+        })?;
+        Ok::<_, StageError>((clicks, counts))
+    })
+    .await
+    .map_err(|e| StageError::Encode(format!("reading the range: {e}")))??;
+    out.read = read.read;
+    out.skipped = read.skipped;
+    out.undecodable = read.undecodable;
+    if stop.is_cancelled() {
+        out.interrupted = true;
+        return Ok(out);
+    }
+    let (sessions, edges) = sessions_of(&clicks, spec.windows.gap_ms);
+    out.at_edges = edges as u64;
+    let producer: FutureProducer = kafka.producer_config().create()?;
+    let now = sluice_core::now_ms();
+    for s in &sessions {
+        scope.throttle().await;
+        emit(
+            &producer,
+            &spec.output,
+            &spec.output_codec,
+            s,
+            now,
+            Some(replay),
+        )
+        .await?;
+        out.sessions += 1;
+    }
+    Ok(out)
 }
 
 fn commit(
@@ -347,6 +627,31 @@ mod tests {
 
     const MIN: i64 = 60_000;
 
+    fn click(user: &str, id: &str, page_view: bool, at: i64, version: i64) -> Click {
+        Click {
+            tenant: "t".into(),
+            user: user.into(),
+            event_id: id.into(),
+            at,
+            page_view,
+            version,
+        }
+    }
+
+    /// Add a new event (its id made from its offset) at version 1.
+    fn add(
+        s: &mut Sessionizer,
+        user: &str,
+        page_view: bool,
+        at: i64,
+        offset: i64,
+    ) -> Result<Option<SessionSummary>, Late> {
+        s.add(
+            &click(user, &format!("e{offset}"), page_view, at, 1),
+            offset,
+        )
+    }
+
     fn windows() -> Windows {
         Windows {
             gap_ms: 30 * MIN,
@@ -369,7 +674,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            out.extend(s.add("t", user, pv, min * MIN, i as i64).unwrap());
+            out.extend(add(&mut s, user, pv, min * MIN, i as i64).unwrap());
             out.extend(s.close_due());
         }
         let got: Vec<(String, i64, i64, i32, i32)> = out
@@ -401,18 +706,18 @@ mod tests {
     #[test]
     fn late_events_are_refused() {
         let mut s = Sessionizer::new(windows());
-        s.add("t", "a", true, 100 * MIN, 0).unwrap();
+        add(&mut s, "a", true, 100 * MIN, 0).unwrap();
         // Within the lateness: a new session for another user is fine.
-        s.add("t", "b", true, 96 * MIN, 1).unwrap();
+        add(&mut s, "b", true, 96 * MIN, 1).unwrap();
         // Older than the watermark (newest - 5 min) and no open session takes it.
         assert_eq!(
-            s.add("t", "c", true, 90 * MIN, 2),
+            add(&mut s, "c", true, 90 * MIN, 2),
             Err(Late {
                 watermark: 95 * MIN
             })
         );
         // An open session within the gap still takes an old event.
-        assert!(s.add("t", "a", true, 80 * MIN, 3).is_ok());
+        assert!(add(&mut s, "a", true, 80 * MIN, 3).is_ok());
     }
 
     #[test]
@@ -420,15 +725,15 @@ mod tests {
         let mut s = Sessionizer::new(windows());
         // a: offsets 0 and 3 (one session); b: offsets 1, 2; b's session closes when b
         // starts a new one at offset 4, while a's (from 0) stays open.
-        s.add("t", "a", true, 0, 0).unwrap();
-        s.add("t", "b", true, 0, 1).unwrap();
-        s.add("t", "b", true, MIN, 2).unwrap();
-        s.add("t", "a", true, 2 * MIN, 3).unwrap();
-        let closed = s.add("t", "b", true, 40 * MIN, 4).unwrap();
+        add(&mut s, "a", true, 0, 0).unwrap();
+        add(&mut s, "b", true, 0, 1).unwrap();
+        add(&mut s, "b", true, MIN, 2).unwrap();
+        add(&mut s, "a", true, 2 * MIN, 3).unwrap();
+        let closed = add(&mut s, "b", true, 40 * MIN, 4).unwrap();
         assert!(closed.is_some());
         assert_eq!(s.commit_point(5), 0, "a's open session starts at offset 0");
         // Both old sessions close; a's new one (offset 5) holds the point.
-        s.add("t", "a", true, 100 * MIN, 5).unwrap();
+        add(&mut s, "a", true, 100 * MIN, 5).unwrap();
         assert_eq!(
             s.close_due().len(),
             1,
@@ -440,12 +745,65 @@ mod tests {
     #[test]
     fn an_emitted_session_reaching_past_the_point_moves_it_back() {
         let mut s = Sessionizer::new(windows());
-        s.add("t", "a", true, 0, 0).unwrap();
-        s.add("t", "b", true, MIN, 1).unwrap();
-        s.add("t", "a", true, 2 * MIN, 2).unwrap();
+        add(&mut s, "a", true, 0, 0).unwrap();
+        add(&mut s, "b", true, MIN, 1).unwrap();
+        add(&mut s, "a", true, 2 * MIN, 2).unwrap();
         // a's first session (offsets 0..2) is emitted; b's (from offset 1) stays open.
-        assert!(s.add("t", "a", true, 40 * MIN, 3).unwrap().is_some());
+        assert!(add(&mut s, "a", true, 40 * MIN, 3).unwrap().is_some());
         // Committing 1 would cut a's emitted session: a restart would re-read half of it.
         assert_eq!(s.commit_point(4), 0);
+    }
+
+    #[test]
+    fn repeats_are_counted_once_and_a_newer_version_replaces_the_old_one() {
+        let mut s = Sessionizer::new(windows());
+        s.add(&click("a", "x", true, 0, 1), 0).unwrap();
+        s.add(&click("a", "y", true, 10 * MIN, 1), 1).unwrap();
+        // An at-least-once repeat of x, and a stale older version: ignored.
+        s.add(&click("a", "x", true, 0, 1), 2).unwrap();
+        s.add(&click("a", "x", false, 0, 0), 3).unwrap();
+        assert_eq!(s.repeats(), 2);
+        // A correction moves y to user b: a's session keeps x only.
+        s.add(&click("b", "y", false, 12 * MIN, 2), 4).unwrap();
+        s.add(&click("c", "z", true, 200 * MIN, 1), 5).unwrap();
+        let mut closed = s.close_due();
+        closed.sort_by(|p, q| p.user_id.cmp(&q.user_id));
+        let got: Vec<(&str, i32, i32, i64)> = closed
+            .iter()
+            .map(|x| (x.user_id.as_str(), x.events, x.page_views, x.duration_ms))
+            .collect();
+        assert_eq!(got, vec![("a", 1, 1, 0), ("b", 1, 0, 0)]);
+    }
+
+    #[test]
+    fn batch_sessions_take_the_newest_versions_and_leave_the_edges() {
+        let gap = 30 * MIN;
+        let clicks = vec![
+            // Edges: within a gap of the first (0) and last (300 min) event times.
+            click("edge", "e0", true, 0, 1),
+            click("edge2", "e9", true, 300 * MIN, 1),
+            // a: two sessions at first; the correction (version 2) moves the second
+            // session's event so that both merge.
+            click("a", "a1", true, 100 * MIN, 1),
+            click("a", "a2", false, 110 * MIN, 1),
+            click("a", "a3", true, 160 * MIN, 1),
+            click("a", "a3", true, 130 * MIN, 2),
+            click("b", "b1", true, 150 * MIN, 1),
+        ];
+        let (sessions, edges) = sessions_of(&clicks, gap);
+        assert_eq!(edges, 2);
+        let got: Vec<(&str, i64, i64, i32, i32)> = sessions
+            .iter()
+            .map(|x| {
+                (
+                    x.user_id.as_str(),
+                    x.started_at / MIN,
+                    x.ended_at / MIN,
+                    x.events,
+                    x.page_views,
+                )
+            })
+            .collect();
+        assert_eq!(got, vec![("a", 100, 130, 3, 2), ("b", 150, 150, 1, 1)]);
     }
 }

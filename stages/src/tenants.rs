@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use crate::dead_letter::Failure;
+use sluice_core::failure::Failure;
 
 /// What the directory knows of one tenant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -249,6 +249,6 @@ async fn older_versions_and_both_encodings_decode() {
         .decode(&frame(5, &[0]))
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
-    let failure = sluice_stages::Failure::of_decode(err);
+    let failure = sluice_stages::Failure::from(err);
     assert_eq!((failure.class, failure.transient), ("registry", true));
 }

@@ -265,10 +265,8 @@ async fn assert_exactly_once(config: &Config, ids: &BTreeSet<String>) {
 /// `sluice audit` over everything since `from`: nothing unaccounted for.
 async fn audit_ok(config: &Config, from: chrono::DateTime<Utc>) -> Report {
     let window = Window {
-        from,
-        to: Utc::now() + chrono::Duration::minutes(1),
-        bucket: Duration::from_secs(3600),
-        tenant: None,
+        values: true,
+        ..Window::new(from, Utc::now() + chrono::Duration::minutes(1))
     };
     let report = audit::run(config, &window).await.unwrap();
     assert!(report.ok(), "{}", report.render());
@@ -518,12 +516,7 @@ async fn broker_restart_while_ingesting() {
         .len();
     let report = audit::run(
         &config,
-        &Window {
-            from,
-            to: Utc::now() + chrono::Duration::minutes(1),
-            bucket: Duration::from_secs(3600),
-            tenant: None,
-        },
+        &Window::new(from, Utc::now() + chrono::Duration::minutes(1)),
     )
     .await
     .unwrap();

@@ -19,7 +19,7 @@ use sluice::pipeline::SinkName;
 use sluice_bench::{median_round, rate, report, timed};
 use sluice_core::config::DbMode;
 use sluice_core::Config;
-use sluice_sinks::elasticsearch::{document, index_name};
+use sluice_sinks::elasticsearch::{doc_id, document, index_name};
 use sluice_tests::{
     enriched, produce_enriched, sink_namespace, stack_config, stack_var, unique, RunningSink,
 };
@@ -234,8 +234,12 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
             let path = dir.join(format!("{i}.ndjson"));
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
             for e in chunk {
-                let action = serde_json::json!({"index": {"_index": index_name(&prefix, e), "_id": e.event_id}});
-                writeln!(f, "{action}\n{}", document(e))?;
+                // The same request the sink makes: versioned by the processing stamp.
+                let action = serde_json::json!({"index": {
+                    "_index": index_name(&prefix, &e.tenant, e.received_at),
+                    "_id": doc_id(&e.tenant, &e.event_id),
+                    "version": e.received_at, "version_type": "external_gte"}});
+                writeln!(f, "{action}\n{}", document(e, e.received_at))?;
             }
             f.flush()?;
             files.push(path);

@@ -1,8 +1,10 @@
-//! Dead letters: a record a stage or sink cannot process, sent to `<topic>.dlq` with
-//! the original key, bytes and headers plus headers that say where it came from and why.
+//! Why a record could not be processed, and its dead letter: the record sent to
+//! `<topic>.dlq` with the original key, bytes and headers plus headers that say where it
+//! came from and why. Shared by stages and sinks.
 
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use sluice_core::headers;
+
+use crate::headers;
 
 /// Why a record could not be processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,16 +34,6 @@ impl Failure {
             ..Self::new(class, reason)
         }
     }
-
-    /// A record that does not decode: class `decode`, or a transient `registry` failure
-    /// when its schema could not be fetched because the registry was unreachable.
-    pub fn of_decode(e: sluice_schemas::CodecError) -> Self {
-        if e.is_transient() {
-            Self::transient("registry", e.to_string())
-        } else {
-            Self::new("decode", e.to_string())
-        }
-    }
 }
 
 impl std::fmt::Display for Failure {
@@ -64,11 +56,11 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The dead letter of `msg`, failed in `stage` after `attempts` attempts.
     pub fn of<M: Message>(msg: &M, stage: &str, failure: &Failure, attempts: u32) -> Self {
-        let mut h = sluice_core::headers::without(msg.headers(), headers::DEAD_LETTER);
+        let mut h = headers::without(msg.headers(), headers::DEAD_LETTER);
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
         let attempts = attempts.to_string();
-        let failed_at = sluice_core::now_ms().to_string();
+        let failed_at = crate::now_ms().to_string();
         let record_ts = msg.timestamp().to_millis().unwrap_or(-1).to_string();
         for (key, value) in [
             (headers::DLQ_TOPIC, msg.topic()),

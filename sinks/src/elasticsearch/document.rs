@@ -1,0 +1,174 @@
+//! What the Elasticsearch sink stores: index names, document ids, documents and their
+//! mapping, all derived from the event's field table.
+
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::{json, Value};
+use sluice_schemas::fields::{json_object, FieldKind, FieldValue, ENRICHED_FIELDS};
+use sluice_schemas::EnrichedEvent;
+
+/// The document field a field of the event is stored in: its own name, but the event
+/// time is `@timestamp` (what Kibana and most tools look for).
+pub fn document_field(field: &str) -> &str {
+    match field {
+        "event_time" => "@timestamp",
+        other => other,
+    }
+}
+
+/// The document field holding the event's version (processing stamp).
+pub const PROCESSED_AT: &str = "processed_at";
+
+/// The index an event goes to: `<prefix>-<tenant>-YYYY.MM.DD` of the day ingest received
+/// it (UTC). The ingest time never changes when a replay corrects an event, so a
+/// corrected event (even one whose event time moved to another day) overwrites its
+/// document in place, like a data stream's backing indices, which also follow write time.
+/// Searches filter on `@timestamp` across `<prefix>-<tenant>-*`.
+pub fn index_name(prefix: &str, tenant: &str, received_at_ms: i64) -> String {
+    let day = chrono::DateTime::from_timestamp_millis(received_at_ms)
+        .map(|t| t.format("%Y.%m.%d").to_string())
+        .unwrap_or_else(|| "invalid-date".into());
+    format!("{prefix}-{}-{day}", index_tenant(tenant))
+}
+
+/// A tenant as a part of an index name: lowercase, and free of the characters index
+/// names cannot hold (so two tenants can share a part: the document id tells them apart).
+pub fn index_tenant(tenant: &str) -> String {
+    tenant
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The document id of an event: its identity `(tenant, event_id)` as `tenant:event_id`,
+/// the tenant's `%` and `:` escaped so that no two identities share an id. Ids longer
+/// than Elasticsearch's 512 bytes become a hash of the identity.
+pub fn doc_id(tenant: &str, event_id: &str) -> String {
+    let id = format!(
+        "{}:{event_id}",
+        tenant.replace('%', "%25").replace(':', "%3A")
+    );
+    if id.len() <= 512 {
+        id
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        format!("sha256:{}", hex::encode(digest))
+    }
+}
+
+fn iso(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// Append the JSON document of an event at version `processed_at` to `out`.
+pub fn write_document(
+    out: &mut Vec<u8>,
+    e: &EnrichedEvent,
+    processed_at: i64,
+) -> Result<(), serde_json::Error> {
+    let mut ser = serde_json::Serializer::new(out);
+    let mut map = ser.serialize_map(Some(ENRICHED_FIELDS.len() + 1))?;
+    for f in ENRICHED_FIELDS {
+        let key = document_field(f.name);
+        match (f.get)(e) {
+            FieldValue::Str(v) => map.serialize_entry(key, &v)?,
+            FieldValue::Millis(ms) => map.serialize_entry(key, &iso(ms))?,
+            FieldValue::Json(m) => map.serialize_entry(key, &json_object(m))?,
+        }
+    }
+    map.serialize_entry(PROCESSED_AT, &iso(processed_at))?;
+    map.end()
+}
+
+/// The document of an event, as a value (tests and benchmarks).
+pub fn document(e: &EnrichedEvent, processed_at: i64) -> Value {
+    let mut out = Vec::new();
+    write_document(&mut out, e, processed_at)
+        .ok()
+        .and_then(|()| serde_json::from_slice(&out).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The explicit mapping of the event documents.
+pub fn mapping() -> Value {
+    let mut properties = serde_json::Map::new();
+    for f in ENRICHED_FIELDS {
+        let m = match f.kind {
+            FieldKind::Key | FieldKind::Keyword => json!({"type": "keyword"}),
+            FieldKind::Text => json!({"type": "text"}),
+            FieldKind::Time => json!({"type": "date"}),
+            // Unknown client fields are searchable but typed by first use.
+            FieldKind::Json => json!({"type": "object", "dynamic": true}),
+        };
+        properties.insert(document_field(f.name).to_string(), m);
+    }
+    properties.insert(PROCESSED_AT.into(), json!({"type": "date"}));
+    json!({"dynamic": "strict", "properties": properties})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> EnrichedEvent {
+        let mut e = EnrichedEvent::from_click(sluice_schemas::ClickEvent {
+            event_id: "e1".into(),
+            tenant: "Acme:EU".into(),
+            user_id: "u1".into(),
+            session_id: None,
+            event_type: "page_view".into(),
+            url: Some("/a".into()),
+            referrer: None,
+            event_time: 1_795_478_400_000,  // 2026-11-24T00:00:00Z
+            received_at: 1_795_478_399_000, // the day before
+            user_agent: None,
+            ip: None,
+            extra: [("price".to_string(), "5".to_string())].into(),
+        });
+        e.country = Some("DE".into());
+        e
+    }
+
+    #[test]
+    fn index_follows_the_ingest_day_and_a_sanitised_tenant() {
+        let e = event();
+        assert_eq!(
+            index_name("ev", &e.tenant, e.received_at),
+            "ev-acme_eu-2026.11.23"
+        );
+    }
+
+    #[test]
+    fn ids_keep_tenants_apart() {
+        assert_eq!(doc_id("acme", "e1"), "acme:e1");
+        // Without escaping, these two would both be "a:b:c".
+        assert_ne!(doc_id("a:b", "c"), doc_id("a", "b:c"));
+        assert_ne!(doc_id("a%3Ab", "c"), doc_id("a:b", "c"));
+        let long = doc_id("acme", &"x".repeat(600));
+        assert!(long.starts_with("sha256:") && long.len() < 512, "{long}");
+    }
+
+    #[test]
+    fn documents_hold_every_field_and_the_version() {
+        let doc = document(&event(), 1_795_478_500_000);
+        assert_eq!(doc["@timestamp"], "2026-11-24T00:00:00.000Z");
+        assert_eq!(doc["country"], "DE");
+        assert_eq!(doc["referrer"], Value::Null);
+        assert_eq!(doc["extra"]["price"], 5);
+        assert_eq!(doc[PROCESSED_AT], "2026-11-24T00:01:40.000Z");
+        let fields = doc.as_object().unwrap().len();
+        assert_eq!(fields, ENRICHED_FIELDS.len() + 1);
+        // Every field of a document is in the mapping (which is strict).
+        let mapping = mapping();
+        for key in doc.as_object().unwrap().keys() {
+            assert!(mapping["properties"].get(key).is_some(), "{key} unmapped");
+        }
+    }
+}

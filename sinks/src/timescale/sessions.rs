@@ -1,0 +1,168 @@
+//! Session summaries into the sessions table, newest processing wins.
+//!
+//! A user's sessions never overlap: events less than the gap apart are one session. So a
+//! stored session that overlaps an incoming one of the same user is a version of it
+//! from another processing. When the incoming one is newer, the overlapped ones go (a
+//! corrected event or gap merged or split them); when a stored one is newer, the
+//! incoming one is stale and changes nothing. A session re-emitted unchanged (after a
+//! restart) has the same key and is written once.
+
+use chrono::{DateTime, Utc};
+use sluice_core::failure::Failure;
+use sluice_schemas::SessionSummary;
+
+use super::errors::{InsertError, Verdict};
+use super::Pool;
+use crate::consumer::{BatchWriter, Versioned, WriteError};
+
+/// Writes session summaries into the sessions table.
+pub struct SessionsWriter {
+    pool: Pool,
+    write: String,
+}
+
+impl SessionsWriter {
+    /// A writer into `schema`'s sessions table through `pool` (already migrated).
+    pub fn new(pool: Pool, schema: &str) -> Self {
+        let overlaps = "s.tenant = i.tenant AND s.user_id = i.user_id
+            AND s.started_at <= i.ended_at AND s.ended_at >= i.started_at";
+        let write = format!(
+            "WITH input AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                 $5::timestamptz[], $6::int[], $7::int[], $8::bigint[], $9::timestamptz[])
+               AS r(tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at)),
+             fresh AS (
+               SELECT i.* FROM input i WHERE NOT EXISTS (
+                 SELECT 1 FROM {schema}.sessions s WHERE {overlaps} AND s.processed_at > i.processed_at)),
+             replaced AS (
+               DELETE FROM {schema}.sessions s USING fresh i
+               WHERE {overlaps} AND coalesce(s.processed_at, '-infinity') < i.processed_at
+                 AND NOT (s.session_id = i.session_id AND s.started_at = i.started_at)
+               RETURNING 1)
+             INSERT INTO {schema}.sessions AS s
+               (tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at)
+             SELECT * FROM fresh ORDER BY tenant, session_id
+             ON CONFLICT (tenant, session_id, started_at) DO UPDATE SET
+               ended_at = EXCLUDED.ended_at, page_views = EXCLUDED.page_views, events = EXCLUDED.events,
+               duration_ms = EXCLUDED.duration_ms, processed_at = EXCLUDED.processed_at
+             WHERE s.processed_at IS DISTINCT FROM EXCLUDED.processed_at
+               AND coalesce(s.processed_at, '-infinity') <= EXCLUDED.processed_at"
+        );
+        Self { pool, write }
+    }
+
+    async fn upsert(&self, rows: &[&Versioned<SessionSummary>]) -> Result<(), InsertError> {
+        let ts = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        let tenant: Vec<&str> = rows.iter().map(|r| r.record.tenant.as_str()).collect();
+        let user: Vec<&str> = rows.iter().map(|r| r.record.user_id.as_str()).collect();
+        let id: Vec<&str> = rows.iter().map(|r| r.record.session_id.as_str()).collect();
+        let start: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.record.started_at)).collect();
+        let end: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.record.ended_at)).collect();
+        let views: Vec<i32> = rows.iter().map(|r| r.record.page_views).collect();
+        let events: Vec<i32> = rows.iter().map(|r| r.record.events).collect();
+        let duration: Vec<i64> = rows.iter().map(|r| r.record.duration_ms).collect();
+        let version: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.processed_at)).collect();
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                &self.write,
+                &[
+                    &tenant, &user, &id, &start, &end, &views, &events, &duration, &version,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Of sessions in one batch that overlap (versions of one session from different
+/// processings), the newest; the others are dropped. Returns indices in batch order.
+fn newest_overlapping(batch: &[Versioned<SessionSummary>]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].processed_at));
+    let mut kept: Vec<usize> = Vec::with_capacity(batch.len());
+    for i in order {
+        let s = &batch[i].record;
+        let shadowed = kept.iter().any(|&k| {
+            let t = &batch[k].record;
+            t.tenant == s.tenant
+                && t.user_id == s.user_id
+                && t.started_at <= s.ended_at
+                && t.ended_at >= s.started_at
+                && batch[k].processed_at > batch[i].processed_at
+        });
+        let same = kept.iter().any(|&k| batch[k] == batch[i]);
+        if !shadowed && !same {
+            kept.push(i);
+        }
+    }
+    kept.sort_unstable();
+    kept
+}
+
+impl BatchWriter for SessionsWriter {
+    type Record = SessionSummary;
+
+    fn name(&self) -> &'static str {
+        "sessions"
+    }
+
+    async fn write(
+        &self,
+        batch: &[Versioned<SessionSummary>],
+    ) -> Result<Vec<(usize, Failure)>, WriteError> {
+        let keep = newest_overlapping(batch);
+        let rows: Vec<&Versioned<SessionSummary>> = keep.iter().map(|&i| &batch[i]).collect();
+        match self.upsert(&rows).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(e) => {
+                e.into_write_error()?;
+            }
+        }
+        // Refused for its data: row by row, so only the bad ones are dead-lettered.
+        let mut failures = Vec::new();
+        for (&i, row) in keep.iter().zip(&rows) {
+            if let Err(e) = self.upsert(&[row]).await {
+                let reason = e.to_string();
+                if e.into_write_error()? == Verdict::Row {
+                    failures.push((i, Failure::new("write", reason)));
+                }
+            }
+        }
+        Ok(failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, start: i64, end: i64, processed_at: i64) -> Versioned<SessionSummary> {
+        Versioned {
+            record: SessionSummary {
+                session_id: format!("{user}-{start}"),
+                tenant: "t".into(),
+                user_id: user.into(),
+                started_at: start,
+                ended_at: end,
+                page_views: 1,
+                events: 1,
+                duration_ms: end - start,
+            },
+            processed_at,
+        }
+    }
+
+    #[test]
+    fn an_older_overlapping_version_in_the_same_batch_is_dropped() {
+        let batch = vec![
+            session("a", 0, 10, 1),
+            session("a", 45, 50, 1),
+            // The correction merged both into one session.
+            session("a", 0, 50, 2),
+            session("b", 0, 10, 1),
+            session("b", 0, 10, 1),
+        ];
+        assert_eq!(newest_overlapping(&batch), vec![2, 3]);
+    }
+}

@@ -156,6 +156,14 @@ struct ReplayArgs {
     /// Print the partitions, offsets and record counts, and do nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Run the target stage (and the stages after it) over the range into scratch
+    /// topics, and print what would change in the sinks, per event and field; write
+    /// nothing to the sinks.
+    #[arg(long, conflicts_with_all = ["reset", "copy_to", "dry_run"])]
+    diff: bool,
+    /// With --diff: print the result as JSON.
+    #[arg(long, requires = "diff")]
+    json: bool,
 }
 
 /// The value of `--offsets`.
@@ -207,9 +215,34 @@ async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()
     let plan = tokio::task::block_in_place(move || {
         replay::resolve(&kafka, &topic, &range, parts.as_deref())
     })?;
-    print!("{}", plan.table());
+    if !args.json {
+        print!("{}", plan.table());
+    }
     if args.dry_run {
         println!("dry run: nothing was read or written");
+        return Ok(());
+    }
+    let filters = replay::Filters {
+        tenant: args.tenant.clone(),
+        rate: args.rate,
+    };
+    if args.diff {
+        let diff = replay::diff::run(
+            config,
+            &plan,
+            &target,
+            &filters,
+            pipeline::shutdown_on_signals(),
+        )
+        .await?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&diff).context("writing JSON")?
+            );
+        } else {
+            print!("{}", diff.render());
+        }
         return Ok(());
     }
     let mode = if args.reset {
@@ -232,10 +265,6 @@ async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()
             println!("consumer group {g}");
         }
     }
-    let filters = replay::Filters {
-        tenant: args.tenant,
-        rate: args.rate,
-    };
     let outcome = replay::run(
         config,
         &plan,

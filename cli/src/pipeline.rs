@@ -57,6 +57,24 @@ impl StageName {
         }
     }
 
+    /// The stage's name, as in logs, metrics and dead-letter headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            StageName::Parse => "parse",
+            StageName::Enrich => "enrich",
+            StageName::Sessionize => "sessionize",
+        }
+    }
+
+    /// The topic the stage writes.
+    pub fn output(self, config: &Config) -> &str {
+        match self {
+            StageName::Parse => &config.topics.parsed,
+            StageName::Enrich => &config.topics.enriched,
+            StageName::Sessionize => &config.topics.sessions,
+        }
+    }
+
     /// The topic the stage normally consumes.
     pub fn input(self, config: &Config) -> &str {
         match self {
@@ -87,6 +105,10 @@ pub struct Rewiring {
     pub input: Option<String>,
     /// End offsets, tenant filter and rate limit of the replay.
     pub scope: Option<Arc<ReplayScope>>,
+    /// A stage's outputs go here instead (`replay --diff`'s scratch topic).
+    pub output: Option<String>,
+    /// A stage's dead letters go here instead.
+    pub dlq: Option<String>,
 }
 
 impl Rewiring {
@@ -96,6 +118,12 @@ impl Rewiring {
         }
         if let Some(i) = &self.input {
             spec.input = i.clone();
+        }
+        if let Some(o) = &self.output {
+            spec.output = o.clone();
+        }
+        if let Some(d) = &self.dlq {
+            spec.dlq = d.clone();
         }
         spec.scope = self.scope.clone();
     }

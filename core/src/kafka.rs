@@ -23,6 +23,14 @@ pub enum KafkaAdminError {
         /// The broker's error code.
         code: RDKafkaErrorCode,
     },
+    /// The broker refused to delete a topic.
+    #[error("cannot delete topic {topic}: {code}")]
+    DeleteTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
 }
 
 impl KafkaConfig {
@@ -139,6 +147,19 @@ pub async fn create_topics(
         }
     }
     Ok(created)
+}
+
+/// Delete `topics` (scratch topics of a `replay --diff`); ones already gone are fine.
+pub async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<(), KafkaAdminError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(topics, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => return Err(KafkaAdminError::DeleteTopic { topic, code }),
+        }
+    }
+    Ok(())
 }
 
 /// The end offset (high watermark) of every partition of `topic`, by partition.

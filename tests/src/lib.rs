@@ -4,7 +4,9 @@
 // Test support: a failed set-up step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+pub mod process;
 pub mod registry_fixture;
+pub mod running;
 
 use std::path::PathBuf;
 
@@ -176,13 +178,28 @@ pub async fn produce_enriched(
     topic: &str,
     events: &[sluice_schemas::EnrichedEvent],
 ) {
+    let unversioned: Vec<_> = events.iter().map(|e| (e.clone(), None)).collect();
+    produce_versioned(config, topic, &unversioned).await;
+}
+
+/// Produce enriched events, each with its processing stamp when given (as the enrich
+/// stage stamps it), and wait for the acks.
+pub async fn produce_versioned(
+    config: &Config,
+    topic: &str,
+    events: &[(sluice_schemas::EnrichedEvent, Option<i64>)],
+) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
     let mut acks = Vec::new();
-    for e in events {
+    for (e, version) in events {
         let payload = sluice_schemas::ENRICHED_EVENTS.encode(e).unwrap();
         let key = format!("{}:{}", e.tenant, e.user_id);
+        let stamp = version.map(|v| sluice_core::headers::stamp(OwnedHeaders::new(), v, None));
         let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        if let Some(h) = stamp {
+            record = record.headers(h);
+        }
         loop {
             match producer.send_result(record) {
                 Ok(ack) => break acks.push(ack),

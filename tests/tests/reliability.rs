@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,9 +20,9 @@ use sluice::audit::{self, Report, Window};
 use sluice::pipeline::{self, SinkName, StageName};
 use sluice_core::config::ApiKey;
 use sluice_core::{headers, kafka, Config};
+use sluice_tests::process::{slow_inserts, SluiceProcess};
 use sluice_tests::{
-    caught_up, dead_letters, sluice_bin, stack_config, stack_env_path, stack_var, unique,
-    PrivateBroker,
+    caught_up, dead_letters, stack_config, stack_env_path, stack_var, unique, PrivateBroker,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -288,76 +288,6 @@ fn stack(action: &str, service: &str) {
     assert!(status.success(), "scripts/stack {action} {service}");
 }
 
-/// A `sluice` process of the pipeline in `config`'s namespace, killed on drop.
-struct Process(Child);
-
-impl Process {
-    /// A static group member `instance`: restarted with the same id, it takes the killed
-    /// one's place at once (noida-db never expires a killed member's session). Eager
-    /// protocol: with cooperative-sticky, noida-db stalls the other members' commits
-    /// after a static member is replaced.
-    fn spawn(config: &Config, args: &[&str], instance: &str) -> Self {
-        let t = &config.topics;
-        let consumer = format!(
-            "session.timeout.ms=6000,heartbeat.interval.ms=500,group.instance.id={instance},partition.assignment.strategy=roundrobin"
-        );
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("{}-{instance}.log", unique("proc"))),
-        )
-        .unwrap();
-        let child = Command::new(sluice_bin())
-            .args(args)
-            .env("SLUICE_STACK_ENV", stack_env_path())
-            .env("SLUICE__TOPICS__RAW", &t.raw)
-            .env("SLUICE__TOPICS__PARSED", &t.parsed)
-            .env("SLUICE__TOPICS__ENRICHED", &t.enriched)
-            .env("SLUICE__PARSE__GROUP", &config.parse.group)
-            .env("SLUICE__ENRICH__GROUP", &config.enrich.group)
-            .env("SLUICE__ELASTICSEARCH__GROUP", &config.elasticsearch.group)
-            .env("SLUICE__ELASTICSEARCH__URL", &config.elasticsearch.url)
-            .env(
-                "SLUICE__ELASTICSEARCH__INDEX_PREFIX",
-                &config.elasticsearch.index_prefix,
-            )
-            .env("SLUICE__TIMESCALE__URL", &config.timescale.url)
-            .env("SLUICE__TIMESCALE__SCHEMA", &config.timescale.schema)
-            .env("SLUICE__TIMESCALE__GROUP", &config.timescale.group)
-            .env("SLUICE__TIMESCALE__BATCH_SIZE", "500")
-            .env("SLUICE__TIMESCALE__POOL_SIZE", "2")
-            .env("SLUICE__METRICS__LISTEN", "127.0.0.1:0")
-            .env("SLUICE__KAFKA__CONSUMER", consumer)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-
-    fn kill9(&mut self) {
-        Command::new("kill")
-            .args(["-KILL", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        self.0.wait().unwrap();
-    }
-
-    fn terminate(mut self) {
-        Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(self.0.wait().unwrap().success(), "SIGTERM is a clean exit");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Rows in the events table now.
 async fn db_rows(config: &Config) -> i64 {
     let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
@@ -373,28 +303,6 @@ async fn db_rows(config: &Config) -> i64 {
     drop(client);
     pool.close();
     n
-}
-
-/// Make every INSERT into the events table wait 200 ms (a statement trigger), or stop
-/// doing so. Turning it on creates the table first, as the sink's migrations would.
-async fn slow_inserts(config: &Config, on: bool) {
-    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
-    let s = &config.timescale.schema;
-    let sql = if on {
-        sluice_sinks::timescale::migrate(&pool, &config.timescale)
-            .await
-            .unwrap();
-        format!(
-            "CREATE FUNCTION {s}.slow_insert() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$; \
-             CREATE TRIGGER slow_insert BEFORE INSERT ON {s}.events \
-             FOR EACH STATEMENT EXECUTE FUNCTION {s}.slow_insert()"
-        )
-    } else {
-        format!("DROP TRIGGER slow_insert ON {s}.events")
-    };
-    pool.get().await.unwrap().batch_execute(&sql).await.unwrap();
-    pool.close();
 }
 
 /// Scenario 2: the TimescaleDB/PostgreSQL sink process is killed with SIGKILL while it
@@ -415,7 +323,7 @@ async fn sink_killed_mid_batch_and_restarted() {
     // watch. A statement trigger makes every batch sit 200 ms in the database, so the
     // kill lands part-way and, most likely, while a batch is being written.
     slow_inserts(&config, true).await;
-    let mut first = Process::spawn(&config, &["sink", "timescale"], "sink-ts-0");
+    let mut first = SluiceProcess::spawn(&config, &["sink", "timescale"], "sink-ts-0");
     // Kill it once it is part-way: some batches written, most not.
     let deadline = Instant::now() + Duration::from_secs(120);
     while db_rows(&config).await < 2_000 {
@@ -429,7 +337,7 @@ async fn sink_killed_mid_batch_and_restarted() {
         "killed too late to matter ({at_kill} rows)"
     );
     slow_inserts(&config, false).await;
-    let second = Process::spawn(&config, &["sink", "timescale"], "sink-ts-0");
+    let second = SluiceProcess::spawn(&config, &["sink", "timescale"], "sink-ts-0");
     settle(&config).await;
     second.terminate();
     stop_all(tasks).await;
@@ -452,15 +360,15 @@ async fn stage_killed_mid_stream_and_restarted() {
         sink(&config, SinkName::Timescale),
         sink(&config, SinkName::Elasticsearch),
     ];
-    let mut parse = Process::spawn(&config, &["stage", "parse"], "parse-0");
-    let other = Process::spawn(&config, &["stage", "parse"], "parse-1");
+    let mut parse = SluiceProcess::spawn(&config, &["stage", "parse"], "parse-0");
+    let other = SluiceProcess::spawn(&config, &["stage", "parse"], "parse-1");
     let events = events("ss", 12_000);
     let (a, ev) = (addr, events.clone());
     let posting = tokio::spawn(async move { post_events(a, &ev, 500, 4.0).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
     parse.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let parse = Process::spawn(&config, &["stage", "parse"], "parse-0");
+    let parse = SluiceProcess::spawn(&config, &["stage", "parse"], "parse-0");
     posting.await.unwrap();
     settle(&config).await;
     parse.terminate();

@@ -225,3 +225,184 @@ async fn sessions_of_a_known_clickstream_survive_a_restart() {
         .unwrap()
         .contains("watermark"));
 }
+
+/// The sessions table's rows: user → (start minute, events, page views), sorted.
+async fn session_rows(
+    config: &Config,
+    schema: &str,
+    t0: i64,
+) -> BTreeMap<String, Vec<(i64, i32, i32)>> {
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT user_id, (extract(epoch FROM started_at) * 1000)::bigint, events, page_views
+                 FROM {schema}.sessions ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    pool.close();
+    let mut out: BTreeMap<String, Vec<(i64, i32, i32)>> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.get(0)).or_default().push((
+            (r.get::<_, i64>(1) - t0) / MIN,
+            r.get(2),
+            r.get(3),
+        ));
+    }
+    out
+}
+
+/// A changed gap, replayed: sessionize recomputes the sessions of the range in batch, and
+/// the sessions sink replaces the sessions they overlap, so the table holds exactly the
+/// sessions of the corrected settings: split when the gap shrinks, merged again when it
+/// grows back. Sessions at the range's edges are left as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
+    let mut config = stack_config();
+    let schema = unique("sg");
+    sluice::demo::use_namespace(&mut config, &format!("t-{schema}"), &schema);
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    config.sessionize.gap_s = 30 * 60;
+    config.sessionize.allowed_lateness_s = 5 * 60;
+    config
+        .kafka
+        .consumer
+        .insert("session.timeout.ms".into(), "6000".into());
+    kafka::ensure_topics(&config.kafka, &config.topics)
+        .await
+        .unwrap();
+    let t0 = chrono::DateTime::parse_from_rfc3339(T0)
+        .unwrap()
+        .timestamp_millis();
+    // Each user: events at +0, +5, +10, then +30, +35 minutes: one session with a
+    // 30-minute gap, two with a 15-minute one. An early user and a late one mark the
+    // edges of the range.
+    let mut events = vec![enriched(0, "acme", "early", "page_view", "/", &at(-120))];
+    let mut i = 1;
+    for u in 0..6 {
+        for m in [0, 5, 10, 30, 35] {
+            let kind = if m % 10 == 0 { "page_view" } else { "click" };
+            events.push(enriched(
+                i,
+                "acme",
+                &format!("user-{u}"),
+                kind,
+                "/p",
+                &at(u * 3 + m),
+            ));
+            i += 1;
+        }
+    }
+    events.sort_by_key(|e| e.event_time);
+    events.push(enriched(1_000, "acme", "late", "page_view", "/", &at(600)));
+    produce(&config, &events, None).await;
+    // Ticks, ten hours on, close every session of the live stage.
+    for p in 0..config.topics.partitions {
+        let tick = enriched(
+            2_000 + p as usize,
+            "acme",
+            &format!("tick-{p}"),
+            "click",
+            "/",
+            &at(1200),
+        );
+        produce(&config, &[tick], Some(p)).await;
+    }
+    let (stop, task) = start(&config);
+    let mut sink = RunningSink::start(&config, SinkName::Sessions);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sessions(&config).await.len() < 8 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions not emitted"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    sink.caught_up(
+        &config,
+        &config.timescale.sessions_group,
+        &config.topics.sessions,
+    )
+    .await;
+    let merged = session_rows(&config, &schema, t0).await;
+    for u in 0..6 {
+        assert_eq!(
+            merged[&format!("user-{u}")],
+            vec![(u * 3, 5, 3)],
+            "user-{u}"
+        );
+    }
+
+    let replay_with_gap = |gap_s: u64| {
+        let mut c = config.clone();
+        c.sessionize.gap_s = gap_s;
+        async move {
+            let (k, t) = (c.kafka.clone(), c.topics.enriched.clone());
+            let everything = sluice::replay::Range::Times {
+                from: None,
+                to: None,
+            };
+            let plan = tokio::task::spawn_blocking(move || {
+                sluice::replay::resolve(&k, &t, &everything, None)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            sluice::replay::run(
+                &c,
+                &plan,
+                &sluice::replay::Target::Stage(StageName::Sessionize),
+                &sluice::replay::Mode::FreshGroup(unique("sess-fix-")),
+                &sluice::replay::Filters::default(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // A 15-minute gap splits every user's session in two.
+    let outcome = replay_with_gap(15 * 60).await;
+    println!("{}", outcome.summary());
+    // Twelve halves, and the late user's session (the ticks are the range's end).
+    assert_eq!(outcome.written, 13, "{}", outcome.summary());
+    assert!(
+        outcome.summary().contains("left as they are"),
+        "{}",
+        outcome.summary()
+    );
+    sink.caught_up(
+        &config,
+        &config.timescale.sessions_group,
+        &config.topics.sessions,
+    )
+    .await;
+    let split = session_rows(&config, &schema, t0).await;
+    for u in 0..6 {
+        assert_eq!(
+            split[&format!("user-{u}")],
+            vec![(u * 3, 3, 2), (u * 3 + 30, 2, 1)],
+            "user-{u}"
+        );
+    }
+    assert_eq!(
+        split["early"], merged["early"],
+        "an edge session is left as it is"
+    );
+    // Back to 30 minutes: merged again, and the split halves are gone.
+    replay_with_gap(30 * 60).await;
+    sink.caught_up(
+        &config,
+        &config.timescale.sessions_group,
+        &config.topics.sessions,
+    )
+    .await;
+    sink.stop().await;
+    assert_eq!(session_rows(&config, &schema, t0).await, merged);
+}

@@ -8,8 +8,8 @@ use sluice::pipeline::SinkName;
 use sluice_core::config::EsOpType;
 use sluice_core::headers;
 use sluice_tests::{
-    caught_up, dead_letters, enriched, produce_enriched, sink_namespace, stack_config, stack_var,
-    unique, RunningSink,
+    caught_up, dead_letters, enriched, produce_enriched, produce_versioned, sink_namespace,
+    stack_config, stack_var, unique, RunningSink,
 };
 
 /// A known input: tenant acme's page views and clicks in two hours, and one tenant
@@ -344,4 +344,147 @@ async fn elasticsearch_sink_on_noida() {
 async fn elasticsearch_sink_on_osmem() {
     // With `create`, the replay's items answer 409, which must count as written.
     elasticsearch_sink_on(stack_var("SLUICE_STACK_ES_ALT_URL"), EsOpType::Create).await;
+}
+
+/// What a sink holds: (tenant, event id) → each copy's (event time, country).
+type Held = std::collections::BTreeMap<(String, String), Vec<(i64, Option<String>)>>;
+
+/// Every row and document each sink holds.
+async fn held(config: &sluice_core::Config) -> Vec<Held> {
+    let all = sluice_sinks::Selection::Received {
+        from: 0,
+        to: i64::MAX,
+        tenant: None,
+    };
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let db =
+        sluice_sinks::timescale::read::read_stored(&pool, &config.timescale.schema, &all, true)
+            .await
+            .unwrap();
+    pool.close();
+    let es = sluice_sinks::elasticsearch::client(&config.elasticsearch).unwrap();
+    let docs = sluice_sinks::elasticsearch::read::read_stored(
+        &es,
+        &config.elasticsearch.index_prefix,
+        &all,
+        true,
+    )
+    .await
+    .unwrap();
+    [db, docs]
+        .into_iter()
+        .map(|rows| {
+            let mut m = Held::default();
+            for r in rows {
+                let e = r.event.unwrap();
+                m.entry((r.tenant, r.event_id))
+                    .or_default()
+                    .push((e.event_time, e.country));
+            }
+            m
+        })
+        .collect()
+}
+
+async fn run_both_sinks(config: &sluice_core::Config) {
+    for sink in [SinkName::Timescale, SinkName::Elasticsearch] {
+        let mut running = RunningSink::start(config, sink);
+        let group = match sink {
+            SinkName::Timescale => &config.timescale.group,
+            _ => &config.elasticsearch.group,
+        };
+        running
+            .caught_up(config, group, &config.topics.enriched)
+            .await;
+        running.stop().await;
+    }
+}
+
+/// Two tenants that choose the same client `event_id` for events at the same millisecond
+/// both keep their rows and documents (the old key, `(time, event_id)`, let one
+/// suppress the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_with_the_same_event_id_and_time_both_keep_theirs() {
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    let name = unique("tid");
+    sink_namespace(&mut config, &name).await;
+    let at = "2026-11-20T10:00:00Z";
+    let mut a = enriched(1, "acme", "u1", "page_view", "/a", at);
+    let mut b = enriched(1, "globex", "u1", "page_view", "/a", at);
+    a.country = Some("DE".into());
+    b.country = Some("FR".into());
+    // A tenant whose name holds the separator of document ids, and one whose index name
+    // is acme's (index names are lowercase).
+    let mut c = enriched(1, "acme:eu", "u1", "page_view", "/a", at);
+    c.country = Some("NL".into());
+    let mut d = enriched(1, "ACME", "u1", "page_view", "/a", at);
+    d.country = Some("US".into());
+    produce_enriched(&config, &config.topics.enriched, &[a, b, c, d]).await;
+    run_both_sinks(&config).await;
+    for (sink, held) in ["timescale", "elasticsearch"]
+        .iter()
+        .zip(held(&config).await)
+    {
+        let got: Vec<(&str, Option<&str>)> = held
+            .iter()
+            .map(|((t, _), v)| {
+                assert_eq!(v.len(), 1, "{sink}: {t} stored {} times", v.len());
+                (t.as_str(), v[0].1.as_deref())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ACME", Some("US")),
+                ("acme", Some("DE")),
+                ("acme:eu", Some("NL")),
+                ("globex", Some("FR"))
+            ],
+            "{sink}"
+        );
+    }
+}
+
+/// A late re-delivery of an older processing (a sink replay, an at-least-once repeat of
+/// an old record) arrives after a newer processing: it changes nothing, even when the old
+/// processing had the event at another time; the newer values and time stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_processing_arriving_later_does_not_overwrite() {
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    let name = unique("stale");
+    sink_namespace(&mut config, &name).await;
+    let old_at = "2026-11-20T23:30:00Z";
+    let new_at = "2026-11-21T04:30:00Z";
+    let mut old = enriched(7, "acme", "u1", "page_view", "/a", old_at);
+    old.country = Some("XX".into());
+    let mut new = enriched(7, "acme", "u1", "page_view", "/a", new_at);
+    new.country = Some("DE".into());
+    new.received_at = old.received_at;
+    // The old processing first, then the correction: the event moves and changes.
+    produce_versioned(
+        &config,
+        &config.topics.enriched,
+        &[(old.clone(), Some(1_000)), (new.clone(), Some(2_000))],
+    )
+    .await;
+    run_both_sinks(&config).await;
+    let want = (new.event_time, Some("DE".to_string()));
+    for held in held(&config).await {
+        assert_eq!(held.values().collect::<Vec<_>>(), vec![&vec![want.clone()]]);
+    }
+    // Then the old processing again, in a later batch: nothing changes.
+    produce_versioned(&config, &config.topics.enriched, &[(old, Some(1_000))]).await;
+    run_both_sinks(&config).await;
+    for (sink, held) in ["timescale", "elasticsearch"]
+        .iter()
+        .zip(held(&config).await)
+    {
+        assert_eq!(
+            held.values().collect::<Vec<_>>(),
+            vec![&vec![want.clone()]],
+            "{sink}: the older processing overwrote the newer one"
+        );
+    }
 }

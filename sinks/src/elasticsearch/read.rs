@@ -24,7 +24,8 @@ fn millis(v: &Value) -> Option<i64> {
 }
 
 fn iso(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
+    // Years 0..9999 hold every date Elasticsearch can parse.
+    chrono::DateTime::from_timestamp_millis(ms.clamp(-62_167_219_200_000, 253_402_300_799_999))
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
 }

@@ -31,7 +31,11 @@ pub async fn read_stored(
     let mut out = Vec::new();
     match selection {
         Selection::Received { from, to, tenant } => {
-            let ts = |ms: i64| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+            // Years 0..9999 hold every time PostgreSQL stores.
+            let ts = |ms: i64| {
+                DateTime::from_timestamp_millis(ms.clamp(-62_167_219_200_000, 253_402_300_799_999))
+                    .unwrap_or_default()
+            };
             let rows = client
                 .query(
                     &format!(

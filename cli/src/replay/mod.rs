@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{self, Rewiring, SinkName, StageName};
 
+pub mod diff;
+
 /// Header a copied record carries: `topic/partition/offset` of the record it copies.
 pub const REPLAYED_FROM: &str = "sluice.replayed_from";
 
@@ -395,7 +397,9 @@ pub fn commit_group(
     Ok(())
 }
 
-fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::block_in_place(f)
 }
 
@@ -534,6 +538,28 @@ async fn fresh(
     filters: &Filters,
     stop: CancellationToken,
 ) -> Result<Outcome> {
+    fresh_rewired(
+        config,
+        plan,
+        target,
+        group,
+        filters,
+        Rewiring::default(),
+        stop,
+    )
+    .await
+}
+
+/// [`fresh`], with a stage's outputs and dead letters sent where `outputs` says.
+pub(crate) async fn fresh_rewired(
+    config: &Config,
+    plan: &Plan,
+    target: &Target,
+    group: &str,
+    filters: &Filters,
+    outputs: Rewiring,
+    stop: CancellationToken,
+) -> Result<Outcome> {
     let kafka = config.kafka.clone();
     let g = group.to_string();
     let members = blocking(move || active_members(&kafka, &g))?;
@@ -565,6 +591,7 @@ async fn fresh(
         group: Some(group.to_string()),
         input: Some(plan.topic.clone()),
         scope: Some(scope.clone()),
+        ..outputs
     };
     let runner = CancellationToken::new();
     let (cfg, r, token) = (config.clone(), rewiring, runner.clone());

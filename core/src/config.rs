@@ -383,8 +383,9 @@ pub struct ElasticsearchConfig {
     pub linger_ms: u64,
     /// Bulk requests in flight at once.
     pub bulk_in_flight: usize,
-    /// `index` (a re-delivered event overwrites itself) or `create` (it is refused with
-    /// 409, which counts as success; the first write wins).
+    /// `index` (versioned by the processing stamp: the newest processing of an event
+    /// wins) or `create` (an existing document is refused with 409, which counts as
+    /// success: the first write wins, and a replay corrects nothing).
     pub op_type: EsOpType,
 }
 
@@ -392,7 +393,7 @@ pub struct ElasticsearchConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EsOpType {
-    /// Overwrite.
+    /// Overwrite with a version at least as new.
     Index,
     /// Create only; an existing `_id` answers 409.
     Create,

@@ -63,6 +63,10 @@ async fn documented_metrics_are_exported() {
         .filter(|n| {
             **n != "sluice_consumer_rebalance_duration_seconds"
                 && **n != "sluice_stage_transaction_commit_seconds"
+                // Continuous aggregates need TimescaleDB; this run writes to PostgreSQL 15.
+                && **n != "sluice_sink_aggregate_refreshes_total"
+                // Only the sessionize stage skips records; the demo does not run it.
+                && **n != "sluice_stage_skipped_total"
         })
         .collect();
     assert!(

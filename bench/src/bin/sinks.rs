@@ -21,7 +21,8 @@ use sluice_core::config::DbMode;
 use sluice_core::Config;
 use sluice_sinks::elasticsearch::{doc_id, document, index_name};
 use sluice_tests::{
-    enriched, produce_enriched, sink_namespace, stack_config, stack_var, unique, RunningSink,
+    enriched, produce_enriched, produce_versioned, sink_namespace, stack_config, stack_var, unique,
+    RunningSink,
 };
 
 /// Sink benchmark.
@@ -128,7 +129,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
 
     // Alternating rounds, each into fresh tables (and the sink in a fresh group): the
     // machine is noisy, so the medians are compared.
-    let (mut bare_rates, mut sink_rates) = (Vec::new(), Vec::new());
+    let (mut bare_rates, mut sink_rates, mut keyed_rates) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let mut bare = config.timescale.clone();
         bare.schema = format!("{name}_bare{round}");
@@ -157,11 +158,17 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         c.timescale.schema = format!("{name}_sink{round}");
         c.timescale.group = format!("{name}-sink{round}");
         sink_rates.push(sink_rate(&c, SinkName::Timescale, &c.timescale.group).await?);
+        // The same sink with a hypertable's layout (key with the time, plus event_keys),
+        // which TimescaleDB needs, on the same server: what that layout costs.
+        c.timescale.schema = format!("{name}_keyed{round}");
+        c.timescale.group = format!("{name}-keyed{round}");
+        keyed_rates.push(keyed_rate(&c).await?);
         println!(
-            "round {}: psql \\copy {:.0} rows/s, sink {:.0} rows/s",
+            "round {}: psql \\copy {:.0} rows/s, sink {:.0} rows/s, sink with the hypertable layout {:.0} rows/s",
             round + 1,
             bare_rates[round],
-            sink_rates[round]
+            sink_rates[round],
+            keyed_rates[round]
         );
     }
     let _ = std::fs::remove_file(&csv);
@@ -179,7 +186,113 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         median_pair.1,
         0.5,
     );
+
+    let keyed_pairs: Vec<(f64, f64)> = sink_rates
+        .iter()
+        .copied()
+        .zip(keyed_rates.iter().copied())
+        .collect();
+    let (direct, keyed) = median_round(&keyed_pairs);
+    println!(
+        "hypertable layout (event_keys) on the normal path: {keyed:.0} rows/s, {:.2} of the plain-table layout ({direct:.0} rows/s)",
+        keyed / direct.max(1e-9)
+    );
+
+    // A correction: every stored row again, with other values and a newer processing,
+    // into the last round's tables (the rows are overwritten in place).
+    let mut c = config.clone();
+    c.timescale.schema = format!("{name}_sink{}", rounds - 1);
+    let first = sink_rates[rounds - 1];
+    let replayed = replay_rate(&mut c, &rows, SinkName::Timescale).await?;
+    report_replay("timescale sink", n, first, replayed);
+    drop_topics(&config).await;
     Ok(())
+}
+
+/// Delete the bench's topics: noida-db saves everything it holds periodically, which
+/// costs a core once it holds a few hundred thousand records, and would slow what runs next.
+async fn drop_topics(config: &Config) {
+    let t = &config.topics;
+    let names = [
+        t.enriched.clone(),
+        t.dlq(&t.enriched),
+        format!("{}.replay", t.enriched),
+    ];
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    if let Err(e) = sluice_core::kafka::delete_topics(&config.kafka, &refs).await {
+        println!("(could not delete the bench topics: {e})");
+    }
+}
+
+/// The events sink's rate into a table of the hypertable layout on plain PostgreSQL.
+async fn keyed_rate(config: &Config) -> Result<f64> {
+    use sluice_sinks::timescale::events::{EventsWriter, Layout};
+    let c = &config.timescale;
+    let pool = sluice_sinks::timescale::pool(c)?;
+    sluice_sinks::timescale::migrate(&pool, c).await?;
+    let client = pool.get().await?;
+    for stmt in Layout::Keyed.ddl() {
+        client
+            .batch_execute(&stmt.replace("{s}", &c.schema))
+            .await?;
+    }
+    drop(client);
+    let spec = sluice_sinks::SinkSpec {
+        group: c.group.clone(),
+        input: config.topics.enriched.clone(),
+        dlq: config.topics.dlq(&config.topics.enriched),
+        batch_size: c.batch_size,
+        linger: std::time::Duration::from_millis(c.linger_ms),
+        write_concurrency: c.pool_size,
+        scope: None,
+    };
+    let writer = EventsWriter::with_layout(pool.clone(), c, Layout::Keyed, None);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (k, s, t) = (config.kafka.clone(), stop.clone(), spec.clone());
+    let task = tokio::spawn(async move {
+        sluice_sinks::run_sink(&k, &t, writer, sluice_schemas::ENRICHED_EVENTS.clone(), s).await
+    });
+    sluice_tests::caught_up(config, &spec.group, &spec.input).await;
+    stop.cancel();
+    let stats = task.await??;
+    pool.close();
+    stats.throughput().context("keyed sink measured nothing")
+}
+
+/// Rewrite `rows` with a changed value at a newer version through `sink` (a replay of
+/// corrected events into tables or indices that hold them already); its rate.
+async fn replay_rate(
+    config: &mut Config,
+    rows: &[sluice_schemas::EnrichedEvent],
+    sink: SinkName,
+) -> Result<f64> {
+    let topic = format!("{}.replay", config.topics.enriched);
+    sluice_core::kafka::create_topics(&config.kafka, 3, 1, &[(topic.clone(), "3600000".into())])
+        .await?;
+    let version = sluice_core::now_ms();
+    let corrected: Vec<_> = rows
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.country = Some("DE".into());
+            (e, Some(version))
+        })
+        .collect();
+    produce_versioned(config, &topic, &corrected).await;
+    config.topics.enriched = topic;
+    let group = format!("{}-replay", unique("bench-"));
+    match sink {
+        SinkName::Timescale => config.timescale.group = group.clone(),
+        _ => config.elasticsearch.group = group.clone(),
+    }
+    sink_rate(config, sink, &group).await
+}
+
+fn report_replay(sink: &str, n: usize, first: f64, replayed: f64) {
+    println!(
+        "replay of {n} stored events with changed values, {sink}: {replayed:.0} rows/s; ratio to the first write ({first:.0} rows/s) = {:.2}",
+        replayed / first.max(1e-9)
+    );
 }
 
 /// Run `sink` in group `group` until it has committed the whole enriched topic; its rate
@@ -272,6 +385,13 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
         median_pair.1,
         0.8,
     );
+
+    let mut c = config.clone();
+    c.elasticsearch.index_prefix = format!("{name}-sink{rounds}");
+    let first = sink_rates[rounds - 1];
+    let replayed = replay_rate(&mut c, &docs, SinkName::Elasticsearch).await?;
+    report_replay("elasticsearch sink", n, first, replayed);
+    drop_topics(&config).await;
     Ok(())
 }
 

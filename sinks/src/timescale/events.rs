@@ -116,9 +116,63 @@ pub static COLUMNS: std::sync::LazyLock<Vec<Column>> = std::sync::LazyLock::new(
         .collect()
 });
 
+/// How the events table keeps one row per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Plain PostgreSQL: the table's key is `(tenant, event_id)`; a moved event is an
+    /// update of its row.
+    Direct,
+    /// A hypertable: its key must hold the time, so it is `(tenant, event_id, time)`, and
+    /// `event_keys` keeps `(tenant, event_id)` unique and says where each event is.
+    Keyed,
+}
+
+impl Layout {
+    /// The layout of a TimescaleDB (`true`) or plain PostgreSQL events table.
+    pub fn of(timescale: bool) -> Self {
+        if timescale {
+            Self::Keyed
+        } else {
+            Self::Direct
+        }
+    }
+
+    /// Statements that turn the events table (keyed by `(time, event_id)` before) into
+    /// this layout; `{s}` stands for the schema. Rows of one event at several times (the
+    /// old key allowed them) keep the latest.
+    pub const fn ddl(self) -> &'static [&'static str] {
+        match self {
+            Self::Direct => &[
+                "DELETE FROM {s}.events a USING {s}.events b
+                 WHERE a.tenant = b.tenant AND a.event_id = b.event_id AND a.time < b.time",
+                "ALTER TABLE {s}.events DROP CONSTRAINT IF EXISTS events_pkey",
+                "ALTER TABLE {s}.events ADD PRIMARY KEY (tenant, event_id)",
+            ],
+            Self::Keyed => &[
+                "ALTER TABLE {s}.events DROP CONSTRAINT IF EXISTS events_pkey",
+                "ALTER TABLE {s}.events ADD PRIMARY KEY (tenant, event_id, time)",
+                "CREATE TABLE IF NOT EXISTS {s}.event_keys (
+                    tenant text NOT NULL,
+                    event_id text NOT NULL,
+                    time timestamptz NOT NULL,
+                    processed_at timestamptz NOT NULL,
+                    prev_time timestamptz,
+                    PRIMARY KEY (tenant, event_id))",
+                "CREATE INDEX IF NOT EXISTS event_keys_time ON {s}.event_keys (time)",
+                "INSERT INTO {s}.event_keys (tenant, event_id, time, processed_at)
+                 SELECT DISTINCT ON (tenant, event_id) tenant, event_id, time, coalesce(processed_at, '-infinity')
+                 FROM {s}.events ORDER BY tenant, event_id, time DESC
+                 ON CONFLICT DO NOTHING",
+                "DELETE FROM {s}.events e USING {s}.event_keys k
+                 WHERE e.tenant = k.tenant AND e.event_id = k.event_id AND e.time <> k.time",
+            ],
+        }
+    }
+}
+
 /// The batch statement (steps 1 and 2). It returns the rows written and the events that
-/// moved, with their old times.
-fn upsert_sql(schema: &str) -> String {
+/// moved, with their old times (none in the direct layout: a move is an update).
+pub fn upsert_sql(schema: &str, layout: Layout) -> String {
     let cols = &*COLUMNS;
     let names: Vec<&str> = cols.iter().map(|c| c.name).collect();
     let list = names.join(", ");
@@ -139,6 +193,24 @@ fn upsert_sql(schema: &str) -> String {
         .filter(|c| !["tenant", "event_id", "time"].contains(&c.name))
         .map(|c| format!("{0} = EXCLUDED.{0}", c.name))
         .collect();
+    if layout == Layout::Direct {
+        let moves: Vec<String> = std::iter::once("time = EXCLUDED.time".to_string())
+            .chain(updates.iter().cloned())
+            .collect();
+        return format!(
+            "WITH input AS (SELECT * FROM unnest({arrays}) AS r({list})),
+             written AS (
+               INSERT INTO {schema}.events AS e ({list})
+               SELECT {selected} FROM input i ORDER BY i.tenant, i.event_id
+               ON CONFLICT (tenant, event_id) DO UPDATE SET {moves}
+                 WHERE coalesce(e.processed_at, '-infinity') < EXCLUDED.processed_at
+               RETURNING 1)
+             SELECT (SELECT count(*) FROM written), '{{}}'::text[], '{{}}'::text[], '{{}}'::timestamptz[]",
+            arrays = arrays.join(", "),
+            selected = selected.join(", "),
+            moves = moves.join(", "),
+        );
+    }
     format!(
         "WITH input AS (SELECT * FROM unnest({arrays}) AS r({list})),
          keys AS (
@@ -251,19 +323,38 @@ pub struct EventsWriter {
 
 impl EventsWriter {
     /// A writer into `config.schema`'s tables through `pool` (already migrated);
-    /// `timescale` says whether there are aggregates to keep fresh, and `replay` that
-    /// every bucket it touches is refreshed when it settles.
+    /// `timescale` says whether it is a hypertable with aggregates to keep fresh, and
+    /// `replay` that every bucket it touches is refreshed when it settles.
     pub fn new(pool: Pool, config: &TimescaleConfig, timescale: bool, replay: bool) -> Self {
+        let refresh = timescale.then_some(RefreshRule {
+            policies: config.refresh_policies,
+            everything: replay,
+        });
+        Self::with_layout(pool, config, Layout::of(timescale), refresh)
+    }
+
+    /// A writer for a table of `layout`, refreshing aggregates by `refresh` (none: no
+    /// aggregates).
+    pub fn with_layout(
+        pool: Pool,
+        config: &TimescaleConfig,
+        layout: Layout,
+        refresh: Option<RefreshRule>,
+    ) -> Self {
+        let timescale = refresh.is_some();
         let schema = config.schema.clone();
+        // Exported at 0 from the start, so rate() sees a zero.
+        metrics::counter!("sluice_sink_events_moved_total", "sink" => "timescale").increment(0);
+        if timescale {
+            metrics::counter!("sluice_sink_aggregate_refreshes_total", "sink" => "timescale")
+                .increment(0);
+        }
         Self {
-            upsert: upsert_sql(&schema),
+            upsert: upsert_sql(&schema, layout),
             delete_moved: delete_moved_sql(&schema),
             pool,
             schema,
-            refresh: timescale.then_some(RefreshRule {
-                policies: config.refresh_policies,
-                everything: replay,
-            }),
+            refresh,
             retention_days: config.retention_days,
             last_cleanup: std::sync::Mutex::new(None),
         }
@@ -457,11 +548,13 @@ mod tests {
         assert_eq!(names.len(), ENRICHED_FIELDS.len() + 1);
         assert!(names.contains(&"time") && !names.contains(&"event_time"));
         assert_eq!(names.last(), Some(&"processed_at"));
-        let sql = upsert_sql("s");
-        for n in names {
-            assert!(sql.contains(n), "{n} missing from the statement");
+        for layout in [Layout::Direct, Layout::Keyed] {
+            let sql = upsert_sql("s", layout);
+            for n in &names {
+                assert!(sql.contains(n), "{n} missing from the statement");
+            }
+            assert!(sql.contains(&format!("${}::timestamptz[]", COLUMNS.len())));
         }
-        assert!(sql.contains(&format!("${}::timestamptz[]", COLUMNS.len())));
     }
 
     #[test]

@@ -4,14 +4,22 @@
 use sluice_core::config::{DbMode, TimescaleConfig};
 
 use super::aggregates::AGGREGATES;
-use super::events::COLUMNS;
+use super::events::{Layout, COLUMNS};
 use super::{DbError, Pool};
 
-/// One schema migration; `timescale_only` ones are skipped on plain PostgreSQL.
+/// Which databases a migration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum For {
+    Both,
+    Timescale,
+    Postgres,
+}
+
+/// One schema migration, for TimescaleDB, plain PostgreSQL or both.
 struct Migration {
     version: i32,
     name: &'static str,
-    timescale_only: bool,
+    on: For,
     /// Statements, run one by one (continuous aggregates cannot be created in a transaction).
     sql: &'static [&'static str],
 }
@@ -23,7 +31,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "events table",
-        timescale_only: false,
+        on: For::Both,
         sql: &["CREATE TABLE IF NOT EXISTS {s}.events (
             time timestamptz NOT NULL,
             event_id text NOT NULL,
@@ -49,13 +57,13 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         name: "events hypertable",
-        timescale_only: true,
+        on: For::Timescale,
         sql: &["SELECT create_hypertable('{s}.events', 'time', chunk_time_interval => interval '1 day', if_not_exists => TRUE, migrate_data => TRUE)"],
     },
     Migration {
         version: 3,
         name: "continuous aggregates",
-        timescale_only: true,
+        on: For::Timescale,
         sql: &[
             "CREATE MATERIALIZED VIEW IF NOT EXISTS {s}.page_views_1m WITH (timescaledb.continuous) AS
              SELECT time_bucket('1 minute', time) AS bucket, tenant, url, count(*) AS views
@@ -74,7 +82,7 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         name: "sessions table",
-        timescale_only: false,
+        on: For::Both,
         sql: &["CREATE TABLE IF NOT EXISTS {s}.sessions (
             tenant text NOT NULL,
             user_id text NOT NULL,
@@ -89,36 +97,16 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 5,
         name: "tenant directory columns",
-        timescale_only: false,
+        on: For::Both,
         sql: &["ALTER TABLE {s}.events ADD COLUMN IF NOT EXISTS tenant_name text",
             "ALTER TABLE {s}.events ADD COLUMN IF NOT EXISTS tenant_plan text"],
     },
     Migration {
         version: 6,
-        name: "event identity (tenant, event_id) and processing versions",
-        timescale_only: false,
+        name: "processing versions and the aggregate refresh queue",
+        on: For::Both,
         sql: &[
             "ALTER TABLE {s}.events ADD COLUMN IF NOT EXISTS processed_at timestamptz",
-            // A unique key of a hypertable must hold its time column: (tenant, event_id)
-            // alone is kept unique by event_keys, which also says where each event is.
-            "ALTER TABLE {s}.events DROP CONSTRAINT IF EXISTS events_pkey",
-            "ALTER TABLE {s}.events ADD PRIMARY KEY (tenant, event_id, time)",
-            "CREATE TABLE IF NOT EXISTS {s}.event_keys (
-                tenant text NOT NULL,
-                event_id text NOT NULL,
-                time timestamptz NOT NULL,
-                processed_at timestamptz NOT NULL,
-                prev_time timestamptz,
-                PRIMARY KEY (tenant, event_id))",
-            "CREATE INDEX IF NOT EXISTS event_keys_time ON {s}.event_keys (time)",
-            // Rows written before: the latest time of each event is where it is; rows of
-            // the same event at other times (a duplicate the old key allowed) go.
-            "INSERT INTO {s}.event_keys (tenant, event_id, time, processed_at)
-             SELECT DISTINCT ON (tenant, event_id) tenant, event_id, time, coalesce(processed_at, '-infinity')
-             FROM {s}.events ORDER BY tenant, event_id, time DESC
-             ON CONFLICT DO NOTHING",
-            "DELETE FROM {s}.events e USING {s}.event_keys k
-             WHERE e.tenant = k.tenant AND e.event_id = k.event_id AND e.time <> k.time",
             "CREATE TABLE IF NOT EXISTS {s}.sluice_refresh_queue (
                 id bigserial PRIMARY KEY,
                 aggregate text NOT NULL,
@@ -128,6 +116,18 @@ const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE {s}.sessions ADD COLUMN IF NOT EXISTS processed_at timestamptz",
             "CREATE INDEX IF NOT EXISTS sessions_user_time ON {s}.sessions (tenant, user_id, started_at)",
         ],
+    },
+    Migration {
+        version: 7,
+        name: "event identity (tenant, event_id), with event_keys",
+        on: For::Timescale,
+        sql: Layout::Keyed.ddl(),
+    },
+    Migration {
+        version: 8,
+        name: "event identity (tenant, event_id)",
+        on: For::Postgres,
+        sql: Layout::Direct.ddl(),
     },
 ];
 
@@ -200,7 +200,12 @@ async fn migrate_locked(
         .map(|r| r.get(0))
         .collect();
     for m in MIGRATIONS {
-        if done.contains(&m.version) || (m.timescale_only && !timescale) {
+        let wanted = match m.on {
+            For::Both => true,
+            For::Timescale => timescale,
+            For::Postgres => !timescale,
+        };
+        if done.contains(&m.version) || !wanted {
             continue;
         }
         for stmt in m.sql {

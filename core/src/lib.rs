@@ -2,11 +2,14 @@
 //! administration, record header names, and logging/metrics set-up.
 
 pub mod config;
+pub mod consume;
 pub mod consumer_metrics;
+pub mod events;
 pub mod failure;
 pub mod headers;
 pub mod kafka;
 pub mod replay_scope;
+pub mod retry;
 pub mod telemetry;
 
 pub use config::Config;

@@ -10,17 +10,21 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
-use rand::Rng;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
+use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::events::{
+    BatchRetrying, Component, DeadLettered, DeliveryRetrying, Emit, ItemsRetrying,
+};
 use sluice_core::failure::{DeadLetter, Failure};
 use sluice_core::headers;
-use sluice_core::replay_scope::{Admit, ReplayScope};
+use sluice_core::replay_scope::ReplayScope;
+use sluice_core::retry::{retry, Backoff, RetryAction};
 use sluice_schemas::{AvroRecord, Codec};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +37,32 @@ pub enum WriteError {
     /// Not worth retrying: the sink must stop (e.g. wrong credentials, missing schema).
     #[error("fatal: {0}")]
     Fatal(String),
+}
+
+/// Records that can never be written (index into the batch, and why): dead-lettered.
+pub type Rejected = Vec<(usize, Failure)>;
+
+/// A batch written in part: what was rejected, and the records to write again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Partial {
+    /// Records that can never be written.
+    pub rejected: Rejected,
+    /// Records refused for load, to write again (index into the batch).
+    pub retry: Vec<usize>,
+}
+
+/// What a batch write did, as the sink loop's retry decision: written (with the records
+/// rejected), to retry whole (destination down), to retry in part (some records refused
+/// for load), or failed for good (the sink stops).
+pub type WriteResult = RetryAction<Rejected, Partial>;
+
+impl From<WriteError> for WriteResult {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Transient(why) => RetryAction::Retry(why),
+            WriteError::Fatal(why) => RetryAction::DontRetry(why),
+        }
+    }
 }
 
 /// A record decoded from the input topic, with its version.
@@ -48,16 +78,16 @@ pub struct Versioned<R> {
 /// A destination for batches of records (enriched events, session summaries).
 pub trait BatchWriter: Send {
     /// The record type written, decoded from the input topic.
-    type Record: AvroRecord + Send + Sync + 'static;
+    type Record: AvroRecord + Clone + Send + Sync + 'static;
     /// Name used in metrics, logs and dead-letter headers.
     fn name(&self) -> &'static str;
     /// Write `records` idempotently: the newest processing of each event wins, and an
-    /// older one arriving later changes nothing. Returns the indices of records that can
-    /// never be written, with why; they are dead-lettered and the rest count as written.
+    /// older one arriving later changes nothing. Says what to do next (see
+    /// [`WriteResult`]); the sink loop does the waiting and retrying.
     fn write(
         &self,
         records: &[Versioned<Self::Record>],
-    ) -> impl std::future::Future<Output = Result<Vec<(usize, Failure)>, WriteError>> + Send;
+    ) -> impl std::future::Future<Output = WriteResult> + Send;
     /// Do the work that writes deferred (e.g. refreshing the continuous aggregates they
     /// touched). Called every few seconds and once more when the sink stops; returns
     /// what it did, one line each, for the operator.
@@ -148,61 +178,91 @@ async fn write_batch<W: BatchWriter>(
     scope: Option<&ReplayScope>,
     shutdown: &CancellationToken,
 ) -> Result<Written, WriteError> {
-    let name = writer.name();
-    let mut backoff = Duration::from_millis(100);
+    let sink = writer.name();
+    let retrying = |why: &str, retry_in| {
+        BatchRetrying {
+            sink,
+            error: why,
+            retry_in,
+        }
+        .emit()
+    };
     // What does not decode is dead-lettered without reaching the writer; a schema
     // registry that cannot be reached is waited for, like a destination that is down.
-    let (events, sources, mut dead) = loop {
-        match decode_batch(codec, batch, scope) {
-            Ok(decoded) => break decoded,
-            Err(e) => {
-                metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
-                tracing::warn!(sink = name, error = %e, retry_in = ?backoff, "schema registry unavailable; retrying the batch");
-                if !back_off(&mut backoff, shutdown).await {
-                    return Ok(Written::Abandoned);
-                }
+    let decoded = retry(
+        &mut Backoff::standard(),
+        shutdown,
+        || async {
+            match decode_batch(codec, batch, scope) {
+                Ok(decoded) => RetryAction::Successful(decoded),
+                Err(e) => RetryAction::Retry(format!("schema registry unavailable: {e}")),
             }
-        }
+        },
+        retrying,
+    )
+    .await;
+    let (events, sources, mut dead) = match decoded {
+        Ok(d) => d,
+        Err(_) => return Ok(Written::Abandoned),
     };
-    let mut backoff = Duration::from_millis(100);
+    // Write, then write again what was refused for load (all of it, or some records),
+    // until nothing is left, the writer fails for good, or shutdown comes.
+    let mut backoff = Backoff::standard();
+    let mut pending: Vec<usize> = (0..events.len()).collect();
+    let mut count = 0;
     loop {
+        let subset: std::borrow::Cow<'_, [Versioned<W::Record>]> = if pending.len() == events.len()
+        {
+            std::borrow::Cow::Borrowed(&events)
+        } else {
+            std::borrow::Cow::Owned(pending.iter().map(|&i| events[i].clone()).collect())
+        };
         let started = std::time::Instant::now();
-        match writer.write(&events).await {
-            Ok(failures) => {
-                metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => name)
+        let rejected = |r: Rejected, pending: &[usize], dead: &mut Vec<(usize, Failure)>| {
+            let n = r.len();
+            dead.extend(r.into_iter().map(|(i, f)| (sources[pending[i]], f)));
+            n
+        };
+        let (retry, why) = match writer.write(&subset).await {
+            RetryAction::Successful(r) => {
+                metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => sink)
                     .record(started.elapsed().as_secs_f64());
                 tracing::debug!(
-                    sink = name,
-                    records = events.len(),
+                    sink,
+                    records = subset.len(),
                     write_ms = started.elapsed().as_millis() as u64,
                     "batch written"
                 );
-                let written = events.len() - failures.len();
-                dead.extend(failures.into_iter().map(|(i, f)| (sources[i], f)));
-                return Ok(Written::Done(dead, written));
+                let failed = rejected(r, &pending, &mut dead);
+                count += pending.len() - failed;
+                return Ok(Written::Done(dead, count));
             }
-            Err(WriteError::Transient(why)) => {
-                metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(1);
-                tracing::warn!(sink = name, error = %why, retry_in = ?backoff, "write failed; retrying the batch");
-                if !back_off(&mut backoff, shutdown).await {
-                    return Ok(Written::Abandoned);
-                }
+            RetryAction::DontRetry(why) => return Err(WriteError::Fatal(why)),
+            RetryAction::Retry(why) => (pending.clone(), why),
+            RetryAction::RetryPartial(p, why) => {
+                let failed = rejected(p.rejected, &pending, &mut dead);
+                let again: Vec<usize> = p.retry.iter().map(|&i| pending[i]).collect();
+                count += pending.len() - failed - again.len();
+                (again, why)
             }
-            Err(fatal) => return Err(fatal),
+        };
+        let retry_in = backoff.next_delay();
+        if retry.len() == pending.len() {
+            retrying(&why, retry_in);
+        } else {
+            ItemsRetrying {
+                sink,
+                items: retry.len(),
+                retry_in,
+            }
+            .emit();
+        }
+        pending = retry;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(Written::Abandoned),
+            _ = tokio::time::sleep(retry_in) => {}
         }
     }
-}
-
-/// Wait `backoff` plus up to half of it again (jitter), then double it (10 s at most).
-/// Returns `false` when `shutdown` came first.
-async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
-    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-    let waited = tokio::select! {
-        _ = shutdown.cancelled() => false,
-        _ = tokio::time::sleep(*backoff + Duration::from_millis(jitter)) => true,
-    };
-    *backoff = (*backoff * 2).min(Duration::from_secs(10));
-    waited
 }
 
 /// The records of a batch that decode, their indices, and the dead letters; fails as a
@@ -258,6 +318,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     let writer = std::sync::Arc::new(writer);
     let consumer = kafka.metered_consumer(&spec.group)?;
     consumer.subscribe(&[&spec.input])?;
+    let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     let producer: FutureProducer = kafka.producer_config().create()?;
     let mut stats = SinkStats::default();
     let batch_size = spec.batch_size.max(1);
@@ -336,10 +397,15 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                     break;
                 };
                 stats.written += count as u64;
+                let mut delivered = true;
                 for (i, failure) in &dead {
-                    metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "reason" => failure.class).increment(1);
-                    tracing::debug!(sink = name, %failure, "dead-lettered");
-                    send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1)).await;
+                    DeadLettered { component: Component::Sink(name), class: failure.class, reason: &failure.reason }.emit();
+                    delivered = delivered
+                        && send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1), &shutdown).await;
+                }
+                if !delivered {
+                    tracing::warn!(sink = name, "stopping with dead letters undelivered; their batch stays uncommitted");
+                    break;
                 }
                 stats.dead_lettered += dead.len() as u64;
                 stats.batches += 1;
@@ -360,31 +426,15 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 settling = None;
                 settled(name, done, &mut stats.settled);
             }
-            m = consumer.recv(), if consuming && (!full || paused) => match m {
-                Ok(m) => {
-                    let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(m.partition(), m.offset(), m.headers()));
-                    if admit == Admit::PastEnd {
-                        // A replay's end: leave the rest of this partition alone.
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(m.topic(), m.partition());
-                        let _ = consumer.pause(&tpl);
-                        continue;
-                    }
-                    if let Some(scope) = &spec.scope {
-                        scope.throttle().await;
-                    }
-                    stats
-                        .first_record_at
-                        .get_or_insert_with(std::time::Instant::now);
-                    // Skipped records (other tenants) are committed with their batch, unwritten.
-                    pending.push(m.detach());
-                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+            (m, _) = receiver.next(), if consuming && (!full || paused) => {
+                receiver.throttle().await;
+                stats
+                    .first_record_at
+                    .get_or_insert_with(std::time::Instant::now);
+                // Skipped records (other tenants) are committed with their batch, unwritten.
+                pending.push(m.detach());
+                deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
+            }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if consuming && wake.is_some() => {}
         }
     }
@@ -479,9 +529,15 @@ fn commit(consumer: &StreamConsumer<MeteredConsumer>, batch: &[OwnedMessage]) {
     }
 }
 
-/// Send a dead letter and wait for its ack, retrying until the broker takes it.
-pub async fn send_dead_letter(producer: &FutureProducer, topic: &str, dl: DeadLetter) {
-    let mut backoff = Duration::from_millis(100);
+/// Send a dead letter and wait for its ack, retrying until the broker takes it. Returns
+/// `false` when `shutdown` came first (the record's batch must then stay uncommitted).
+pub async fn send_dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    dl: DeadLetter,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let mut record = FutureRecord::to(topic)
             .payload(&dl.payload)
@@ -490,11 +546,19 @@ pub async fn send_dead_letter(producer: &FutureProducer, topic: &str, dl: DeadLe
             record = record.key(k);
         }
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err((e, _)) => {
-                tracing::warn!(topic, error = %e, "dead letter not delivered; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let retry_in = backoff.next_delay();
+                DeliveryRetrying {
+                    topic,
+                    error: &e.to_string(),
+                    retry_in,
+                }
+                .emit();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(retry_in) => {}
+                }
             }
         }
     }

@@ -5,7 +5,10 @@ pub mod consumer;
 pub mod elasticsearch;
 pub mod timescale;
 
-pub use consumer::{run_sink, BatchWriter, SinkSpec, SinkStats, Versioned, WriteError};
+pub use consumer::{
+    run_sink, BatchWriter, Partial, Rejected, SinkSpec, SinkStats, Versioned, WriteError,
+    WriteResult,
+};
 
 /// What a sink holds of one event, read back for `sluice audit` and `replay --diff`.
 #[derive(Debug, Clone, PartialEq)]

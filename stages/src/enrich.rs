@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
 
-use crate::runtime::{Output, Transform};
+use crate::transform::{Output, Transform};
 use sluice_core::failure::Failure;
 
 /// Why the enrich stage could not start.

@@ -3,13 +3,14 @@
 //! built-in parse and enrich stages.
 
 pub mod enrich;
-pub mod exactly_once;
 pub mod offsets;
 pub mod parse;
 pub mod retry;
 pub mod runtime;
 pub mod sessionize;
 pub mod tenants;
+pub mod transform;
 
-pub use runtime::{run_stage, Output, StageSpec, StageStats, Transform};
+pub use runtime::run_stage;
 pub use sluice_core::failure::{DeadLetter, Failure};
+pub use transform::{Output, StageError, StageSpec, StageStats, Transform};

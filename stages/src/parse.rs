@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
-use crate::runtime::{Output, Transform};
+use crate::transform::{Output, Transform};
 use sluice_core::failure::Failure;
 
 /// Epoch values below this are seconds (in seconds it is year 5138; in ms, 1973).

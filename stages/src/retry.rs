@@ -6,18 +6,20 @@
 
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use rdkafka::message::Message;
-
-use crate::runtime::{Output, Transform};
+use sluice_core::events::{Emit, RecordRetrying};
 use sluice_core::failure::Failure;
+use sluice_core::retry::Backoff;
+
+use crate::transform::{Output, Transform};
 
 /// How transient failures are retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
-    /// Wait before the second attempt; doubled each time (with up to 50% jitter).
+    /// Wait before the second attempt; doubled each time (with up to as much again of
+    /// jitter).
     pub initial_backoff: Duration,
     /// Longest wait between attempts.
     pub max_backoff: Duration,
@@ -69,12 +71,19 @@ impl Retry {
         if self.open_until.is_some_and(|t| Instant::now() < t) {
             return (result, attempts);
         }
-        let mut backoff = self.policy.initial_backoff;
+        let mut backoff = Backoff::new(self.policy.initial_backoff, self.policy.max_backoff);
         while attempts < self.policy.max_attempts && matches!(&result, Err(f) if f.transient) {
-            metrics::counter!("sluice_stage_retries_total", "stage" => self.stage).increment(1);
-            let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
-            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-            backoff = (backoff * 2).min(self.policy.max_backoff);
+            let retry_in = backoff.next_delay();
+            if let Err(f) = &result {
+                RecordRetrying {
+                    stage: self.stage,
+                    attempts,
+                    failure: &f.to_string(),
+                    retry_in,
+                }
+                .emit();
+            }
+            tokio::time::sleep(retry_in).await;
             attempts += 1;
             result = transform.process(msg);
         }

@@ -21,14 +21,17 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
+use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
+use sluice_core::events::{DeliveryRetrying, Emit};
 use sluice_core::headers;
 use sluice_core::kafka::PartitionRange;
 use sluice_core::replay_scope::ReplayScope;
+use sluice_core::retry::Backoff;
 use sluice_schemas::{Codec, EnrichedEvent, SessionSummary};
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{StageError, StageStats};
+use crate::transform::{StageError, StageStats};
 use sluice_core::failure::{DeadLetter, Failure};
 
 /// Window settings.
@@ -373,6 +376,7 @@ pub async fn run_sessionize(
     let consumer: StreamConsumer<MeteredConsumer> =
         consumer_config.create_with_context(MeteredConsumer::new(&spec.group))?;
     consumer.subscribe(&[&spec.input])?;
+    let receiver = Receiver::new(&consumer, None, NAME);
     let producer: FutureProducer = kafka.producer_config().create()?;
     let mut partitions: HashMap<i32, (Sessionizer, i64)> = HashMap::new();
     let mut stats = StageStats::default();
@@ -386,15 +390,7 @@ pub async fn run_sessionize(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => commit(&consumer, &spec.input, &mut partitions),
-            msg = consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consume error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+            (msg, _) = receiver.next() => {
                 stats.consumed += 1;
                 records_in.increment(1);
                 let (p, offset) = (msg.partition(), msg.offset());
@@ -410,7 +406,7 @@ pub async fn run_sessionize(
                             out.extend(entry.0.close_due());
                             let now = sluice_core::now_ms();
                             for s in out {
-                                emit(&producer, &spec.output, &spec.output_codec, &s, now, None).await?;
+                                emit(&producer, &spec.output, &spec.output_codec, &s, now, None, &shutdown).await?;
                                 stats.published += 1;
                             }
                             None
@@ -460,7 +456,8 @@ const NAME: &str = "sessionize";
 
 /// Send one summary, stamped with `processed_at` (and the replay, if any), and wait for
 /// its ack (sessions are few; commits follow acks). A summary that does not encode is a
-/// defect of this stage: it stops.
+/// defect of this stage: it stops; so does one still undelivered at shutdown (nothing
+/// more is committed, so a restart emits it again).
 async fn emit(
     producer: &FutureProducer,
     topic: &str,
@@ -468,6 +465,7 @@ async fn emit(
     s: &SessionSummary,
     processed_at: i64,
     replay: Option<&str>,
+    shutdown: &CancellationToken,
 ) -> Result<(), StageError> {
     let payload = codec
         .encode(s)
@@ -486,7 +484,7 @@ async fn emit(
         processed_at,
         replay,
     );
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let record = FutureRecord::to(topic)
             .key(&key)
@@ -495,9 +493,17 @@ async fn emit(
         match producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => return Ok(()),
             Err((e, _)) => {
-                tracing::warn!(error = %e, "session summary not delivered; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let retry_in = backoff.next_delay();
+                DeliveryRetrying {
+                    topic,
+                    error: &e.to_string(),
+                    retry_in,
+                }
+                .emit();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(StageError::Undelivered(topic.to_string())),
+                    _ = tokio::time::sleep(retry_in) => {}
+                }
             }
         }
     }
@@ -590,6 +596,7 @@ pub async fn replay_sessions(
             s,
             now,
             Some(replay),
+            &stop,
         )
         .await?;
         out.sessions += 1;

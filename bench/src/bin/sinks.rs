@@ -37,14 +37,21 @@ struct Args {
     /// Documents for the Elasticsearch comparison.
     #[arg(long, default_value_t = 20_000)]
     docs: usize,
+    /// Only this comparison: `postgres` or `elasticsearch`.
+    #[arg(long, value_parser = ["postgres", "elasticsearch"])]
+    only: Option<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
     sluice_core::telemetry::init_logging();
-    postgres(args.rows, args.rounds.max(1)).await?;
-    elasticsearch(args.docs, args.rounds.max(1)).await?;
+    if args.only.as_deref() != Some("elasticsearch") {
+        postgres(args.rows, args.rounds.max(1)).await?;
+    }
+    if args.only.as_deref() != Some("postgres") {
+        elasticsearch(args.docs, args.rounds.max(1)).await?;
+    }
     Ok(())
 }
 
@@ -392,6 +399,15 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
     let replayed = replay_rate(&mut c, &docs, SinkName::Elasticsearch).await?;
     report_replay("elasticsearch sink", n, first, replayed);
     drop_topics(&config).await;
+    // The server slows as it fills: leave it as it was found.
+    let pattern = format!("{name}-*");
+    let _ = client
+        .indices()
+        .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[
+            &pattern,
+        ]))
+        .send()
+        .await;
     Ok(())
 }
 

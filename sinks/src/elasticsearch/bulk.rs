@@ -6,9 +6,6 @@
 //! same document, and an older one is refused with a version conflict, which counts as
 //! done (the newer one stays).
 
-use std::ops::Range;
-use std::time::Duration;
-
 use bytes::Bytes;
 use elasticsearch::{BulkParts, Elasticsearch};
 use futures::StreamExt;
@@ -16,9 +13,11 @@ use serde_json::{json, Value};
 use sluice_core::config::{ElasticsearchConfig, EsOpType};
 use sluice_core::failure::Failure;
 use sluice_schemas::EnrichedEvent;
+use std::ops::Range;
 
 use super::document::{doc_id, index_name, write_document};
-use crate::consumer::{BatchWriter, Versioned, WriteError};
+use crate::consumer::{BatchWriter, Partial, Rejected, Versioned, WriteError, WriteResult};
+use sluice_core::retry::RetryAction;
 
 /// What became of one bulk item.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,13 +123,13 @@ impl ElasticsearchWriter {
         })
     }
 
-    /// Write one request's items, re-sending the ones refused for load until none is
-    /// left, and halving a request the server refuses as too large. Returns the items
-    /// refused for their content.
-    async fn write_chunk(&self, items: Vec<Item>) -> Result<Vec<(usize, Failure)>, WriteError> {
+    /// Send one request's items, halving a request the server refuses as too large.
+    /// Returns the items refused for their content and those refused for load (to send
+    /// again later).
+    async fn write_chunk(&self, items: Vec<Item>) -> Result<(Rejected, Vec<Item>), WriteError> {
         let mut failures = Vec::new();
+        let mut retry = Vec::new();
         let mut queue = vec![items];
-        let mut backoff = Duration::from_millis(100);
         while let Some(pending) = queue.pop() {
             if pending.is_empty() {
                 continue;
@@ -163,7 +162,6 @@ impl ElasticsearchWriter {
                     continue;
                 }
             };
-            let mut retry = Vec::new();
             for (item, (status, error)) in pending.into_iter().zip(answers) {
                 match classify(self.config.op_type, status, &error) {
                     ItemOutcome::Written | ItemOutcome::Kept => {}
@@ -171,16 +169,8 @@ impl ElasticsearchWriter {
                     ItemOutcome::Reject(f) => failures.push((item.record, f)),
                 }
             }
-            if !retry.is_empty() {
-                metrics::counter!("sluice_sink_retries_total", "sink" => "elasticsearch")
-                    .increment(retry.len() as u64);
-                tracing::warn!(items = retry.len(), retry_in = ?backoff, "bulk items refused for load; re-sending them");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                queue.push(retry);
-            }
         }
-        Ok(failures)
+        Ok((failures, retry))
     }
 
     /// One `_bulk` request of `items`. Returns each item's status and error, or `None`
@@ -245,16 +235,13 @@ impl BatchWriter for ElasticsearchWriter {
         "elasticsearch"
     }
 
-    async fn write(
-        &self,
-        batch: &[Versioned<EnrichedEvent>],
-    ) -> Result<Vec<(usize, Failure)>, WriteError> {
-        let mut failures = Vec::new();
+    async fn write(&self, batch: &[Versioned<EnrichedEvent>]) -> WriteResult {
+        let mut rejected = Vec::new();
         let mut items = Vec::with_capacity(batch.len());
         for (i, v) in batch.iter().enumerate() {
             match self.item(i, v) {
                 Ok(item) => items.push(item),
-                Err(f) => failures.push((i, f)),
+                Err(f) => rejected.push((i, f)),
             }
         }
         let sizes: Vec<usize> = items.iter().map(|i| i.lines.len()).collect();
@@ -267,14 +254,40 @@ impl BatchWriter for ElasticsearchWriter {
         .map(|r| items[r].to_vec())
         .collect();
         let results: Vec<_> = futures::stream::iter(requests)
-            .map(|chunk| self.write_chunk(chunk))
+            .map(|chunk| async move {
+                let records: Vec<usize> = chunk.iter().map(|i| i.record).collect();
+                (records, self.write_chunk(chunk).await)
+            })
             .buffer_unordered(self.config.bulk_in_flight.max(1))
             .collect()
             .await;
-        for r in results {
-            failures.extend(r?);
+        // Requests that failed whole, and items refused for load, are written again.
+        let mut retry = Vec::new();
+        let mut why = String::new();
+        for (records, result) in results {
+            match result {
+                Ok((failures, again)) => {
+                    rejected.extend(failures);
+                    if !again.is_empty() {
+                        why = format!("{} item(s) refused for load", again.len());
+                    }
+                    retry.extend(again.into_iter().map(|i| i.record));
+                }
+                Err(WriteError::Fatal(e)) => return RetryAction::DontRetry(e),
+                Err(WriteError::Transient(e)) => {
+                    why = e;
+                    retry.extend(records);
+                }
+            }
         }
-        Ok(failures)
+        if retry.is_empty() {
+            RetryAction::Successful(rejected)
+        } else if retry.len() == batch.len() {
+            RetryAction::Retry(why)
+        } else {
+            retry.sort_unstable();
+            RetryAction::RetryPartial(Partial { rejected, retry }, why)
+        }
     }
 }
 

@@ -28,7 +28,8 @@ use tokio_postgres::types::ToSql;
 use super::aggregates::{self, RefreshRule};
 use super::errors::{InsertError, Verdict};
 use super::Pool;
-use crate::consumer::{BatchWriter, Versioned, WriteError};
+use crate::consumer::{BatchWriter, Versioned, WriteError, WriteResult};
+use sluice_core::retry::RetryAction;
 
 /// The SQL type of a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,14 +463,10 @@ fn newest_per_event(
     keep
 }
 
-impl BatchWriter for EventsWriter {
-    type Record = EnrichedEvent;
-
-    fn name(&self) -> &'static str {
-        "timescale"
-    }
-
-    async fn write(
+impl EventsWriter {
+    /// Write a batch; rows the database refuses for their data are written one by one,
+    /// so that only they are rejected.
+    async fn write_rows(
         &self,
         batch: &[Versioned<EnrichedEvent>],
     ) -> Result<Vec<(usize, Failure)>, WriteError> {
@@ -503,6 +500,20 @@ impl BatchWriter for EventsWriter {
             }
         }
         Ok(failures)
+    }
+}
+
+impl BatchWriter for EventsWriter {
+    type Record = EnrichedEvent;
+
+    fn name(&self) -> &'static str {
+        "timescale"
+    }
+
+    async fn write(&self, batch: &[Versioned<EnrichedEvent>]) -> WriteResult {
+        self.write_rows(batch)
+            .await
+            .map_or_else(WriteResult::from, RetryAction::Successful)
     }
 
     async fn settle(&self) -> Result<Vec<String>, WriteError> {

@@ -13,7 +13,8 @@ use sluice_schemas::SessionSummary;
 
 use super::errors::{InsertError, Verdict};
 use super::Pool;
-use crate::consumer::{BatchWriter, Versioned, WriteError};
+use crate::consumer::{BatchWriter, Versioned, WriteError, WriteResult};
+use sluice_core::retry::RetryAction;
 
 /// Writes session summaries into the sessions table.
 pub struct SessionsWriter {
@@ -100,14 +101,10 @@ fn newest_overlapping(batch: &[Versioned<SessionSummary>]) -> Vec<usize> {
     kept
 }
 
-impl BatchWriter for SessionsWriter {
-    type Record = SessionSummary;
-
-    fn name(&self) -> &'static str {
-        "sessions"
-    }
-
-    async fn write(
+impl SessionsWriter {
+    /// Write a batch; rows the database refuses for their data are written one by one,
+    /// so that only they are rejected.
+    async fn write_rows(
         &self,
         batch: &[Versioned<SessionSummary>],
     ) -> Result<Vec<(usize, Failure)>, WriteError> {
@@ -130,6 +127,20 @@ impl BatchWriter for SessionsWriter {
             }
         }
         Ok(failures)
+    }
+}
+
+impl BatchWriter for SessionsWriter {
+    type Record = SessionSummary;
+
+    fn name(&self) -> &'static str {
+        "sessions"
+    }
+
+    async fn write(&self, batch: &[Versioned<SessionSummary>]) -> WriteResult {
+        self.write_rows(batch)
+            .await
+            .map_or_else(WriteResult::from, RetryAction::Successful)
     }
 }
 

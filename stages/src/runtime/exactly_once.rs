@@ -20,12 +20,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
+use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
-use sluice_core::replay_scope::Admit;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{Held, Output, StageError, StageSpec, StageStats, Transform};
-use sluice_core::failure::DeadLetter;
+use crate::transform::{process, Meters, Output, StageError, StageSpec, StageStats, Transform};
 
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,7 +50,7 @@ struct Batch {
 
 /// Run `transform` with Kafka transactions until `shutdown`; the open transaction is
 /// committed before returning.
-pub async fn run_exactly_once<T: Transform>(
+pub async fn run<T: Transform>(
     kafka: &KafkaConfig,
     spec: &StageSpec,
     transform: Arc<T>,
@@ -76,10 +75,8 @@ pub async fn run_exactly_once<T: Transform>(
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
     let mut batch = Batch::default();
     let mut deadline = tokio::time::Instant::now() + spec.transaction_linger;
-    let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone());
-    let records_out = metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone());
-    let processing =
-        metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name);
+    let meters = Meters::of(name, spec);
+    let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "exactly-once stage started");
 
     loop {
@@ -99,22 +96,8 @@ pub async fn run_exactly_once<T: Transform>(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(wake) => {}
-            msg = consumer.recv() => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(stage = name, error = %e, "consume error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let admit = spec.scope.as_ref().map_or(Admit::Process, |s| s.admit(msg.partition(), msg.offset(), msg.headers()));
-                if admit == Admit::PastEnd {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(msg.topic(), msg.partition());
-                    let _ = consumer.pause(&tpl);
-                    continue;
-                }
+            (msg, admit) = receiver.next() => {
+                receiver.throttle().await;
                 if !batch.open {
                     producer.begin_transaction()?;
                     batch.open = true;
@@ -124,42 +107,11 @@ pub async fn run_exactly_once<T: Transform>(
                 entry.1 = msg.offset() + 1;
                 batch.records += 1;
                 batch.stats.consumed += 1;
-                records_in.increment(1);
-                if admit == Admit::Skip {
-                    continue;
-                }
-                let started = std::time::Instant::now();
-                let mut result = transform.process(&msg);
-                processing.record(started.elapsed().as_secs_f64());
-                let mut attempts = 1;
-                let held = if matches!(&result, Err(f) if f.transient) {
-                    // Detached only for retries: waiting must not hold the borrowed message.
-                    let owned = msg.detach();
-                    drop(msg);
-                    (result, attempts) = retry.run(&*transform, &owned, result).await;
-                    Held::Owned(owned)
-                } else {
-                    Held::Borrowed(msg)
-                };
-                // (topic, key, payload, headers) to produce, built before any wait.
-                let records: Vec<(&str, Output)> = match result {
-                    Ok(outputs) => {
-                        batch.stats.published += outputs.len() as u64;
-                        records_out.increment(outputs.len() as u64);
-                        crate::runtime::stamped(outputs, spec).into_iter().map(|o| (spec.output.as_str(), o)).collect()
-                    }
-                    Err(failure) => {
-                        batch.stats.dead_lettered += 1;
-                        metrics::counter!("sluice_stage_dead_letters_total", "stage" => name, "reason" => failure.class)
-                            .increment(1);
-                        let dl = match &held {
-                            Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
-                            Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
-                        };
-                        vec![(spec.dlq.as_str(), Output { key: dl.key, payload: dl.payload, headers: dl.headers })]
-                    }
-                };
-                drop(held);
+                meters.records_in.increment(1);
+                // Outputs (or the dead letter) are produced in the open transaction.
+                let done = process(&*transform, &mut retry, spec, msg, admit, &mut batch.stats, &meters).await;
+                drop(done.held);
+                let records: Vec<(&str, Output)> = done.outputs.into_iter().map(|o| (done.topic, o)).collect();
                 for (topic, o) in records {
                     produce(&producer, topic, o.key.as_deref(), &o.payload, o.headers).await?;
                 }
@@ -186,7 +138,7 @@ async fn produce(
         record = record.key(k);
     }
     // The commit waits for every delivery; no need to await each one here.
-    crate::runtime::send_queued(producer, record)
+    super::produce::send_queued(producer, record)
         .await
         .map_err(|(e, _)| e.into())
 }

@@ -1,0 +1,29 @@
+//! The two stage runtimes, at-least-once and exactly-once (Kafka transactions), and what
+//! they share. [`run_stage`] picks one from the stage's spec.
+
+pub mod at_least_once;
+pub mod exactly_once;
+mod produce;
+
+use std::sync::Arc;
+
+use sluice_core::config::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::transform::{StageError, StageSpec, StageStats, Transform};
+
+/// Run `transform` as a stage until `shutdown` is cancelled, at-least-once or (with
+/// `spec.exactly_once`) in Kafka transactions; then drain, commit, and return what was
+/// done.
+pub async fn run_stage<T: Transform>(
+    kafka: &KafkaConfig,
+    spec: &StageSpec,
+    transform: Arc<T>,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    if spec.exactly_once {
+        exactly_once::run(kafka, spec, transform, shutdown).await
+    } else {
+        at_least_once::run(kafka, spec, transform, shutdown).await
+    }
+}

@@ -1,0 +1,207 @@
+//! What a stage is: a [`Transform`] of one record into outputs or a failure, where it
+//! reads and writes ([`StageSpec`]), and the processing of one record that both stage
+//! runtimes share (retries of transient failures, stamps, dead letters, counts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
+use sluice_core::events::{Component, DeadLettered, Emit};
+use sluice_core::failure::{DeadLetter, Failure};
+use sluice_core::replay_scope::{Admit, ReplayScope};
+
+/// One record a transform produces for the stage's output topic.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Record key (decides the partition).
+    pub key: Option<Vec<u8>>,
+    /// Record value.
+    pub payload: Vec<u8>,
+    /// Record headers.
+    pub headers: OwnedHeaders,
+}
+
+/// What a stage does to each record.
+pub trait Transform: Send + Sync + 'static {
+    /// Name used in metrics, logs and dead-letter headers.
+    fn name(&self) -> &'static str;
+    /// Turn one input record into zero or more outputs, or say why it cannot be.
+    fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure>;
+}
+
+/// Why a stage stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// A Kafka client failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Reading a range of a topic failed.
+    #[error("{0}")]
+    Admin(#[from] sluice_core::kafka::KafkaAdminError),
+    /// An output does not encode (a defect of the stage).
+    #[error("encoding an output: {0}")]
+    Encode(String),
+    /// Shutdown came while an output was still undelivered (nothing more is committed).
+    #[error("stopped with an output to {0} undelivered")]
+    Undelivered(String),
+}
+
+/// Where a stage reads from and writes to.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Consumer group.
+    pub group: String,
+    /// Topic consumed.
+    pub input: String,
+    /// Topic the outputs go to.
+    pub output: String,
+    /// Topic the dead letters go to.
+    pub dlq: String,
+    /// Most records awaiting broker acks at once.
+    pub max_in_flight: usize,
+    /// Longest wait for in-flight records when partitions are revoked or at shutdown.
+    pub drain_timeout: Duration,
+    /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
+    pub scope: Option<Arc<ReplayScope>>,
+    /// Kafka transactions around read-process-write instead of at-least-once.
+    pub exactly_once: bool,
+    /// Exactly-once: most records in one transaction.
+    pub transaction_max_records: usize,
+    /// Exactly-once: longest a transaction stays open.
+    pub transaction_linger: Duration,
+    /// How transient failures are retried before a record is dead-lettered.
+    pub retry: crate::retry::RetryPolicy,
+}
+
+/// The record being processed: borrowed from the consumer, or detached for retries.
+pub(crate) enum Held<'a> {
+    Borrowed(BorrowedMessage<'a>),
+    Owned(OwnedMessage),
+}
+
+/// Counts of what a stage did, returned when it stops.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StageStats {
+    /// Records consumed.
+    pub consumed: u64,
+    /// Output records published.
+    pub published: u64,
+    /// Records dead-lettered.
+    pub dead_lettered: u64,
+}
+
+impl Held<'_> {
+    /// The record's partition and offset.
+    pub(crate) fn position(&self) -> (i32, i64) {
+        match self {
+            Held::Borrowed(m) => (m.partition(), m.offset()),
+            Held::Owned(m) => (m.partition(), m.offset()),
+        }
+    }
+}
+
+/// Metric handles of a stage, resolved once: a labelled lookup per record is measurable.
+pub(crate) struct Meters {
+    pub(crate) records_in: metrics::Counter,
+    pub(crate) records_out: metrics::Counter,
+    pub(crate) processing: metrics::Histogram,
+}
+
+impl Meters {
+    pub(crate) fn of(name: &'static str, spec: &StageSpec) -> Self {
+        Self {
+            records_in: metrics::counter!("sluice_stage_records_in_total", "stage" => name, "topic" => spec.input.clone()),
+            records_out: metrics::counter!("sluice_stage_records_out_total", "stage" => name, "topic" => spec.output.clone()),
+            processing: metrics::histogram!("sluice_stage_processing_duration_seconds", "stage" => name),
+        }
+    }
+}
+
+/// One record, processed: what to produce, and to which topic.
+pub(crate) struct Processed<'a, 's> {
+    /// The record (detached when it was retried).
+    pub(crate) held: Held<'a>,
+    /// Its outputs, stamped, or its dead letter.
+    pub(crate) outputs: Vec<Output>,
+    /// The output topic, or the dead-letter topic.
+    pub(crate) topic: &'s str,
+}
+
+/// Transform one record (a skipped one yields nothing), retrying a transient failure
+/// as `retry` allows (the record is detached then, as waiting must not hold the
+/// consumer's borrowed message), and turn the result into stamped outputs or a dead
+/// letter, counting both.
+pub(crate) async fn process<'a, 's, T: Transform>(
+    transform: &T,
+    retry: &mut crate::retry::Retry,
+    spec: &'s StageSpec,
+    msg: BorrowedMessage<'a>,
+    admit: Admit,
+    stats: &mut StageStats,
+    meters: &Meters,
+) -> Processed<'a, 's> {
+    let name = transform.name();
+    let started = std::time::Instant::now();
+    let mut result = match admit {
+        Admit::Process => transform.process(&msg),
+        _ => Ok(Vec::new()),
+    };
+    meters.processing.record(started.elapsed().as_secs_f64());
+    let mut attempts = 1;
+    let held = match &result {
+        Err(f) if f.transient => {
+            let owned = msg.detach();
+            drop(msg);
+            (result, attempts) = retry.run(transform, &owned, result).await;
+            Held::Owned(owned)
+        }
+        _ => Held::Borrowed(msg),
+    };
+    match result {
+        Ok(outputs) => {
+            stats.published += outputs.len() as u64;
+            meters.records_out.increment(outputs.len() as u64);
+            Processed {
+                held,
+                outputs: stamped(outputs, spec),
+                topic: &spec.output,
+            }
+        }
+        Err(failure) => {
+            stats.dead_lettered += 1;
+            DeadLettered {
+                component: Component::Stage(name),
+                class: failure.class,
+                reason: &failure.reason,
+            }
+            .emit();
+            let dl = match &held {
+                Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
+                Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
+            };
+            Processed {
+                held,
+                outputs: vec![Output {
+                    key: dl.key,
+                    payload: dl.payload,
+                    headers: dl.headers,
+                }],
+                topic: &spec.dlq,
+            }
+        }
+    }
+}
+
+/// Stamp a record's outputs with this processing (and the replay running it, if any).
+pub(crate) fn stamped(outputs: Vec<Output>, spec: &StageSpec) -> Vec<Output> {
+    let now = sluice_core::now_ms();
+    let replay = spec.scope.is_some().then_some(spec.group.as_str());
+    outputs
+        .into_iter()
+        .map(|o| Output {
+            headers: sluice_core::headers::stamp(o.headers, now, replay),
+            ..o
+        })
+        .collect()
+}

@@ -10,12 +10,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::message::Message;
 use serde_json::json;
-use sluice_core::config::{ApiKey, Config};
 use sluice_core::{headers, kafka};
+use sluice_ingest::config::ApiKey;
 use sluice_sinks::timescale;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{run_sink_named, run_stage_named, start_ingest, SinkName, StageName};
+use crate::components::{self, Config};
+use crate::pipeline::start_ingest;
 
 /// One NDJSON request of the generated clickstream.
 #[derive(Debug, Clone)]
@@ -148,24 +149,6 @@ pub fn generate(
     }
     out.users = seen_users.len();
     out
-}
-
-/// Point `config` at a namespace of its own: topics `<prefix>.raw` etc., consumer groups
-/// `<prefix>-parse` etc., database schema `<schema>`, indices `<prefix>-events-*`.
-pub fn use_namespace(config: &mut Config, prefix: &str, schema: &str) {
-    let t = &mut config.topics;
-    t.raw = format!("{prefix}.raw");
-    t.parsed = format!("{prefix}.parsed");
-    t.enriched = format!("{prefix}.enriched");
-    t.sessions = format!("{prefix}.sessions");
-    config.sessionize.group = format!("{prefix}-sessionize");
-    config.parse.group = format!("{prefix}-parse");
-    config.enrich.group = format!("{prefix}-enrich");
-    config.timescale.group = format!("{prefix}-sink-timescale");
-    config.timescale.sessions_group = format!("{prefix}-sink-sessions");
-    config.timescale.schema = schema.to_string();
-    config.elasticsearch.group = format!("{prefix}-sink-elasticsearch");
-    config.elasticsearch.index_prefix = format!("{prefix}-events");
 }
 
 /// Counts at every layer of the pipeline after a run.
@@ -330,22 +313,7 @@ pub async fn wait_caught_up(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (k, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
-        let (ends, committed) = tokio::task::spawn_blocking(move || {
-            Ok::<_, kafka::KafkaAdminError>((
-                kafka::end_offsets(&k, &t)?,
-                kafka::committed_offsets(&k, &g, &t)?,
-            ))
-        })
-        .await??;
-        let lag: i64 = ends
-            .iter()
-            .map(|(p, end)| {
-                end - committed
-                    .iter()
-                    .find(|(q, _)| q == p)
-                    .map_or(0, |(_, c)| *c)
-            })
-            .sum();
+        let lag = tokio::task::spawn_blocking(move || kafka::lag(&k, &g, &t)).await??;
         if lag <= 0 {
             return Ok(());
         }
@@ -518,7 +486,7 @@ pub async fn run_pipeline(
         })
         .collect();
     config.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let created = kafka::ensure_topics(&config.kafka, &config.topics)
+    let created = kafka::ensure_topics(&config.kafka, &config.topics, &components::topics(&config))
         .await
         .context("creating topics")?;
     tracing::info!(?created, "topics ready");
@@ -528,19 +496,17 @@ pub async fn run_pipeline(
     let (addr, ingest) = start_ingest(&config, None, shutdown.clone()).await?;
     let stage_stop = CancellationToken::new();
     let sink_stop = CancellationToken::new();
+    // The stages from the raw topic to the sinks of events, and those sinks.
+    let chain = components::chain_from(&config, &config.topics.raw);
     let mut stages = Vec::new();
-    for name in [StageName::Parse, StageName::Enrich] {
+    for &stage in &chain {
         let (c, s) = (config.clone(), stage_stop.clone());
-        stages.push(tokio::spawn(
-            async move { run_stage_named(&c, name, s).await },
-        ));
+        stages.push(tokio::spawn(async move { stage.run(&c, s).await }));
     }
     let mut sinks = Vec::new();
-    for name in [SinkName::Timescale, SinkName::Elasticsearch] {
+    for sink in components::event_sinks() {
         let (c, s) = (config.clone(), sink_stop.clone());
-        sinks.push(tokio::spawn(
-            async move { run_sink_named(&c, name, s).await },
-        ));
+        sinks.push(tokio::spawn(async move { sink.run(&c, s).await }));
     }
 
     let start = chrono::Utc::now().timestamp_millis() - 3 * 3600 * 1000;
@@ -556,15 +522,9 @@ pub async fn run_pipeline(
         ..Default::default()
     };
 
-    let t = &config.topics;
-    let wait = |group: String, topic: String| {
-        let c = config.clone();
-        async move { wait_caught_up(&c, &group, &topic, options.timeout).await }
-    };
-    wait(config.parse.group.clone(), t.raw.clone()).await?;
-    wait(config.enrich.group.clone(), t.parsed.clone()).await?;
-    wait(config.timescale.group.clone(), t.enriched.clone()).await?;
-    wait(config.elasticsearch.group.clone(), t.enriched.clone()).await?;
+    for c in chain.iter().copied().chain(components::event_sinks()) {
+        wait_caught_up(&config, c.group(&config), c.input(&config), options.timeout).await?;
+    }
 
     sink_stop.cancel();
     for s in sinks {
@@ -577,6 +537,7 @@ pub async fn run_pipeline(
     shutdown.cancel();
     ingest.await.context("ingest task")??;
 
+    let t = &config.topics;
     summary.raw = topic_count(&config, &t.raw).await?;
     summary.parsed = topic_count(&config, &t.parsed).await?;
     summary.enriched = topic_count(&config, &t.enriched).await?;

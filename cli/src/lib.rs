@@ -1,7 +1,10 @@
-//! The `sluice` command's library: wiring of each pipeline process from the
-//! configuration, replay, audit, and the end-to-end demo.
+//! The `sluice` command's library: the registry of stages and sinks and the
+//! configuration they make up, process plumbing, replay, audit, and the end-to-end demo.
 
 pub mod audit;
+pub mod components;
 pub mod demo;
 pub mod pipeline;
 pub mod replay;
+
+pub use components::Config;

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use sluice::components::{self, Kind};
 use sluice::demo::{self, DemoOptions};
-use sluice::pipeline::{self, SinkName, StageName};
+use sluice::pipeline;
 use sluice::replay;
+use sluice::Config;
 use sluice_core::telemetry;
 
 /// Sluice: a Kafka-based multi-stage stream processor.
@@ -28,14 +30,21 @@ enum Command {
     /// Run a stage (its own consumer group).
     Stage {
         /// Which stage.
-        #[arg(value_enum)]
-        name: StageName,
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(components::names(Kind::Stage)))]
+        name: String,
     },
     /// Run a sink (its own consumer group).
     Sink {
         /// Which sink.
-        #[arg(value_enum)]
-        name: SinkName,
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(components::names(Kind::Sink)))]
+        name: String,
+    },
+    /// List the stages and sinks (name, kind, topics, group, Helm component); `--json`
+    /// for tools (the chart check compares it with the Helm values).
+    Components {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Create the pipeline's missing topics, then report how each one on the broker
     /// differs from the configuration (partitions, retention, cleanup policy).
@@ -138,11 +147,11 @@ struct ReplayArgs {
     #[arg(long)]
     rate: Option<std::num::NonZeroU32>,
     /// Replay through this stage.
-    #[arg(long, value_enum)]
-    stage: Option<StageName>,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(components::names(Kind::Stage)))]
+    stage: Option<String>,
     /// Replay into this sink.
-    #[arg(long, value_enum)]
-    sink: Option<SinkName>,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(components::names(Kind::Sink)))]
+    sink: Option<String>,
     /// Copy the range as it is to this topic.
     #[arg(long)]
     copy_to: Option<String>,
@@ -176,23 +185,30 @@ impl OffsetRanges {
     }
 }
 
-async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()> {
+async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
     use replay::{Mode, Range, Target};
+    let component = |kind, name: &str| {
+        components::find(kind, name).with_context(|| format!("no {name} in the registry"))
+    };
     let target = match (&args.stage, &args.sink, &args.copy_to) {
-        (Some(s), _, _) => Target::Stage(*s),
-        (_, Some(s), _) => Target::Sink(*s),
+        (Some(s), _, _) => Target::Component(component(Kind::Stage, s)?),
+        (_, Some(s), _) => Target::Component(component(Kind::Sink, s)?),
         (_, _, Some(t)) => Target::Copy(t.clone()),
         _ => bail!("one of --stage, --sink or --copy-to is required"),
     };
     let t = &config.topics;
+    // A topic, an alias of a configured one, or a stage's name for its output.
     let source = match args.source.as_deref() {
         Some("raw") => t.raw.clone(),
         Some("parsed") => t.parsed.clone(),
         Some("enriched") => t.enriched.clone(),
-        Some(topic) => topic.to_string(),
-        None => match target {
-            Target::Stage(s) => s.input(config).to_string(),
-            Target::Sink(_) => t.enriched.clone(),
+        Some("sessions") => t.sessions.clone(),
+        Some(name) => match components::find(Kind::Stage, name).and_then(|s| s.output(config)) {
+            Some(output) => output.to_string(),
+            None => name.to_string(),
+        },
+        None => match &target {
+            Target::Component(c) => c.input(config).to_string(),
             Target::Copy(_) => bail!("--source is required with --copy-to"),
         },
     };
@@ -249,8 +265,7 @@ async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()
         Mode::ResetGroup
     } else {
         let base = match target {
-            Target::Stage(s) => s.group(config).to_string(),
-            Target::Sink(s) => s.group(config).to_string(),
+            Target::Component(c) => c.group(config).to_string(),
             Target::Copy(_) => String::new(),
         };
         Mode::FreshGroup(args.group.unwrap_or_else(|| {
@@ -284,9 +299,7 @@ async fn run_replay(config: &sluice_core::Config, args: ReplayArgs) -> Result<()
 }
 
 /// Install the metrics recorder and, when `metrics.listen` is set, serve the ops endpoint.
-async fn serve_ops(
-    config: &sluice_core::Config,
-) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+async fn serve_ops(config: &Config) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     let handle = telemetry::install_metrics().context("metrics recorder")?;
     if let Some(listen) = config.metrics.listen {
         let addr = telemetry::serve_ops(
@@ -314,25 +327,70 @@ async fn main() -> Result<()> {
             telemetry::process_readiness().set(true);
             task.await??;
         }
-        Command::Stage { name } => {
+        command @ (Command::Stage { .. } | Command::Sink { .. }) => {
+            let (kind, name) = match command {
+                Command::Stage { name } => (Kind::Stage, name),
+                Command::Sink { name } => (Kind::Sink, name),
+                _ => unreachable!("matched above"),
+            };
+            let component = components::find(kind, &name)
+                .with_context(|| format!("no {name} in the registry"))?;
             serve_ops(&config).await?;
-            let stats =
-                pipeline::run_stage_named(&config, name, pipeline::shutdown_on_signals()).await?;
-            tracing::info!(?stats, "done");
+            let stats = component
+                .run(&config, pipeline::shutdown_on_signals())
+                .await?;
+            tracing::info!(
+                consumed = stats.consumed,
+                written = stats.written,
+                dead_lettered = stats.dead_lettered,
+                "done"
+            );
         }
-        Command::Sink { name } => {
-            serve_ops(&config).await?;
-            let stats =
-                pipeline::run_sink_named(&config, name, pipeline::shutdown_on_signals()).await?;
-            tracing::info!(?stats, "done");
+        Command::Components { json } => {
+            let list: Vec<serde_json::Value> = components::COMPONENTS
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "name": c.name, "kind": c.kind, "about": c.about,
+                        "input": c.input(&config), "output": c.output(&config),
+                        "dlq": c.dlq(&config), "group": c.group(&config), "helm": c.helm,
+                        "holds_events": c.read_stored.is_some(),
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for c in components::COMPONENTS {
+                    println!(
+                        "{:<6} {:<14} {:<22} → {:<22} group {:<28} {}",
+                        format!("{:?}", c.kind).to_lowercase(),
+                        c.name,
+                        c.input(&config),
+                        c.output(&config).unwrap_or("(destination)"),
+                        c.group(&config),
+                        c.about
+                    );
+                }
+            }
         }
         Command::Topics { check } => {
             let created = if check {
                 Vec::new()
             } else {
-                sluice_core::kafka::ensure_topics(&config.kafka, &config.topics).await?
+                sluice_core::kafka::ensure_topics(
+                    &config.kafka,
+                    &config.topics,
+                    &components::topics(&config),
+                )
+                .await?
             };
-            let report = sluice_core::kafka::check_topics(&config.kafka, &config.topics).await?;
+            let report = sluice_core::kafka::check_topics(
+                &config.kafka,
+                &config.topics,
+                &components::topics(&config),
+            )
+            .await?;
             let mut bad = 0;
             for t in &report {
                 let state = match (
@@ -416,9 +474,8 @@ async fn main() -> Result<()> {
             seed,
             timeout,
         } => {
-            let mut config = config;
             let run = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
-            demo::use_namespace(&mut config, &format!("demo-{run}"), "demo");
+            let mut config = config.namespaced(&format!("demo-{run}"), "demo");
             // Sinks use a fixed schema and index prefix so each run replaces the last one.
             config.elasticsearch.index_prefix = "demo-events".into();
             if config.enrich.geo_csv.is_none() {

@@ -107,16 +107,17 @@ impl KafkaConfig {
     }
 }
 
-/// Create the pipeline's topics that do not exist yet; existing ones are left alone.
-/// Returns the names of the topics it created.
+/// Create the `wanted` topics (name, retention ms) that do not exist yet, with the
+/// partitions and replication of `topics`; existing ones are left alone. Returns the
+/// names of the topics it created.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &TopicsConfig,
+    wanted: &[(String, i64)],
 ) -> Result<Vec<String>, KafkaAdminError> {
-    let wanted: Vec<(String, String)> = topics
-        .all()
-        .into_iter()
-        .map(|(name, retention)| (name, retention.to_string()))
+    let wanted: Vec<(String, String)> = wanted
+        .iter()
+        .map(|(name, retention)| (name.clone(), retention.to_string()))
         .collect();
     create_topics(kafka, topics.partitions, topics.replication_factor, &wanted).await
 }
@@ -212,6 +213,23 @@ pub fn committed_offsets(
             )
         })
         .collect())
+}
+
+/// Records of `topic` that `group` has yet to commit, over all partitions (from the
+/// end offsets and the group's committed offsets). Blocking.
+pub fn lag(kafka: &KafkaConfig, group: &str, topic: &str) -> Result<i64, KafkaAdminError> {
+    let ends = end_offsets(kafka, topic)?;
+    let committed = committed_offsets(kafka, group, topic)?;
+    Ok(ends
+        .iter()
+        .map(|(p, end)| {
+            (end - committed
+                .iter()
+                .find(|(q, _)| q == p)
+                .map_or(0, |(_, c)| *c))
+            .max(0)
+        })
+        .sum())
 }
 
 /// Every record of `topic` from the beginning up to its end offsets at call time.
@@ -410,21 +428,21 @@ pub struct TopicCheck {
     pub differences: Vec<String>,
 }
 
-/// Compare the pipeline's topics on the broker with the configuration: partitions,
-/// `retention.ms` and `cleanup.policy`.
+/// Compare the `wanted` topics (name, retention ms) on the broker with the
+/// configuration: partitions, `retention.ms` and `cleanup.policy`.
 pub async fn check_topics(
     kafka: &KafkaConfig,
     topics: &TopicsConfig,
+    wanted: &[(String, i64)],
 ) -> Result<Vec<TopicCheck>, KafkaAdminError> {
     use rdkafka::admin::ResourceSpecifier;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let admin: AdminClient<DefaultClientContext> = kafka.admin_config().create()?;
     let probe: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
-    let wanted = topics.all();
     let metadata =
         tokio::task::block_in_place(|| probe.fetch_metadata(None, Duration::from_secs(10)))?;
     let mut out = Vec::new();
-    for (name, retention) in &wanted {
+    for (name, retention) in wanted {
         let Some(meta) = metadata
             .topics()
             .iter()

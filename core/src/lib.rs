@@ -8,11 +8,11 @@ pub mod events;
 pub mod failure;
 pub mod headers;
 pub mod kafka;
+pub mod produce;
 pub mod replay_scope;
 pub mod retry;
 pub mod telemetry;
-
-pub use config::Config;
+pub mod wiring;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {

@@ -220,6 +220,20 @@ mod tests {
         assert!(differences(&a, &b).is_empty(), "{:?}", differences(&a, &b));
     }
 
+    /// ClickEvent's schema is EnrichedEvent's common part: the same fields, in order.
+    #[test]
+    fn the_click_schema_is_the_enriched_schemas_common_part() {
+        let names = |avsc: &str| -> Vec<String> {
+            match Schema::parse_str(avsc).unwrap() {
+                Schema::Record(r) => r.fields.iter().map(|f| f.name.clone()).collect(),
+                _ => panic!("a record"),
+            }
+        };
+        let click = names(crate::CLICK_EVENT_AVSC);
+        let enriched = names(crate::ENRICHED_EVENT_AVSC);
+        assert_eq!(click, enriched[..click.len()]);
+    }
+
     #[test]
     fn differences_name_the_field_and_both_values() {
         let mut a = EnrichedEvent::from_click(crate::tests::click());

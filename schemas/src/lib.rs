@@ -13,6 +13,7 @@ pub mod codec;
 pub mod compat;
 pub mod fields;
 pub mod registry;
+pub mod setup;
 
 pub use codec::{Codec, Encoding};
 pub use registry::{RegistryAuth, RegistryError, SchemaRegistry};
@@ -150,33 +151,85 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     const RELEASED: &'static [&'static str] = &[];
 }
 
-/// A parsed clickstream/log event.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ClickEvent {
-    /// Unique id; sinks use it for idempotence.
-    pub event_id: String,
-    /// Tenant that sent it.
-    pub tenant: String,
-    /// User that did it.
-    pub user_id: String,
-    /// Client-side session id, if sent.
-    pub session_id: Option<String>,
-    /// `page_view`, `click`, ...
-    pub event_type: String,
-    /// Page URL.
-    pub url: Option<String>,
-    /// Referrer URL.
-    pub referrer: Option<String>,
-    /// When it happened, Unix milliseconds.
-    pub event_time: i64,
-    /// When ingest received it, Unix milliseconds.
-    pub received_at: i64,
-    /// Client user-agent string.
-    pub user_agent: Option<String>,
-    /// Client IP address.
-    pub ip: Option<String>,
-    /// Unknown fields, as JSON text.
-    pub extra: HashMap<String, String>,
+/// Defines [`ClickEvent`] and [`EnrichedEvent`] from one list of their common fields
+/// (and the enriched one's own), so the shared part is written once.
+macro_rules! event_records {
+    (
+        common { $( $(#[$cm:meta])* $cf:ident : $ct:ty, )* }
+        enriched { $( $(#[$em:meta])* $ef:ident : $et:ty, )* }
+    ) => {
+        /// A parsed clickstream/log event.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        pub struct ClickEvent {
+            $( $(#[$cm])* pub $cf: $ct, )*
+        }
+
+        /// A ClickEvent with user-agent, network/geo and tenant details added.
+        #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+        pub struct EnrichedEvent {
+            $( $(#[$cm])* pub $cf: $ct, )*
+            $( $(#[$em])* pub $ef: $et, )*
+        }
+
+        impl EnrichedEvent {
+            /// An enriched event with every enrichment empty.
+            pub fn from_click(e: ClickEvent) -> Self {
+                Self {
+                    $( $cf: e.$cf, )*
+                    ..Self::default()
+                }
+            }
+        }
+    };
+}
+
+event_records! {
+    common {
+        /// Unique id within its tenant; sinks use `(tenant, event_id)` as its identity.
+        event_id: String,
+        /// Tenant that sent it.
+        tenant: String,
+        /// User that did it.
+        user_id: String,
+        /// Client-side session id, if sent.
+        session_id: Option<String>,
+        /// `page_view`, `click`, ...
+        event_type: String,
+        /// Page URL.
+        url: Option<String>,
+        /// Referrer URL.
+        referrer: Option<String>,
+        /// When it happened, Unix milliseconds.
+        event_time: i64,
+        /// When ingest received it, Unix milliseconds.
+        received_at: i64,
+        /// Client user-agent string.
+        user_agent: Option<String>,
+        /// Client IP address.
+        ip: Option<String>,
+        /// Unknown fields, as JSON text.
+        extra: HashMap<String, String>,
+    }
+    enriched {
+        /// Browser name from the user agent.
+        browser: Option<String>,
+        /// Browser version from the user agent.
+        browser_version: Option<String>,
+        /// Operating system from the user agent.
+        os: Option<String>,
+        /// Device category from the user agent (pc, smartphone, crawler...).
+        device: Option<String>,
+        /// Coarse network from the IP lookup table.
+        network: Option<String>,
+        /// Country from the IP lookup table.
+        country: Option<String>,
+        /// The tenant's display name, from the tenant directory.
+        #[serde(default)]
+        tenant_name: Option<String>,
+        /// The tenant's plan, from the tenant directory.
+        #[serde(default)]
+        tenant_plan: Option<String>,
+    }
 }
 
 impl AvroRecord for ClickEvent {
@@ -186,86 +239,11 @@ impl AvroRecord for ClickEvent {
         &[include_str!("../avro/released/click_event/v1.avsc")];
 }
 
-/// A ClickEvent with user-agent, network/geo and tenant details added.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct EnrichedEvent {
-    /// Unique id; sinks use it for idempotence.
-    pub event_id: String,
-    /// Tenant that sent it.
-    pub tenant: String,
-    /// User that did it.
-    pub user_id: String,
-    /// Client-side session id, if sent.
-    pub session_id: Option<String>,
-    /// `page_view`, `click`, ...
-    pub event_type: String,
-    /// Page URL.
-    pub url: Option<String>,
-    /// Referrer URL.
-    pub referrer: Option<String>,
-    /// When it happened, Unix milliseconds.
-    pub event_time: i64,
-    /// When ingest received it, Unix milliseconds.
-    pub received_at: i64,
-    /// Client user-agent string.
-    pub user_agent: Option<String>,
-    /// Client IP address.
-    pub ip: Option<String>,
-    /// Unknown fields, as JSON text.
-    pub extra: HashMap<String, String>,
-    /// Browser name from the user agent.
-    pub browser: Option<String>,
-    /// Browser version from the user agent.
-    pub browser_version: Option<String>,
-    /// Operating system from the user agent.
-    pub os: Option<String>,
-    /// Device category from the user agent (pc, smartphone, crawler...).
-    pub device: Option<String>,
-    /// Coarse network from the IP lookup table.
-    pub network: Option<String>,
-    /// Country from the IP lookup table.
-    pub country: Option<String>,
-    /// The tenant's display name, from the tenant directory.
-    #[serde(default)]
-    pub tenant_name: Option<String>,
-    /// The tenant's plan, from the tenant directory.
-    #[serde(default)]
-    pub tenant_plan: Option<String>,
-}
-
 impl AvroRecord for EnrichedEvent {
     const NAME: &'static str = "EnrichedEvent";
     const AVSC: &'static str = ENRICHED_EVENT_AVSC;
     const RELEASED: &'static [&'static str] =
         &[include_str!("../avro/released/enriched_event/v1.avsc")];
-}
-
-impl EnrichedEvent {
-    /// An enriched event with every enrichment empty.
-    pub fn from_click(e: ClickEvent) -> Self {
-        Self {
-            event_id: e.event_id,
-            tenant: e.tenant,
-            user_id: e.user_id,
-            session_id: e.session_id,
-            event_type: e.event_type,
-            url: e.url,
-            referrer: e.referrer,
-            event_time: e.event_time,
-            received_at: e.received_at,
-            user_agent: e.user_agent,
-            ip: e.ip,
-            extra: e.extra,
-            browser: None,
-            browser_version: None,
-            os: None,
-            device: None,
-            network: None,
-            country: None,
-            tenant_name: None,
-            tenant_plan: None,
-        }
-    }
 }
 
 /// Encodes and decodes one record type in Avro single-object encoding.

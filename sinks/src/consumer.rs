@@ -13,16 +13,15 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
-use sluice_core::events::{
-    BatchRetrying, Component, DeadLettered, DeliveryRetrying, Emit, ItemsRetrying,
-};
+use sluice_core::events::{BatchRetrying, Component, DeadLettered, Emit, ItemsRetrying};
 use sluice_core::failure::{DeadLetter, Failure};
 use sluice_core::headers;
+use sluice_core::produce::deliver;
 use sluice_core::replay_scope::ReplayScope;
 use sluice_core::retry::{retry, Backoff, RetryAction};
 use sluice_schemas::{AvroRecord, Codec};
@@ -110,6 +109,32 @@ pub enum SinkError {
         /// The error.
         source: WriteError,
     },
+    /// The sink could not start: its destination could not be prepared, or a codec
+    /// could not be set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl SinkSpec {
+    /// A sink in `group` reading `input`, its dead letters to `<input>.dlq`, as
+    /// `rewiring` changes it (a replayed record's dead letters still go to the usual DLQ).
+    pub fn new(
+        topics: &sluice_core::config::TopicsConfig,
+        group: &str,
+        input: &str,
+        rewiring: &sluice_core::wiring::Rewiring,
+    ) -> Self {
+        use sluice_core::wiring::Rewiring;
+        Self {
+            group: Rewiring::or(&rewiring.group, group),
+            input: Rewiring::or(&rewiring.input, input),
+            dlq: Rewiring::or(&rewiring.dlq, &topics.dlq(input)),
+            batch_size: 2_000,
+            linger: Duration::from_millis(200),
+            write_concurrency: 1,
+            scope: rewiring.scope.clone(),
+        }
+    }
 }
 
 /// Where a sink reads from and how it batches.
@@ -537,29 +562,13 @@ pub async fn send_dead_letter(
     dl: DeadLetter,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let mut record = FutureRecord::to(topic)
-            .payload(&dl.payload)
-            .headers(dl.headers.clone());
-        if let Some(k) = &dl.key {
-            record = record.key(k);
-        }
-        match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return true,
-            Err((e, _)) => {
-                let retry_in = backoff.next_delay();
-                DeliveryRetrying {
-                    topic,
-                    error: &e.to_string(),
-                    retry_in,
-                }
-                .emit();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return false,
-                    _ = tokio::time::sleep(retry_in) => {}
-                }
-            }
-        }
-    }
+    deliver(
+        producer,
+        topic,
+        dl.key.as_deref(),
+        &dl.payload,
+        &dl.headers,
+        shutdown,
+    )
+    .await
 }

@@ -8,7 +8,6 @@ pub mod parse;
 pub mod retry;
 pub mod runtime;
 pub mod sessionize;
-pub mod tenants;
 pub mod transform;
 
 pub use runtime::run_stage;

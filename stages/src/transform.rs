@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
+use sluice_core::config::TopicsConfig;
 use sluice_core::events::{Component, DeadLettered, Emit};
 use sluice_core::failure::{DeadLetter, Failure};
 use sluice_core::replay_scope::{Admit, ReplayScope};
+use sluice_core::wiring::Rewiring;
 
 /// One record a transform produces for the stage's output topic.
 #[derive(Debug, Clone)]
@@ -45,6 +47,12 @@ pub enum StageError {
     /// Shutdown came while an output was still undelivered (nothing more is committed).
     #[error("stopped with an output to {0} undelivered")]
     Undelivered(String),
+    /// A codec could not be set up (e.g. the registry refused a schema).
+    #[error("{0}")]
+    Codec(#[from] sluice_schemas::setup::SetupError),
+    /// The stage's settings are wrong.
+    #[error("{0}")]
+    Settings(String),
 }
 
 /// Where a stage reads from and writes to.
@@ -72,6 +80,33 @@ pub struct StageSpec {
     pub transaction_linger: Duration,
     /// How transient failures are retried before a record is dead-lettered.
     pub retry: crate::retry::RetryPolicy,
+}
+
+impl StageSpec {
+    /// A stage in `group` reading `input` and writing `output`, its dead letters to
+    /// `<input>.dlq`, as `rewiring` changes it (a re-driven record's dead letters still go
+    /// to the usual DLQ); the other settings at their defaults.
+    pub fn new(
+        topics: &TopicsConfig,
+        group: &str,
+        input: &str,
+        output: &str,
+        rewiring: &Rewiring,
+    ) -> Self {
+        Self {
+            group: Rewiring::or(&rewiring.group, group),
+            input: Rewiring::or(&rewiring.input, input),
+            output: Rewiring::or(&rewiring.output, output),
+            dlq: Rewiring::or(&rewiring.dlq, &topics.dlq(input)),
+            max_in_flight: 10_000,
+            drain_timeout: Duration::from_secs(10),
+            scope: rewiring.scope.clone(),
+            exactly_once: false,
+            transaction_max_records: 10_000,
+            transaction_linger: Duration::from_millis(500),
+            retry: Default::default(),
+        }
+    }
 }
 
 /// The record being processed: borrowed from the consumer, or detached for retries.

@@ -4,6 +4,7 @@
 // Test support: a failed set-up step should stop the test with its message.
 #![allow(clippy::unwrap_used)]
 
+pub mod faults;
 pub mod process;
 pub mod registry_fixture;
 pub mod running;
@@ -12,7 +13,9 @@ use std::path::PathBuf;
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-use sluice_core::config::{parse_env_lines, Config};
+use sluice::components::{self, Component, Kind};
+use sluice::Config;
+use sluice_core::config::parse_env_lines;
 
 /// The stack settings file: `SLUICE_STACK_ENV`, or `<repo>/.stack/stack.env`.
 pub fn stack_env_path() -> PathBuf {
@@ -47,6 +50,23 @@ pub fn stack_var(name: &str) -> String {
 /// The configuration pointing at the local stack (no config file, no process env).
 pub fn stack_config() -> Config {
     Config::load_with(None, stack_vars()).expect("stack settings make a valid config")
+}
+
+/// The stage named `name` in the registry.
+pub fn stage(name: &str) -> &'static Component {
+    components::find(Kind::Stage, name).unwrap_or_else(|| panic!("no stage {name}"))
+}
+
+/// The sink named `name` in the registry.
+pub fn sink(name: &str) -> &'static Component {
+    components::find(Kind::Sink, name).unwrap_or_else(|| panic!("no sink {name}"))
+}
+
+/// Create every topic of the pipeline in `config` that does not exist yet.
+pub async fn create_topics(config: &Config) {
+    sluice_core::kafka::ensure_topics(&config.kafka, &config.topics, &components::topics(config))
+        .await
+        .unwrap();
 }
 
 /// A short unique suffix for names of topics, groups, schemas and indices.
@@ -225,15 +245,15 @@ pub async fn produce_versioned(
 /// A sink running in the background until [`RunningSink::stop`].
 pub struct RunningSink {
     stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<sluice_sinks::SinkStats>>,
+    task: tokio::task::JoinHandle<anyhow::Result<sluice::components::RunStats>>,
 }
 
 impl RunningSink {
-    /// Start sink `name` with `config`.
-    pub fn start(config: &Config, name: sluice::pipeline::SinkName) -> Self {
+    /// Start `sink` with `config`.
+    pub fn start(config: &Config, sink: &'static Component) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
         let (c, s) = (config.clone(), stop.clone());
-        let task = tokio::spawn(async move { sluice::pipeline::run_sink_named(&c, name, s).await });
+        let task = tokio::spawn(async move { sink.run(&c, s).await });
         Self { stop, task }
     }
 
@@ -247,7 +267,7 @@ impl RunningSink {
     }
 
     /// Stop it and return what it did.
-    pub async fn stop(self) -> sluice_sinks::SinkStats {
+    pub async fn stop(self) -> sluice::components::RunStats {
         self.stop.cancel();
         self.task.await.unwrap().unwrap()
     }
@@ -255,9 +275,43 @@ impl RunningSink {
 
 /// Wait until `group` committed everything on `topic` (two minutes at most).
 pub async fn caught_up(config: &Config, group: &str, topic: &str) {
-    sluice::demo::wait_caught_up(config, group, topic, std::time::Duration::from_secs(120))
-        .await
-        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (k, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
+        let lag = tokio::task::spawn_blocking(move || sluice_core::kafka::lag(&k, &g, &t))
+            .await
+            .unwrap()
+            .unwrap();
+        if lag <= 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "group {group} still has {lag} records to process on {topic}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// How many events each sink that holds events holds, by sink name (every ingest time).
+pub async fn stored_counts(config: &Config) -> Vec<(&'static str, usize)> {
+    let all = sluice_sinks::Selection::Received {
+        from: 0,
+        to: i64::MAX,
+        tenant: None,
+    };
+    let mut out = Vec::new();
+    for sink in components::event_sinks() {
+        let read = sink.read_stored.unwrap();
+        out.push((
+            sink.name,
+            read(config.clone(), all.clone(), false)
+                .await
+                .unwrap()
+                .len(),
+        ));
+    }
+    out
 }
 
 /// Records on a dead-letter topic.
@@ -273,7 +327,7 @@ pub async fn dead_letters(config: &Config, topic: &str) -> Vec<rdkafka::message:
 
 /// Give `config` its own enriched topic (created), groups, schema and index prefix.
 pub async fn sink_namespace(config: &mut Config, name: &str) {
-    sluice::demo::use_namespace(config, &format!("t-{name}"), name);
+    *config = config.clone().namespaced(&format!("t-{name}"), name);
     let t = &config.topics;
     let topics = vec![
         (t.enriched.clone(), "3600000".to_string()),

@@ -3,7 +3,7 @@
 
 use std::process::{Child, Command, Stdio};
 
-use sluice_core::Config;
+use sluice::Config;
 
 use crate::{sluice_bin, unique};
 

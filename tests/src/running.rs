@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use sluice::pipeline::{self, SinkName, StageName};
-use sluice_core::Config;
+use sluice::components::Component;
+use sluice::pipeline;
+use sluice::Config;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -16,26 +17,25 @@ pub struct Running {
 }
 
 impl Running {
-    /// Start stage `name` with `config`.
-    pub fn stage(config: &Config, name: StageName) -> Self {
+    /// Start a stage or sink with `config`.
+    pub fn component(config: &Config, component: &'static Component) -> Self {
         let stop = CancellationToken::new();
         let (c, s) = (config.clone(), stop.clone());
         let handle = tokio::spawn(async move {
-            pipeline::run_stage_named(&c, name, s).await?;
+            component.run(&c, s).await?;
             Ok(())
         });
         Self { stop, handle }
     }
 
-    /// Start sink `name` with `config`.
-    pub fn sink(config: &Config, name: SinkName) -> Self {
-        let stop = CancellationToken::new();
-        let (c, s) = (config.clone(), stop.clone());
-        let handle = tokio::spawn(async move {
-            pipeline::run_sink_named(&c, name, s).await?;
-            Ok(())
-        });
-        Self { stop, handle }
+    /// Start the stage named `name` with `config`.
+    pub fn stage(config: &Config, name: &str) -> Self {
+        Self::component(config, crate::stage(name))
+    }
+
+    /// Start the sink named `name` with `config`.
+    pub fn sink(config: &Config, name: &str) -> Self {
+        Self::component(config, crate::sink(name))
     }
 
     /// Start ingest with `config` (listening where it says; port 0 picks one).

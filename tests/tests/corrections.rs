@@ -14,14 +14,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::message::Message;
 use sluice::audit::{self, Window};
-use sluice::pipeline::{SinkName, StageName};
+
 use sluice::replay::{self, Filters, Mode, Plan, Range, Target};
-use sluice_core::config::ApiKey;
-use sluice_core::{headers, kafka, Config};
+use sluice::Config;
+use sluice_core::{headers, kafka};
+use sluice_ingest::config::ApiKey;
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::{Selection, Stored};
 use sluice_tests::running::{post_lines, Running};
-use sluice_tests::{caught_up, stack_config, unique};
+use sluice_tests::{caught_up, sink, stack_config, stage, unique};
 use tokio_util::sync::CancellationToken;
 
 /// PGlite serves one session at a time: one scenario at a time.
@@ -41,7 +42,7 @@ async fn namespace(name: &str) -> Config {
         .kafka
         .consumer
         .insert("session.timeout.ms".into(), "6000".into());
-    sluice::demo::use_namespace(&mut config, &format!("t-{name}"), name);
+    config = config.namespaced(&format!("t-{name}"), name);
     config.ingest.api_keys = TENANTS
         .iter()
         .map(|(t, k)| ApiKey {
@@ -50,9 +51,7 @@ async fn namespace(name: &str) -> Config {
         })
         .collect();
     config.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    sluice_tests::create_topics(&config).await;
     config
 }
 
@@ -88,8 +87,8 @@ impl Pipeline {
         Self {
             ingest,
             addr,
-            parse: Some(Running::stage(config, StageName::Parse)),
-            enrich: Some(Running::stage(config, StageName::Enrich)),
+            parse: Some(Running::stage(config, "parse")),
+            enrich: Some(Running::stage(config, "enrich")),
             sinks: start_sinks(config),
         }
     }
@@ -120,14 +119,14 @@ impl Pipeline {
         if let Some(p) = self.parse.take() {
             p.stop().await;
         }
-        self.parse = Some(Running::stage(config, StageName::Parse));
+        self.parse = Some(Running::stage(config, "parse"));
     }
 
     async fn restart_enrich(&mut self, config: &Config) {
         if let Some(e) = self.enrich.take() {
             e.stop().await;
         }
-        self.enrich = Some(Running::stage(config, StageName::Enrich));
+        self.enrich = Some(Running::stage(config, "enrich"));
     }
 
     async fn stop(self) {
@@ -143,8 +142,8 @@ impl Pipeline {
 
 fn start_sinks(config: &Config) -> Vec<Running> {
     vec![
-        Running::sink(config, SinkName::Timescale),
-        Running::sink(config, SinkName::Elasticsearch),
+        Running::sink(config, "timescale"),
+        Running::sink(config, "elasticsearch"),
     ]
 }
 
@@ -161,12 +160,12 @@ async fn plan_of(config: &Config, topic: &str) -> Plan {
 }
 
 /// Replay all of `topic` through `stage` under a fresh group, as `sluice replay` does.
-async fn replay_stage(config: &Config, stage: StageName, topic: &str) -> replay::Outcome {
+async fn replay_stage(config: &Config, name: &str, topic: &str) -> replay::Outcome {
     let plan = plan_of(config, topic).await;
     replay::run(
         config,
         &plan,
-        &Target::Stage(stage),
+        &Target::Component(stage(name)),
         &Mode::FreshGroup(unique("fix-")),
         &Filters::default(),
         CancellationToken::new(),
@@ -361,7 +360,7 @@ async fn a_changed_attribute_is_corrected_in_both_sinks() {
     let diff = replay::diff::run(
         &fixed,
         &plan,
-        &Target::Stage(StageName::Enrich),
+        &Target::Component(stage("enrich")),
         &Filters::default(),
         CancellationToken::new(),
     )
@@ -395,7 +394,7 @@ async fn a_changed_attribute_is_corrected_in_both_sinks() {
     })
     .await;
 
-    let outcome = replay_stage(&fixed, StageName::Enrich, &fixed.topics.parsed).await;
+    let outcome = replay_stage(&fixed, "enrich", &fixed.topics.parsed).await;
     assert_eq!((outcome.read, outcome.written), (800, 800));
     // Only the TimescaleDB sink catches up; Elasticsearch's group is moved past the
     // corrected records as if it had taken them: the audit must see it holds old values.
@@ -407,7 +406,7 @@ async fn a_changed_attribute_is_corrected_in_both_sinks() {
             .unwrap()
             .unwrap()
     };
-    let ts = Running::sink(&fixed, SinkName::Timescale);
+    let ts = Running::sink(&fixed, "timescale");
     caught_up(&fixed, &fixed.timescale.group, &t.enriched).await;
     ts.stop().await;
     let (k, g, topic) = (
@@ -434,7 +433,7 @@ async fn a_changed_attribute_is_corrected_in_both_sinks() {
     replay::run(
         &fixed,
         &plan,
-        &Target::Sink(SinkName::Elasticsearch),
+        &Target::Component(sink("elasticsearch")),
         &Mode::FreshGroup(unique("es-fix-")),
         &Filters::default(),
         CancellationToken::new(),
@@ -504,7 +503,7 @@ async fn an_event_time_moved_across_a_day_boundary_leaves_one_row() {
     let diff = replay::diff::run(
         &fixed,
         &plan,
-        &Target::Stage(StageName::Parse),
+        &Target::Component(stage("parse")),
         &Filters::default(),
         CancellationToken::new(),
     )
@@ -524,7 +523,7 @@ async fn an_event_time_moved_across_a_day_boundary_leaves_one_row() {
             vec![(String::new(), "-5h 30m".into(), 600)]
         );
     }
-    let outcome = replay_stage(&fixed, StageName::Parse, &fixed.topics.raw).await;
+    let outcome = replay_stage(&fixed, "parse", &fixed.topics.raw).await;
     assert_eq!(outcome.read, 600);
     pipeline.sinks = start_sinks(&fixed);
     pipeline.settle(&fixed).await;
@@ -585,7 +584,7 @@ async fn a_parse_fix_rescues_dead_letters_by_re_drive() {
     let mut fixed = config.clone();
     fixed.parse.time_fields = vec!["ts".into(), "timestamp".into()];
     pipeline.restart_parse(&fixed).await;
-    let outcome = replay_stage(&fixed, StageName::Parse, &t.dlq(&t.raw)).await;
+    let outcome = replay_stage(&fixed, "parse", &t.dlq(&t.raw)).await;
     assert_eq!(
         (outcome.read, outcome.written, outcome.dead_lettered),
         (200, 200, 0)
@@ -630,9 +629,9 @@ async fn a_replay_whose_sink_is_killed_and_restarted_ends_correct() {
     let mut fixed = config.clone();
     fixed.enrich.geo_csv = Some(geo_table("DE"));
     pipeline.restart_enrich(&fixed).await;
-    let outcome = replay_stage(&fixed, StageName::Enrich, &fixed.topics.parsed).await;
+    let outcome = replay_stage(&fixed, "enrich", &fixed.topics.parsed).await;
     assert_eq!(outcome.written, 2_000);
-    let es = Running::sink(&fixed, SinkName::Elasticsearch);
+    let es = Running::sink(&fixed, "elasticsearch");
 
     // Every batch of 100 rows sits 200 ms in the database: the kill lands part-way.
     slow_inserts(&fixed, true).await;

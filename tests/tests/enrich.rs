@@ -8,21 +8,20 @@ use std::time::Duration;
 
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice::pipeline::{run_stage_named, StageName};
+
 use sluice::replay::{self, Filters, Mode, Range, Target};
-use sluice_core::{headers, kafka, Config};
+use sluice::Config;
+use sluice_core::{headers, kafka};
 use sluice_schemas::ENRICHED_EVENTS;
-use sluice_tests::{caught_up, dead_letters, stack_config, stack_var, unique};
+use sluice_tests::{caught_up, dead_letters, stack_config, stack_var, stage, unique};
 use tokio_util::sync::CancellationToken;
 
 /// A namespace whose enrich stage reads tenants from a fresh table in PostgreSQL 15.
 async fn setup(tenants_url: Option<&str>) -> Config {
     let mut config = stack_config();
     let name = unique("tn");
-    sluice::demo::use_namespace(&mut config, &format!("t-{name}"), &name);
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    config = config.namespaced(&format!("t-{name}"), &name);
+    sluice_tests::create_topics(&config).await;
     let pg = stack_var("SLUICE_STACK_PG_URL");
     let (client, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls)
         .await
@@ -66,11 +65,9 @@ async fn produce_raw(config: &Config, n: usize) {
 async fn run_stages(config: &Config) {
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
-    for name in [StageName::Parse, StageName::Enrich] {
+    for name in [stage("parse"), stage("enrich")] {
         let (c, s) = (config.clone(), stop.clone());
-        tasks.push(tokio::spawn(
-            async move { run_stage_named(&c, name, s).await },
-        ));
+        tasks.push(tokio::spawn(async move { name.run(&c, s).await }));
     }
     caught_up(config, &config.parse.group, &config.topics.raw).await;
     caught_up(config, &config.enrich.group, &config.topics.parsed).await;
@@ -183,7 +180,7 @@ async fn lookups_down_are_retried_dead_lettered_and_re_driven() {
     let outcome = replay::run(
         &config,
         &plan,
-        &Target::Stage(StageName::Enrich),
+        &Target::Component(stage("enrich")),
         &Mode::FreshGroup(unique("redrive-")),
         &Filters::default(),
         CancellationToken::new(),

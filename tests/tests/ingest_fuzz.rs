@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
-use sluice_core::config::ApiKey;
 use sluice_core::kafka;
+use sluice_ingest::config::ApiKey;
 use sluice_tests::{stack_config, unique};
 use tokio_util::sync::CancellationToken;
 

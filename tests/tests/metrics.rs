@@ -27,7 +27,7 @@ async fn documented_metrics_are_exported() {
         .consumer
         .insert("statistics.interval.ms".into(), "200".into());
     let name = unique("met");
-    demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    config = config.namespaced(&format!("t-{name}"), &name);
     let options = DemoOptions {
         users: 3,
         tenants: 2,

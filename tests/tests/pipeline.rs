@@ -23,7 +23,7 @@ fn options(seed: u64) -> DemoOptions {
 async fn pipeline_into_timescale_and_elasticsearch() {
     let mut config = stack_config();
     let name = unique("e2e");
-    demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    config = config.namespaced(&format!("t-{name}"), &name);
     let (summary, stream) = demo::run_pipeline(config.clone(), &options(11))
         .await
         .unwrap();
@@ -99,7 +99,7 @@ async fn pipeline_into_plain_postgres_and_opensearch() {
     config.timescale.pool_size = 4;
     config.elasticsearch.url = stack_var("SLUICE_STACK_ES_ALT_URL");
     let name = unique("pg");
-    demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    config = config.namespaced(&format!("t-{name}"), &name);
     let (summary, stream) = demo::run_pipeline(config, &options(12)).await.unwrap();
     let good = (stream.lines - stream.malformed) as u64;
     assert!(!summary.timescale);

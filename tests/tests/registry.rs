@@ -11,25 +11,24 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice::pipeline::{reading_codec, run_stage_named, writing_codec, StageName};
+use sluice::Config;
 use sluice_core::config::SchemaMode;
-use sluice_core::{headers, kafka, Config};
+use sluice_core::headers;
+use sluice_schemas::setup::{reading_codec, writing_codec};
 use sluice_schemas::{ClickEvent, Codec, EnrichedEvent, RegistryAuth, SchemaRegistry};
 use sluice_tests::registry_fixture::RegistryFixture;
-use sluice_tests::{caught_up, dead_letters, stack_config, stack_var, unique, RunningSink};
+use sluice_tests::{caught_up, dead_letters, stack_config, stack_var, stage, unique, RunningSink};
 use tokio_util::sync::CancellationToken;
 
 /// A namespace in registry mode against `registry`.
 async fn setup(registry: &RegistryFixture) -> Config {
     let mut config = stack_config();
     let name = unique("sr");
-    sluice::demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    config = config.namespaced(&format!("t-{name}"), &name);
     config.schemas.mode = SchemaMode::Registry;
     config.schemas.registry_url = registry.url();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    sluice_tests::create_topics(&config).await;
     config
 }
 
@@ -88,13 +87,11 @@ async fn the_pipeline_runs_in_registry_mode() {
 
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
-    for name in [StageName::Parse, StageName::Enrich] {
+    for name in [stage("parse"), stage("enrich")] {
         let (c, s) = (config.clone(), stop.clone());
-        tasks.push(tokio::spawn(
-            async move { run_stage_named(&c, name, s).await },
-        ));
+        tasks.push(tokio::spawn(async move { name.run(&c, s).await }));
     }
-    let mut sink = RunningSink::start(&config, sluice::pipeline::SinkName::Timescale);
+    let mut sink = RunningSink::start(&config, sluice_tests::sink("timescale"));
     caught_up(&config, &config.parse.group, &config.topics.raw).await;
     caught_up(&config, &config.enrich.group, &config.topics.parsed).await;
     sink.caught_up(&config, &config.timescale.group, &config.topics.enriched)
@@ -182,7 +179,8 @@ async fn an_incompatible_schema_is_refused_at_start() {
         r#"{"type":"record","name":"ClickEvent","namespace":"io.sluice","fields":[
             {"name":"event_id","type":"string"},{"name":"user_id","type":"long"}]}"#,
     );
-    let err = run_stage_named(&config, StageName::Parse, CancellationToken::new())
+    let err = stage("parse")
+        .run(&config, CancellationToken::new())
         .await
         .unwrap_err();
     let msg = format!("{err:#}");
@@ -205,7 +203,7 @@ async fn older_versions_and_both_encodings_decode() {
     let v1_text = include_str!("../../schemas/avro/released/enriched_event/v1.avsc");
     let v1_id = registry.register(&subject, v1_text);
     let writer: std::sync::Arc<Codec<EnrichedEvent>> =
-        writing_codec(&config, &config.topics.enriched)
+        writing_codec(&config.schemas, &config.topics.enriched)
             .await
             .unwrap();
     let v2_id = writer.schema_id().unwrap();
@@ -229,7 +227,7 @@ async fn older_versions_and_both_encodings_decode() {
         .write_value_to_vec(apache_avro::types::Value::Record(old))
         .unwrap();
 
-    let reader: std::sync::Arc<Codec<EnrichedEvent>> = reading_codec(&config).unwrap();
+    let reader: std::sync::Arc<Codec<EnrichedEvent>> = reading_codec(&config.schemas).unwrap();
     assert_eq!(reader.decode(&frame(v1_id, &datum)).unwrap(), event);
     event.tenant_name = Some("Acme Inc.".into());
     let current = writer.encode(&event).unwrap();

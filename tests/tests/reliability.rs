@@ -8,24 +8,20 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::audit::{self, Report, Window};
-use sluice::pipeline::{self, SinkName, StageName};
-use sluice_core::config::ApiKey;
-use sluice_core::{headers, kafka, Config};
+use sluice::Config;
+use sluice_core::headers;
+use sluice_ingest::config::ApiKey;
+use sluice_tests::faults::{signal_service, stack, RejectingProxy, Relay};
 use sluice_tests::process::{slow_inserts, SluiceProcess};
-use sluice_tests::{
-    caught_up, dead_letters, stack_config, stack_env_path, stack_var, unique, PrivateBroker,
-};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use sluice_tests::running::Running;
+use sluice_tests::{caught_up, dead_letters, stack_config, stack_var, unique, PrivateBroker};
 
 /// Scenarios stop shared servers: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -47,7 +43,7 @@ async fn pipeline_config(name: &str) -> Config {
     ] {
         config.kafka.consumer.insert(k.into(), v.into());
     }
-    sluice::demo::use_namespace(&mut config, &format!("t-{name}"), name);
+    config = config.namespaced(&format!("t-{name}"), name);
     config.ingest.api_keys = TENANTS
         .iter()
         .map(|(t, k)| ApiKey {
@@ -64,69 +60,25 @@ async fn create_topics(config: &Config) {
     if std::env::var_os("RUST_LOG").is_some() {
         sluice_core::telemetry::init_logging();
     }
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
-}
-
-/// A stage, sink or ingest running in this process until [`Task::stop`].
-struct Task {
-    stop: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Task {
-    async fn stop(self) {
-        self.stop.cancel();
-        self.handle.await.unwrap().unwrap();
-    }
-}
-
-fn stage(config: &Config, name: StageName) -> Task {
-    let stop = CancellationToken::new();
-    let (c, s) = (config.clone(), stop.clone());
-    let handle = tokio::spawn(async move {
-        pipeline::run_stage_named(&c, name, s).await?;
-        Ok(())
-    });
-    Task { stop, handle }
-}
-
-fn sink(config: &Config, name: SinkName) -> Task {
-    let stop = CancellationToken::new();
-    let (c, s) = (config.clone(), stop.clone());
-    let handle = tokio::spawn(async move {
-        pipeline::run_sink_named(&c, name, s).await?;
-        Ok(())
-    });
-    Task { stop, handle }
-}
-
-async fn ingest(config: &Config) -> (SocketAddr, Task) {
-    let stop = CancellationToken::new();
-    let (addr, task) = pipeline::start_ingest(config, None, stop.clone())
-        .await
-        .unwrap();
-    let handle = tokio::spawn(async move { task.await? });
-    (addr, Task { stop, handle })
+    sluice_tests::create_topics(config).await;
 }
 
 /// The whole pipeline in this process; sinks are left out when `sinks` is false.
-async fn start_all(config: &Config, sinks: bool) -> (SocketAddr, Vec<Task>) {
-    let (addr, ingest) = ingest(config).await;
+async fn start_all(config: &Config, sinks: bool) -> (SocketAddr, Vec<Running>) {
+    let (addr, ingest) = Running::ingest(config).await;
     let mut tasks = vec![
         ingest,
-        stage(config, StageName::Parse),
-        stage(config, StageName::Enrich),
+        Running::stage(config, "parse"),
+        Running::stage(config, "enrich"),
     ];
     if sinks {
-        tasks.push(sink(config, SinkName::Timescale));
-        tasks.push(sink(config, SinkName::Elasticsearch));
+        tasks.push(Running::sink(config, "timescale"));
+        tasks.push(Running::sink(config, "elasticsearch"));
     }
     (addr, tasks)
 }
 
-async fn stop_all(tasks: Vec<Task>) {
+async fn stop_all(tasks: Vec<Running>) {
     for t in tasks.into_iter().rev() {
         t.stop().await;
     }
@@ -277,17 +229,6 @@ fn ids_of(events: &[(usize, String, String)]) -> BTreeSet<String> {
     events.iter().map(|(_, id, _)| id.clone()).collect()
 }
 
-/// Stop or start one service of the shared stack (`scripts/stack stop|start NAME`).
-fn stack(action: &str, service: &str) {
-    let dir = stack_env_path().parent().unwrap().to_path_buf();
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stack"))
-        .args([action, service])
-        .env("SLUICE_STACK_DIR", dir)
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/stack {action} {service}");
-}
-
 /// Rows in the events table now.
 async fn db_rows(config: &Config) -> i64 {
     let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
@@ -314,7 +255,7 @@ async fn sink_killed_mid_batch_and_restarted() {
     let config = pipeline_config(&unique("rk")).await;
     create_topics(&config).await;
     let (addr, mut tasks) = start_all(&config, false).await;
-    tasks.push(sink(&config, SinkName::Elasticsearch));
+    tasks.push(Running::sink(&config, "elasticsearch"));
     let events = events("sk", 20_000);
     post_events(addr, &events, 1000, 0.5).await;
     caught_up(&config, &config.enrich.group, &config.topics.parsed).await;
@@ -354,11 +295,11 @@ async fn stage_killed_mid_stream_and_restarted() {
     let from = Utc::now() - chrono::Duration::seconds(5);
     let config = pipeline_config(&unique("rs")).await;
     create_topics(&config).await;
-    let (addr, ingest_task) = ingest(&config).await;
+    let (addr, ingest_task) = Running::ingest(&config).await;
     let others = vec![
-        stage(&config, StageName::Enrich),
-        sink(&config, SinkName::Timescale),
-        sink(&config, SinkName::Elasticsearch),
+        Running::stage(&config, "enrich"),
+        Running::sink(&config, "timescale"),
+        Running::sink(&config, "elasticsearch"),
     ];
     let mut parse = SluiceProcess::spawn(&config, &["stage", "parse"], "parse-0");
     let other = SluiceProcess::spawn(&config, &["stage", "parse"], "parse-1");
@@ -466,69 +407,6 @@ async fn database_outage_during_writes() {
     audit_ok(&config, from).await;
 }
 
-/// Signal a service of the shared stack by its PID (`kill -STOP`, `kill -CONT`).
-fn signal_service(service: &str, signal: &str) {
-    let pid_file = stack_env_path()
-        .parent()
-        .unwrap()
-        .join("run")
-        .join(format!("{service}.pid"));
-    let pid = std::fs::read_to_string(&pid_file).unwrap();
-    let status = Command::new("kill")
-        .args([signal, pid.trim()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {signal} {service}");
-}
-
-/// A TCP relay in front of a server that the test can take down (new connections are
-/// refused and open ones cut, as when the server's process is gone) and bring back on the
-/// same address.
-struct Relay {
-    addr: SocketAddr,
-    down: tokio::sync::watch::Sender<bool>,
-}
-
-impl Relay {
-    async fn start(upstream: SocketAddr) -> Self {
-        use tokio::net::{TcpListener, TcpStream};
-        let (down, mut state) = tokio::sync::watch::channel(false);
-        let mut open = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = open.local_addr().unwrap();
-        let watcher = state.clone();
-        tokio::spawn(async move {
-            loop {
-                loop {
-                    tokio::select! {
-                        accepted = open.accept() => {
-                            let Ok((mut inbound, _)) = accepted else { continue };
-                            let mut cut = watcher.clone();
-                            tokio::spawn(async move {
-                                let Ok(mut outbound) = TcpStream::connect(upstream).await else { return };
-                                tokio::select! {
-                                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                                    _ = cut.wait_for(|down| *down) => {}
-                                }
-                            });
-                        }
-                        _ = state.wait_for(|down| *down) => break,
-                    }
-                }
-                drop(open);
-                if state.wait_for(|down| !*down).await.is_err() {
-                    return;
-                }
-                open = TcpListener::bind(addr).await.unwrap();
-            }
-        });
-        Self { addr, down }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.send_replace(down);
-    }
-}
-
 /// Scenario 5: the Elasticsearch server is unavailable twice while the sink writes, then
 /// returns each time: first it is gone (a relay in front of it refuses connections and
 /// cuts open ones), then it stops answering (frozen with SIGSTOP: noida-db loses
@@ -568,132 +446,6 @@ async fn elasticsearch_outage_during_writes() {
     stop_all(tasks).await;
     assert_exactly_once(&config, &ids_of(&events)).await;
     audit_ok(&config, from).await;
-}
-
-/// An HTTP proxy in front of the real ES-API server that refuses some `_bulk` items with
-/// 429, as a loaded cluster does: those items are not forwarded, and the answer for them
-/// says `es_rejected_execution_exception`. Each document is refused once at most.
-struct RejectingProxy {
-    addr: SocketAddr,
-    rejected: Arc<AtomicU64>,
-}
-
-impl RejectingProxy {
-    async fn start(upstream: String, every: u64) -> Self {
-        use axum::body::Bytes;
-        use axum::extract::State;
-        use axum::http::{Method, Uri};
-        #[derive(Clone)]
-        struct Ctx {
-            upstream: String,
-            client: reqwest::Client,
-            seen: Arc<std::sync::Mutex<BTreeSet<String>>>,
-            rejected: Arc<AtomicU64>,
-            counter: Arc<AtomicU64>,
-            every: u64,
-        }
-        async fn forward(
-            State(ctx): State<Ctx>,
-            method: Method,
-            uri: Uri,
-            headers: axum::http::HeaderMap,
-            body: Bytes,
-        ) -> axum::response::Response {
-            use axum::response::IntoResponse;
-            let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-            let url = format!("{}{path}", ctx.upstream);
-            let is_bulk = uri.path().ends_with("/_bulk");
-            let mut body = body.to_vec();
-            // (position in the request, rejected item) of the items kept back.
-            let mut kept_back: Vec<(usize, serde_json::Value)> = Vec::new();
-            if is_bulk {
-                let text = String::from_utf8_lossy(&body).to_string();
-                let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-                let mut forwarded = String::new();
-                for (i, pair) in lines.chunks(2).enumerate() {
-                    let action: serde_json::Value = serde_json::from_str(pair[0]).unwrap();
-                    let (op, meta) = action.as_object().unwrap().iter().next().unwrap();
-                    let id = meta["_id"].as_str().unwrap_or_default().to_string();
-                    let n = ctx.counter.fetch_add(1, Ordering::Relaxed);
-                    let first_time = ctx.seen.lock().unwrap().insert(id.clone());
-                    if first_time && n % ctx.every == 0 {
-                        ctx.rejected.fetch_add(1, Ordering::Relaxed);
-                        kept_back.push((i, serde_json::json!({op.clone(): {
-                            "_index": meta["_index"], "_id": id, "status": 429,
-                            "error": {"type": "es_rejected_execution_exception", "reason": "injected by the test proxy"}
-                        }})));
-                    } else {
-                        forwarded += pair[0];
-                        forwarded.push('\n');
-                        if let Some(doc) = pair.get(1) {
-                            forwarded += doc;
-                            forwarded.push('\n');
-                        }
-                    }
-                }
-                if kept_back.is_empty() {
-                    body = text.into_bytes();
-                } else if forwarded.is_empty() {
-                    let items: Vec<_> = kept_back.into_iter().map(|(_, v)| v).collect();
-                    return axum::Json(
-                        serde_json::json!({"took": 0, "errors": true, "items": items}),
-                    )
-                    .into_response();
-                } else {
-                    body = forwarded.into_bytes();
-                }
-            }
-            let mut req = ctx.client.request(method, &url).body(body);
-            for (k, v) in headers.iter() {
-                if k != "host" && k != "content-length" {
-                    req = req.header(k, v);
-                }
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    return (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response()
-                }
-            };
-            let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.unwrap_or_default();
-            if is_bulk && !kept_back.is_empty() && status == 200 {
-                let mut answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                let mut items = answer["items"].as_array().cloned().unwrap_or_default();
-                for (i, item) in kept_back {
-                    items.insert(i.min(items.len()), item);
-                }
-                answer["items"] = serde_json::Value::Array(items);
-                answer["errors"] = serde_json::Value::Bool(true);
-                return axum::Json(answer).into_response();
-            }
-            let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
-            *out.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
-            out.headers_mut().insert(
-                "content-type",
-                axum::http::HeaderValue::from_static("application/json"),
-            );
-            out.headers_mut().insert(
-                "x-elastic-product",
-                axum::http::HeaderValue::from_static("Elasticsearch"),
-            );
-            out
-        }
-        let rejected = Arc::new(AtomicU64::new(0));
-        let ctx = Ctx {
-            upstream: upstream.trim_end_matches('/').to_string(),
-            client: reqwest::Client::new(),
-            seen: Default::default(),
-            rejected: rejected.clone(),
-            counter: Default::default(),
-            every,
-        };
-        let app = axum::Router::new().fallback(forward).with_state(ctx);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { addr, rejected }
-    }
 }
 
 /// Scenario 6: per-item 429s in bulk responses (from a fault-injecting proxy in front of
@@ -871,7 +623,7 @@ async fn rebalance_storm() {
     let events = events("rb", 10_000);
     let (a, ev) = (addr, events.clone());
     let posting = tokio::spawn(async move { post_events(a, &ev, 500, 18.0).await });
-    let mut extra: Vec<Task> = Vec::new();
+    let mut extra: Vec<Running> = Vec::new();
     let (mut joins, mut leaves) = (0, 0);
     for round in 0..12 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -882,12 +634,8 @@ async fn rebalance_storm() {
                 leaves += 1;
             }
         } else {
-            let name = if round % 2 == 0 {
-                StageName::Parse
-            } else {
-                StageName::Enrich
-            };
-            extra.push(stage(&config, name));
+            let name = if round % 2 == 0 { "parse" } else { "enrich" };
+            extra.push(Running::stage(&config, name));
             joins += 1;
         }
     }

@@ -12,10 +12,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::audit::{self, Window};
 use sluice::demo::{self, DemoOptions};
-use sluice::pipeline::{SinkName, StageName};
+
 use sluice::replay::{self, Filters, Mode, OffsetRange, Plan, Range, Target};
-use sluice_core::{headers, kafka, Config};
-use sluice_tests::{sluice_bin, stack_config, stack_env_path, stack_var, unique};
+use sluice::Config;
+use sluice_core::{headers, kafka};
+use sluice_tests::{sink, sluice_bin, stack_config, stack_env_path, stack_var, stage, unique};
 use tokio_util::sync::CancellationToken;
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
@@ -25,10 +26,8 @@ const TENANTS: [&str; 2] = ["acme", "globex"];
 async fn raw_topic(n: usize, t0: i64) -> Config {
     let mut config = stack_config();
     let p = unique("t-replay-");
-    demo::use_namespace(&mut config, &p, "unused");
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    config = config.namespaced(&p, "unused");
+    sluice_tests::create_topics(&config).await;
     produce_raw(&config, 0..n, t0).await;
     config
 }
@@ -100,7 +99,7 @@ async fn replay_parse(
     replay::run(
         config,
         plan,
-        &Target::Stage(StageName::Parse),
+        &Target::Component(stage("parse")),
         mode,
         filters,
         CancellationToken::new(),
@@ -285,7 +284,7 @@ async fn bounded_replay_stops_at_the_captured_end_and_resumes_after_interruption
     });
     let group = unique("replay-resume-");
     let mode = Mode::FreshGroup(group.clone());
-    let target = Target::Stage(StageName::Parse);
+    let target = Target::Component(stage("parse"));
     let first = replay::run(&config, &plan, &target, &mode, &slow, stop)
         .await
         .unwrap();
@@ -359,10 +358,7 @@ async fn copy_and_refused_reset_of_an_active_group() {
     // Reset: refused while the parse stage runs in its group, then done once it stopped.
     let stop = CancellationToken::new();
     let (c, s) = (config.clone(), stop.clone());
-    let stage =
-        tokio::spawn(
-            async move { sluice::pipeline::run_stage_named(&c, StageName::Parse, s).await },
-        );
+    let running = tokio::spawn(async move { stage("parse").run(&c, s).await });
     let group = config.parse.group.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -380,7 +376,7 @@ async fn copy_and_refused_reset_of_an_active_group() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let target = Target::Stage(StageName::Parse);
+    let target = Target::Component(stage("parse"));
     let err = replay::run(
         &config,
         &plan,
@@ -393,7 +389,7 @@ async fn copy_and_refused_reset_of_an_active_group() {
     .unwrap_err();
     assert!(format!("{err}").contains("active member"), "{err}");
     stop.cancel();
-    stage.await.unwrap().unwrap();
+    running.await.unwrap().unwrap();
     // The stage committed everything; the reset moves the group back to the range start.
     replay::run(
         &config,
@@ -419,7 +415,7 @@ async fn idempotent_sink_replays_and_an_audit_that_finds_a_deleted_row() {
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.timescale.pool_size = 2;
     let name = unique("au");
-    demo::use_namespace(&mut config, &format!("t-{name}"), &name);
+    config = config.namespaced(&format!("t-{name}"), &name);
     let started = Utc::now() - chrono::Duration::minutes(1);
     let options = DemoOptions {
         users: 5,
@@ -449,12 +445,15 @@ async fn idempotent_sink_replays_and_an_audit_that_finds_a_deleted_row() {
         to: None,
     };
     for (target, topic) in [
-        (Target::Sink(SinkName::Timescale), &config.topics.enriched),
         (
-            Target::Sink(SinkName::Elasticsearch),
+            Target::Component(sink("timescale")),
             &config.topics.enriched,
         ),
-        (Target::Stage(StageName::Parse), &config.topics.raw),
+        (
+            Target::Component(sink("elasticsearch")),
+            &config.topics.enriched,
+        ),
+        (Target::Component(stage("parse")), &config.topics.raw),
     ] {
         let plan = resolve_on(&config, topic, everything.clone()).await;
         let outcome = replay::run(
@@ -469,9 +468,11 @@ async fn idempotent_sink_replays_and_an_audit_that_finds_a_deleted_row() {
         .unwrap();
         assert_eq!(outcome.read, plan.records() as u64, "{target:?}");
     }
-    let mut after = demo::Summary::default();
-    demo::count_sinks(&config, &mut after).await.unwrap();
-    assert_eq!((after.db_rows, after.es_docs), (good, good));
+    let good = good as usize;
+    assert_eq!(
+        sluice_tests::stored_counts(&config).await,
+        [("timescale", good), ("elasticsearch", good)]
+    );
     let report = audit::run(&config, &window).await.unwrap();
     assert!(
         report.ok(),
@@ -512,7 +513,7 @@ async fn idempotent_sink_replays_and_an_audit_that_finds_a_deleted_row() {
         tenant: Some("acme".into()),
         rate: None,
     };
-    let sink = Target::Sink(SinkName::Timescale);
+    let sink = Target::Component(sink("timescale"));
     let outcome = replay::run(
         &config,
         &plan,

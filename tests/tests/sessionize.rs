@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice::pipeline::SinkName;
-use sluice::pipeline::{run_stage_named, StageName};
-use sluice_core::{headers, kafka, Config};
+
+use sluice::Config;
+use sluice_core::{headers, kafka};
 use sluice_schemas::{EnrichedEvent, SessionSummary, ENRICHED_EVENTS, SESSION_SUMMARIES};
-use sluice_tests::{dead_letters, enriched, stack_config, stack_var, unique, RunningSink};
+use sluice_tests::{dead_letters, enriched, stack_config, stack_var, stage, unique, RunningSink};
 use tokio_util::sync::CancellationToken;
 
 const MIN: i64 = 60_000;
@@ -92,7 +92,7 @@ fn start(config: &Config) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
     let (c, s) = (config.clone(), stop.clone());
     let task = tokio::spawn(async move {
-        run_stage_named(&c, StageName::Sessionize, s).await.unwrap();
+        stage("sessionize").run(&c, s).await.unwrap();
     });
     (stop, task)
 }
@@ -114,7 +114,7 @@ async fn sessions(config: &Config) -> Vec<SessionSummary> {
 async fn sessions_of_a_known_clickstream_survive_a_restart() {
     let mut config = stack_config();
     let schema = unique("ss");
-    sluice::demo::use_namespace(&mut config, &format!("t-{schema}"), &schema);
+    config = config.namespaced(&format!("t-{schema}"), &schema);
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.sessionize.gap_s = 30 * 60;
     config.sessionize.allowed_lateness_s = 5 * 60;
@@ -122,9 +122,7 @@ async fn sessions_of_a_known_clickstream_survive_a_restart() {
         .kafka
         .consumer
         .insert("session.timeout.ms".into(), "6000".into());
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    sluice_tests::create_topics(&config).await;
     let (events, expected) = clickstream(24);
     // Past the first sessions of most users: their second sessions close the first ones.
     let cut = events.len() * 85 / 100;
@@ -189,7 +187,7 @@ async fn sessions_of_a_known_clickstream_survive_a_restart() {
     );
 
     // The sessions sink writes each session once, whatever was re-emitted.
-    let mut sink = RunningSink::start(&config, SinkName::Sessions);
+    let mut sink = RunningSink::start(&config, sluice_tests::sink("sessions"));
     sink.caught_up(
         &config,
         &config.timescale.sessions_group,
@@ -265,7 +263,7 @@ async fn session_rows(
 async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
     let mut config = stack_config();
     let schema = unique("sg");
-    sluice::demo::use_namespace(&mut config, &format!("t-{schema}"), &schema);
+    config = config.namespaced(&format!("t-{schema}"), &schema);
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.sessionize.gap_s = 30 * 60;
     config.sessionize.allowed_lateness_s = 5 * 60;
@@ -273,9 +271,7 @@ async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
         .kafka
         .consumer
         .insert("session.timeout.ms".into(), "6000".into());
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    sluice_tests::create_topics(&config).await;
     let t0 = chrono::DateTime::parse_from_rfc3339(T0)
         .unwrap()
         .timestamp_millis();
@@ -314,7 +310,7 @@ async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
         produce(&config, &[tick], Some(p)).await;
     }
     let (stop, task) = start(&config);
-    let mut sink = RunningSink::start(&config, SinkName::Sessions);
+    let mut sink = RunningSink::start(&config, sluice_tests::sink("sessions"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while sessions(&config).await.len() < 8 {
         assert!(
@@ -358,7 +354,7 @@ async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
             sluice::replay::run(
                 &c,
                 &plan,
-                &sluice::replay::Target::Stage(StageName::Sessionize),
+                &sluice::replay::Target::Component(stage("sessionize")),
                 &sluice::replay::Mode::FreshGroup(unique("sess-fix-")),
                 &sluice::replay::Filters::default(),
                 CancellationToken::new(),

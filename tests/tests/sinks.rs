@@ -4,11 +4,10 @@
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use rdkafka::message::Message;
-use sluice::pipeline::SinkName;
-use sluice_core::config::EsOpType;
 use sluice_core::headers;
+use sluice_sinks::elasticsearch::config::EsOpType;
 use sluice_tests::{
-    caught_up, dead_letters, enriched, produce_enriched, produce_versioned, sink_namespace,
+    caught_up, dead_letters, enriched, produce_enriched, produce_versioned, sink, sink_namespace,
     stack_config, stack_var, unique, RunningSink,
 };
 
@@ -62,7 +61,7 @@ async fn timescale_aggregates_dead_letters_and_replay() {
     input.push(bad);
     produce_enriched(&config, &config.topics.enriched, &input).await;
 
-    let sink = RunningSink::start(&config, SinkName::Timescale);
+    let sink = RunningSink::start(&config, sluice_tests::sink("timescale"));
     caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
     let stats = sink.stop().await;
     assert_eq!(stats.dead_lettered, 1);
@@ -131,7 +130,7 @@ async fn timescale_aggregates_dead_letters_and_replay() {
     // Replay: the same records again, under a fresh group, change nothing.
     produce_enriched(&config, &config.topics.enriched, &input).await;
     config.timescale.group = unique("replay-");
-    let sink = RunningSink::start(&config, SinkName::Timescale);
+    let sink = RunningSink::start(&config, sluice_tests::sink("timescale"));
     caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
     let stats = sink.stop().await;
     assert_eq!(stats.consumed, 16, "both copies were read");
@@ -187,8 +186,8 @@ async fn postgres_concurrent_replicas_write_each_event_once() {
             )
         })
         .collect();
-    let a = RunningSink::start(&config, SinkName::Timescale);
-    let b = RunningSink::start(&config, SinkName::Timescale);
+    let a = RunningSink::start(&config, sluice_tests::sink("timescale"));
+    let b = RunningSink::start(&config, sluice_tests::sink("timescale"));
     produce_enriched(&config, &config.topics.enriched, &events).await;
     // At-least-once re-delivery: the first 500 again.
     produce_enriched(&config, &config.topics.enriched, &events[..500]).await;
@@ -208,7 +207,7 @@ async fn postgres_concurrent_replicas_write_each_event_once() {
 }
 
 async fn es_json(
-    config: &sluice_core::Config,
+    config: &sluice::Config,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> serde_json::Value {
@@ -221,7 +220,7 @@ async fn es_json(
     req.send().await.unwrap().json().await.unwrap()
 }
 
-async fn es_count(config: &sluice_core::Config, query: serde_json::Value) -> u64 {
+async fn es_count(config: &sluice::Config, query: serde_json::Value) -> u64 {
     let pattern = format!("{}-*", config.elasticsearch.index_prefix);
     es_json(config, &format!("{pattern}/_refresh"), None).await;
     let r = es_json(
@@ -259,7 +258,7 @@ async fn elasticsearch_sink_on(url: String, op_type: EsOpType) {
     for e in &mut events {
         e.extra.insert("price".into(), "5".into());
     }
-    let sink = RunningSink::start(&config, SinkName::Elasticsearch);
+    let sink = RunningSink::start(&config, sluice_tests::sink("elasticsearch"));
     produce_enriched(&config, &config.topics.enriched, &events).await;
     caught_up(
         &config,
@@ -313,7 +312,7 @@ async fn elasticsearch_sink_on(url: String, op_type: EsOpType) {
     // Replay everything under a fresh group: no duplicates.
     produce_enriched(&config, &config.topics.enriched, &events).await;
     config.elasticsearch.group = unique("replay-");
-    let sink = RunningSink::start(&config, SinkName::Elasticsearch);
+    let sink = RunningSink::start(&config, sluice_tests::sink("elasticsearch"));
     caught_up(
         &config,
         &config.elasticsearch.group,
@@ -350,7 +349,7 @@ async fn elasticsearch_sink_on_osmem() {
 type Held = std::collections::BTreeMap<(String, String), Vec<(i64, Option<String>)>>;
 
 /// Every row and document each sink holds.
-async fn held(config: &sluice_core::Config) -> Vec<Held> {
+async fn held(config: &sluice::Config) -> Vec<Held> {
     let all = sluice_sinks::Selection::Received {
         from: 0,
         to: i64::MAX,
@@ -386,13 +385,10 @@ async fn held(config: &sluice_core::Config) -> Vec<Held> {
         .collect()
 }
 
-async fn run_both_sinks(config: &sluice_core::Config) {
-    for sink in [SinkName::Timescale, SinkName::Elasticsearch] {
+async fn run_both_sinks(config: &sluice::Config) {
+    for sink in [sink("timescale"), sink("elasticsearch")] {
         let mut running = RunningSink::start(config, sink);
-        let group = match sink {
-            SinkName::Timescale => &config.timescale.group,
-            _ => &config.elasticsearch.group,
-        };
+        let group = sink.group(config);
         running
             .caught_up(config, group, &config.topics.enriched)
             .await;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice_core::{headers, kafka, Config};
+use sluice::Config;
+use sluice_core::{headers, kafka};
 use sluice_tests::{caught_up, sluice_bin, stack_config, stack_env_path, unique};
 
 fn spawn_parse(config: &Config) -> Replica {
@@ -80,10 +81,8 @@ fn signal(child: &Replica, sig: &str) {
 async fn setup(n: usize) -> (Config, Vec<String>) {
     let mut config = stack_config();
     let p = unique("t-stage-");
-    sluice::demo::use_namespace(&mut config, &p, "unused");
-    kafka::ensure_topics(&config.kafka, &config.topics)
-        .await
-        .unwrap();
+    config = config.namespaced(&p, "unused");
+    sluice_tests::create_topics(&config).await;
     let lines = (0..n)
         .map(|i| {
             format!(

@@ -1,6 +1,7 @@
 //! Topic creation and the check against the configuration, on the real broker.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
+use sluice::components::topics;
 use sluice_core::kafka::{check_topics, ensure_topics};
 use sluice_tests::{stack_config, unique};
 
@@ -8,11 +9,13 @@ use sluice_tests::{stack_config, unique};
 async fn creates_missing_topics_and_reports_differences() {
     let mut config = stack_config();
     let p = unique("t-topics-");
-    sluice::demo::use_namespace(&mut config, &p, "unused");
+    config = config.namespaced(&p, "unused");
     config.topics.partitions = 4;
 
-    let before = check_topics(&config.kafka, &config.topics).await.unwrap();
-    let wanted = config.topics.all().len();
+    let before = check_topics(&config.kafka, &config.topics, &topics(&config))
+        .await
+        .unwrap();
+    let wanted = topics(&config).len();
     assert_eq!(
         wanted, 8,
         "raw, parsed, enriched and sessions, with dead-letter topics"
@@ -22,16 +25,20 @@ async fn creates_missing_topics_and_reports_differences() {
         .iter()
         .all(|t| !t.exists && t.differences == ["missing"]));
 
-    let created = ensure_topics(&config.kafka, &config.topics).await.unwrap();
+    let created = ensure_topics(&config.kafka, &config.topics, &topics(&config))
+        .await
+        .unwrap();
     assert_eq!(created.len(), wanted);
     assert!(
-        ensure_topics(&config.kafka, &config.topics)
+        ensure_topics(&config.kafka, &config.topics, &topics(&config))
             .await
             .unwrap()
             .is_empty(),
         "idempotent"
     );
-    let after = check_topics(&config.kafka, &config.topics).await.unwrap();
+    let after = check_topics(&config.kafka, &config.topics, &topics(&config))
+        .await
+        .unwrap();
     assert!(
         after.iter().all(|t| t.exists && t.differences.is_empty()),
         "{after:?}"
@@ -40,7 +47,9 @@ async fn creates_missing_topics_and_reports_differences() {
     // The raw topic keeps data longer than the others.
     config.topics.partitions = 2;
     config.topics.raw_retention_ms = 1234;
-    let diff = check_topics(&config.kafka, &config.topics).await.unwrap();
+    let diff = check_topics(&config.kafka, &config.topics, &topics(&config))
+        .await
+        .unwrap();
     let raw = diff.iter().find(|t| t.topic == config.topics.raw).unwrap();
     assert_eq!(
         raw.differences,

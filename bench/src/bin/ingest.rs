@@ -13,8 +13,8 @@ use clap::Parser;
 use futures::stream::{self, StreamExt};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_bench::{median, rate, report, timed};
-use sluice_core::config::ApiKey;
 use sluice_core::kafka;
+use sluice_ingest::config::ApiKey;
 use sluice_ingest::{Ingest, RawHeaders};
 use tokio_util::sync::CancellationToken;
 

@@ -15,14 +15,13 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use sluice::pipeline::SinkName;
+use sluice::Config;
 use sluice_bench::{median_round, rate, report, timed};
-use sluice_core::config::DbMode;
-use sluice_core::Config;
 use sluice_sinks::elasticsearch::{doc_id, document, index_name};
+use sluice_sinks::timescale::config::DbMode;
 use sluice_tests::{
-    enriched, produce_enriched, produce_versioned, sink_namespace, stack_config, stack_var, unique,
-    RunningSink,
+    enriched, produce_enriched, produce_versioned, sink, sink_namespace, stack_config, stack_var,
+    unique, RunningSink,
 };
 
 /// Sink benchmark.
@@ -164,7 +163,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
         let mut c = config.clone();
         c.timescale.schema = format!("{name}_sink{round}");
         c.timescale.group = format!("{name}-sink{round}");
-        sink_rates.push(sink_rate(&c, SinkName::Timescale, &c.timescale.group).await?);
+        sink_rates.push(sink_rate(&c, sink("timescale"), &c.timescale.group).await?);
         // The same sink with a hypertable's layout (key with the time, plus event_keys),
         // which TimescaleDB needs, on the same server: what that layout costs.
         c.timescale.schema = format!("{name}_keyed{round}");
@@ -210,7 +209,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<()> {
     let mut c = config.clone();
     c.timescale.schema = format!("{name}_sink{}", rounds - 1);
     let first = sink_rates[rounds - 1];
-    let replayed = replay_rate(&mut c, &rows, SinkName::Timescale).await?;
+    let replayed = replay_rate(&mut c, &rows, sink("timescale")).await?;
     report_replay("timescale sink", n, first, replayed);
     drop_topics(&config).await;
     Ok(())
@@ -271,7 +270,7 @@ async fn keyed_rate(config: &Config) -> Result<f64> {
 async fn replay_rate(
     config: &mut Config,
     rows: &[sluice_schemas::EnrichedEvent],
-    sink: SinkName,
+    sink: &'static sluice::components::Component,
 ) -> Result<f64> {
     let topic = format!("{}.replay", config.topics.enriched);
     sluice_core::kafka::create_topics(&config.kafka, 3, 1, &[(topic.clone(), "3600000".into())])
@@ -289,7 +288,7 @@ async fn replay_rate(
     config.topics.enriched = topic;
     let group = format!("{}-replay", unique("bench-"));
     match sink {
-        SinkName::Timescale => config.timescale.group = group.clone(),
+        s if s.name == "timescale" => config.timescale.group = group.clone(),
         _ => config.elasticsearch.group = group.clone(),
     }
     sink_rate(config, sink, &group).await
@@ -304,7 +303,11 @@ fn report_replay(sink: &str, n: usize, first: f64, replayed: f64) {
 
 /// Run `sink` in group `group` until it has committed the whole enriched topic; its rate
 /// from its first record to its last commit.
-async fn sink_rate(config: &Config, sink: SinkName, group: &str) -> Result<f64> {
+async fn sink_rate(
+    config: &Config,
+    sink: &'static sluice::components::Component,
+    group: &str,
+) -> Result<f64> {
     let mut running = RunningSink::start(config, sink);
     running
         .caught_up(config, group, &config.topics.enriched)
@@ -312,7 +315,8 @@ async fn sink_rate(config: &Config, sink: SinkName, group: &str) -> Result<f64> 
     running
         .stop()
         .await
-        .throughput()
+        .throughput
+        .map(|r| r as f64)
         .context("sink measured nothing")
 }
 
@@ -341,7 +345,7 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
             let mut c = config.clone();
             c.elasticsearch.group = format!("{name}-sink{pass}");
             c.elasticsearch.index_prefix = format!("{name}-sink{pass}");
-            sink_rates.push(sink_rate(&c, SinkName::Elasticsearch, &c.elasticsearch.group).await?);
+            sink_rates.push(sink_rate(&c, sink("elasticsearch"), &c.elasticsearch.group).await?);
         }
         let prefix = format!("{name}-bare{pass}");
         let mut bare_config = config.elasticsearch.clone();
@@ -396,7 +400,7 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<()> {
     let mut c = config.clone();
     c.elasticsearch.index_prefix = format!("{name}-sink{rounds}");
     let first = sink_rates[rounds - 1];
-    let replayed = replay_rate(&mut c, &docs, SinkName::Elasticsearch).await?;
+    let replayed = replay_rate(&mut c, &docs, sink("elasticsearch")).await?;
     report_replay("elasticsearch sink", n, first, replayed);
     drop_topics(&config).await;
     // The server slows as it fills: leave it as it was found.

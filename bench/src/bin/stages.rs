@@ -15,9 +15,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{
     BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
 };
-use sluice::pipeline::{run_stage_named, StageName};
+
+use sluice::Config;
 use sluice_bench::{median, rate, report};
-use sluice_core::{kafka, Config};
 use tokio_util::sync::CancellationToken;
 
 /// Stages benchmark.
@@ -45,11 +45,11 @@ async fn namespace(tag: &str, raw: Option<&str>) -> Result<Config> {
         .kafka
         .consumer
         .insert("session.timeout.ms".into(), "6000".into());
-    sluice::demo::use_namespace(&mut config, &sluice_tests::unique(tag), "unused");
+    config = config.namespaced(&sluice_tests::unique(tag), "unused");
     if let Some(raw) = raw {
         config.topics.raw = raw.to_string();
     }
-    kafka::ensure_topics(&config.kafka, &config.topics).await?;
+    sluice_tests::create_topics(&config).await;
     Ok(config)
 }
 
@@ -132,13 +132,12 @@ async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()
 }
 
 /// One stage in a fresh group until every output reached `output`.
-async fn stage(config: &Config, name: StageName, output: &str, n: usize) -> Result<Duration> {
+async fn run_stage(config: &Config, name: &str, output: &str, n: usize) -> Result<Duration> {
+    let name = sluice_tests::stage(name);
     let started = Instant::now();
     let stop = CancellationToken::new();
     let (c, s) = (config.clone(), stop.clone());
-    let tasks = vec![tokio::spawn(
-        async move { run_stage_named(&c, name, s).await },
-    )];
+    let tasks = vec![tokio::spawn(async move { name.run(&c, s).await })];
     // Done when a read_committed reader has seen every output (a transaction's records
     // count only once committed).
     count_until(config, output, n).await?;
@@ -180,23 +179,17 @@ async fn run(args: Args) -> Result<()> {
     println!("{n} raw records on {raw}");
     // The parsed records enrich reads: the output of one parse pass, complete.
     let parsed_src = namespace("b-parsed-", Some(&raw)).await?;
-    stage(&parsed_src, StageName::Parse, &parsed_src.topics.parsed, n).await?;
+    run_stage(&parsed_src, "parse", &parsed_src.topics.parsed, n).await?;
     let parsed = parsed_src.topics.parsed.clone();
     let mut r: [Vec<f64>; 5] = Default::default();
     for round in 0..args.rounds {
         let c = namespace("b-pt-", Some(&raw)).await?;
         r[0].push(rate(n, pass_through(&c, &raw, &c.topics.parsed, n).await?));
         let c = namespace("b-parse-", Some(&raw)).await?;
-        r[1].push(rate(
-            n,
-            stage(&c, StageName::Parse, &c.topics.parsed, n).await?,
-        ));
+        r[1].push(rate(n, run_stage(&c, "parse", &c.topics.parsed, n).await?));
         let mut c = namespace("b-eos-", Some(&raw)).await?;
         c.parse.exactly_once = true;
-        r[2].push(rate(
-            n,
-            stage(&c, StageName::Parse, &c.topics.parsed, n).await?,
-        ));
+        r[2].push(rate(n, run_stage(&c, "parse", &c.topics.parsed, n).await?));
         let mut c = namespace("b-pt2-", None).await?;
         c.topics.parsed = parsed.clone();
         r[3].push(rate(
@@ -207,7 +200,7 @@ async fn run(args: Args) -> Result<()> {
         c.topics.parsed = parsed.clone();
         r[4].push(rate(
             n,
-            stage(&c, StageName::Enrich, &c.topics.enriched, n).await?,
+            run_stage(&c, "enrich", &c.topics.enriched, n).await?,
         ));
         println!(
             "round {}: raw pass-through {:.0}/s, parse {:.0}/s, parse exactly-once {:.0}/s; parsed pass-through {:.0}/s, enrich {:.0}/s",

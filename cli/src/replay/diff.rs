@@ -13,14 +13,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{bail, Context, Result};
 use rdkafka::message::{Message, OwnedMessage};
 use serde::Serialize;
-use sluice_core::{headers, Config};
+use sluice_core::headers;
 use sluice_schemas::fields::{differences, field, FieldKind};
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::{Selection, Stored};
 use tokio_util::sync::CancellationToken;
 
 use super::{blocking, fresh_rewired, resolve, Filters, Plan, Range, Target};
-use crate::pipeline::{Rewiring, SinkName, StageName};
+use crate::components::{chain_from, Component, Config, Kind};
+use sluice_core::wiring::Rewiring;
 
 /// How one field changes over the compared events.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -80,17 +81,37 @@ pub struct Diff {
     pub sinks: Vec<SinkDiff>,
 }
 
-/// The stages that turn records of the target's input into the sinks' input.
-fn chain(target: &Target) -> Result<Vec<StageName>> {
-    Ok(match target {
-        Target::Stage(StageName::Parse) => vec![StageName::Parse, StageName::Enrich],
-        Target::Stage(StageName::Enrich) => vec![StageName::Enrich],
-        Target::Sink(SinkName::Timescale | SinkName::Elasticsearch) => Vec::new(),
-        Target::Stage(StageName::Sessionize) | Target::Sink(SinkName::Sessions) => {
-            bail!("--diff compares events: use it with --stage parse or enrich, or --sink timescale or elasticsearch")
-        }
+/// The stages that turn records of the target's input into the input of the sinks
+/// that hold events: from the target stage on (parse: parse and enrich); none for such
+/// a sink.
+fn chain(config: &Config, target: &Target) -> Result<Vec<&'static Component>> {
+    let unsupported = || {
+        anyhow::anyhow!(
+            "--diff compares events: use it with a stage on the way to, or a sink of, events ({})",
+            crate::components::event_sinks()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    match target {
         Target::Copy(_) => bail!("--diff does not apply to --copy-to"),
-    })
+        Target::Component(c) if c.kind == Kind::Sink => {
+            if c.read_stored.is_some() {
+                Ok(Vec::new())
+            } else {
+                Err(unsupported())
+            }
+        }
+        Target::Component(c) => {
+            let chain = chain_from(config, c.input(config));
+            if chain.first().is_some_and(|s| s.name == c.name) {
+                Ok(chain)
+            } else {
+                Err(unsupported())
+            }
+        }
+    }
 }
 
 /// Run the diff of replaying `plan` into `target`.
@@ -101,7 +122,7 @@ pub async fn run(
     filters: &Filters,
     stop: CancellationToken,
 ) -> Result<Diff> {
-    let stages = chain(target)?;
+    let stages = chain(config, target)?;
     let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
     let mut scratch: Vec<String> = Vec::new();
     let result = run_chain(config, plan, &stages, filters, &stamp, &mut scratch, stop).await;
@@ -113,7 +134,7 @@ pub async fn run(
     }
     let (mut diff, outputs, dead) = result?;
     diff.source = plan.topic.clone();
-    diff.stages = stages.iter().map(|s| s.name()).collect();
+    diff.stages = stages.iter().map(|s| s.name).collect();
     compare(config, &mut diff, &outputs, &dead).await?;
     Ok(diff)
 }
@@ -133,7 +154,7 @@ struct DeadLetter {
 async fn run_chain(
     config: &Config,
     plan: &Plan,
-    stages: &[StageName],
+    stages: &[&'static Component],
     filters: &Filters,
     stamp: &str,
     scratch: &mut Vec<String>,
@@ -143,7 +164,7 @@ async fn run_chain(
     let mut input = plan.clone();
     let mut dlqs = Vec::new();
     for (i, stage) in stages.iter().enumerate() {
-        let output = format!("{}.diff-{stamp}", stage.output(config));
+        let output = format!("{}.diff-{stamp}", stage.output(config).unwrap_or_default());
         let dlq = format!("{output}.dlq");
         let topics = [
             (output.clone(), "3600000".to_string()),
@@ -173,7 +194,7 @@ async fn run_chain(
         let done = fresh_rewired(
             config,
             &input,
-            &super::Target::Stage(*stage),
+            &super::Target::Component(stage),
             &group,
             &f,
             rewiring,
@@ -201,7 +222,7 @@ async fn run_chain(
     if stages.is_empty() {
         diff.read = records.len() as u64;
     }
-    let codec = crate::pipeline::reading_codec::<EnrichedEvent>(config)?;
+    let codec = sluice_schemas::setup::reading_codec::<EnrichedEvent>(&config.schemas)?;
     let mut outputs: Outputs = HashMap::new();
     let mut accounted: HashSet<String> = HashSet::new();
     for m in &records {
@@ -257,15 +278,7 @@ async fn read_plan(
     plan: Plan,
 ) -> Result<Vec<OwnedMessage>> {
     blocking(move || {
-        let ranges: Vec<sluice_core::kafka::PartitionRange> = plan
-            .ranges
-            .iter()
-            .map(|r| sluice_core::kafka::PartitionRange {
-                partition: r.partition,
-                start: r.start,
-                end: r.end,
-            })
-            .collect();
+        let ranges: Vec<sluice_core::kafka::PartitionRange> = plan.ranges.clone();
         let mut out = Vec::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
         sluice_core::kafka::read_ranges(
@@ -340,29 +353,14 @@ async fn compare(
     keys.sort();
     keys.dedup();
     let selection = Selection::Events(keys);
-    let pool = sluice_sinks::timescale::pool(&config.timescale)?;
-    let in_db = sluice_sinks::timescale::read::read_stored(
-        &pool,
-        &config.timescale.schema,
-        &selection,
-        true,
-    )
-    .await
-    .context("reading the events table")?;
-    pool.close();
-    let es = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
-    let in_es = sluice_sinks::elasticsearch::read::read_stored(
-        &es,
-        &config.elasticsearch.index_prefix,
-        &selection,
-        true,
-    )
-    .await
-    .context("reading Elasticsearch")?;
-    diff.sinks = vec![
-        sink_diff("timescale", in_db, outputs, dead),
-        sink_diff("elasticsearch", in_es, outputs, dead),
-    ];
+    diff.sinks.clear();
+    for sink in crate::components::event_sinks() {
+        let Some(read) = sink.read_stored else {
+            continue;
+        };
+        let held = read(config.clone(), selection.clone(), true).await?;
+        diff.sinks.push(sink_diff(sink.name, held, outputs, dead));
+    }
     Ok(())
 }
 

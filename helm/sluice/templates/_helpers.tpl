@@ -47,23 +47,12 @@ for consumers the group and topic their lag is measured on.
 {{- if .Values.ingest.enabled -}}
 {{- $list = append $list (dict "name" "ingest" "args" (list "ingest") "values" .Values.ingest "consumer" false) -}}
 {{- end -}}
-{{- if .Values.stages.parse.enabled -}}
-{{- $list = append $list (dict "name" "parse" "args" (list "stage" "parse") "values" .Values.stages.parse "consumer" true "group" $c.parse.group "topic" $t.raw) -}}
+{{- range $name, $v := .Values.components -}}
+{{- if $v.enabled -}}
+{{- $path := splitList "." $v.group -}}
+{{- $group := index $c (index $path 0) (index $path 1) -}}
+{{- $list = append $list (dict "name" $name "args" (list $v.kind $v.name) "values" $v "consumer" true "group" $group "topic" (index $t $v.topic)) -}}
 {{- end -}}
-{{- if .Values.stages.enrich.enabled -}}
-{{- $list = append $list (dict "name" "enrich" "args" (list "stage" "enrich") "values" .Values.stages.enrich "consumer" true "group" $c.enrich.group "topic" $t.parsed) -}}
-{{- end -}}
-{{- if .Values.stages.sessionize.enabled -}}
-{{- $list = append $list (dict "name" "sessionize" "args" (list "stage" "sessionize") "values" .Values.stages.sessionize "consumer" true "group" $c.sessionize.group "topic" $t.enriched) -}}
-{{- end -}}
-{{- if .Values.sinks.timescale.enabled -}}
-{{- $list = append $list (dict "name" "sink-timescale" "args" (list "sink" "timescale") "values" .Values.sinks.timescale "consumer" true "group" $c.timescale.group "topic" $t.enriched) -}}
-{{- end -}}
-{{- if .Values.sinks.elasticsearch.enabled -}}
-{{- $list = append $list (dict "name" "sink-elasticsearch" "args" (list "sink" "elasticsearch") "values" .Values.sinks.elasticsearch "consumer" true "group" $c.elasticsearch.group "topic" $t.enriched) -}}
-{{- end -}}
-{{- if .Values.sinks.sessions.enabled -}}
-{{- $list = append $list (dict "name" "sink-sessions" "args" (list "sink" "sessions") "values" .Values.sinks.sessions "consumer" true "group" $c.timescale.sessions_group "topic" $t.sessions) -}}
 {{- end -}}
 {{- toJson $list -}}
 {{- end -}}

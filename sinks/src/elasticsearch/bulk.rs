@@ -6,11 +6,11 @@
 //! same document, and an older one is refused with a version conflict, which counts as
 //! done (the newer one stays).
 
+use super::config::{ElasticsearchConfig, EsOpType};
 use bytes::Bytes;
 use elasticsearch::{BulkParts, Elasticsearch};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sluice_core::config::{ElasticsearchConfig, EsOpType};
 use sluice_core::failure::Failure;
 use sluice_schemas::EnrichedEvent;
 use std::ops::Range;

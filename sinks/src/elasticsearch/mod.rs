@@ -8,16 +8,17 @@
 //! when the cluster cannot be reached.
 
 pub mod bulk;
+pub mod config;
 pub mod document;
 pub mod read;
 
 use std::time::Duration;
 
+use config::ElasticsearchConfig;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::{IndicesPutIndexTemplateParts, IndicesPutMappingParts};
 use elasticsearch::Elasticsearch;
 use serde_json::json;
-use sluice_core::config::ElasticsearchConfig;
 
 pub use bulk::ElasticsearchWriter;
 pub use document::{doc_id, document, index_name};
@@ -106,4 +107,36 @@ pub async fn put_template(
         return Err(refused("mapping update of existing indices", resp).await);
     }
     Ok(())
+}
+
+/// Run the Elasticsearch sink (enriched → the indices) until `shutdown` (the index
+/// template first).
+pub async fn run(
+    shared: &sluice_core::wiring::Shared,
+    settings: &ElasticsearchConfig,
+    rewiring: &sluice_core::wiring::Rewiring,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<crate::SinkStats, crate::consumer::SinkError> {
+    use crate::consumer::SinkError;
+    let es = client(settings).map_err(|e| SinkError::Setup(format!("elasticsearch.url: {e}")))?;
+    put_template(&es, settings)
+        .await
+        .map_err(|e| SinkError::Setup(format!("elasticsearch index template: {e}")))?;
+    let t = &shared.topics;
+    let mut spec = crate::SinkSpec::new(t, &settings.group, &t.enriched, rewiring);
+    // One bulk request per batch, several in flight.
+    spec.batch_size = settings.bulk_max_docs;
+    spec.linger = Duration::from_millis(settings.linger_ms);
+    spec.write_concurrency = settings.bulk_in_flight;
+    let codec = sluice_schemas::setup::reading_codec(&shared.schemas)
+        .map_err(|e| SinkError::Setup(format!("schemas: {e}")))?;
+    sluice_core::telemetry::process_readiness().set(true);
+    crate::run_sink(
+        &shared.kafka,
+        &spec,
+        ElasticsearchWriter::new(es, settings.clone()),
+        codec,
+        shutdown,
+    )
+    .await
 }

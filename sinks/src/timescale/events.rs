@@ -18,8 +18,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::config::TimescaleConfig;
 use chrono::{DateTime, Utc};
-use sluice_core::config::TimescaleConfig;
 use sluice_core::failure::Failure;
 use sluice_schemas::fields::{FieldKind, FieldValue, ENRICHED_FIELDS};
 use sluice_schemas::EnrichedEvent;

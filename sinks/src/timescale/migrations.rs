@@ -1,7 +1,7 @@
 //! Versioned, idempotent schema migrations, run by the sinks at start-up, and the
 //! TimescaleDB policies the configuration asks for.
 
-use sluice_core::config::{DbMode, TimescaleConfig};
+use super::config::{DbMode, TimescaleConfig};
 
 use super::aggregates::AGGREGATES;
 use super::events::{Layout, COLUMNS};

@@ -7,6 +7,7 @@
 //! `COPY FROM STDIN`.
 
 pub mod aggregates;
+pub mod config;
 pub mod errors;
 pub mod events;
 pub mod migrations;
@@ -15,10 +16,10 @@ pub mod sessions;
 
 use std::str::FromStr;
 
+use config::TimescaleConfig;
 /// The connection pool of the database sinks.
 pub use deadpool_postgres::Pool;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
-use sluice_core::config::TimescaleConfig;
 use tokio_postgres::NoTls;
 
 pub use aggregates::{refresh_aggregates, AGGREGATES};
@@ -60,4 +61,82 @@ pub fn pool(config: &TimescaleConfig) -> Result<Pool, DbError> {
         .max_size(config.pool_size.max(1))
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// A sink into the database (migrations first): `group` reads `topic`, and the writer
+/// `make` builds (from the pool, the settings and whether TimescaleDB is used) writes it.
+async fn run_database_sink<W: crate::BatchWriter + Sync + 'static>(
+    shared: &sluice_core::wiring::Shared,
+    settings: &TimescaleConfig,
+    group: &str,
+    topic: &str,
+    rewiring: &sluice_core::wiring::Rewiring,
+    shutdown: tokio_util::sync::CancellationToken,
+    make: impl FnOnce(Pool, &TimescaleConfig, bool) -> W,
+) -> Result<crate::SinkStats, crate::consumer::SinkError> {
+    use crate::consumer::SinkError;
+    let setup = |what: &str, e: &dyn std::fmt::Display| SinkError::Setup(format!("{what}: {e}"));
+    let pool = pool(settings).map_err(|e| setup("timescale.url", &e))?;
+    let timescale = migrate(&pool, settings)
+        .await
+        .map_err(|e| setup("database migrations", &e))?;
+    tracing::info!(timescale, schema = %settings.schema, "database ready");
+    let mut spec = crate::SinkSpec::new(&shared.topics, group, topic, rewiring);
+    spec.batch_size = settings.batch_size;
+    spec.linger = std::time::Duration::from_millis(settings.linger_ms);
+    // One batch per pooled connection.
+    spec.write_concurrency = settings.pool_size;
+    let codec =
+        sluice_schemas::setup::reading_codec(&shared.schemas).map_err(|e| setup("schemas", &e))?;
+    sluice_core::telemetry::process_readiness().set(true);
+    let stats = crate::run_sink(
+        &shared.kafka,
+        &spec,
+        make(pool.clone(), settings, timescale),
+        codec,
+        shutdown,
+    )
+    .await?;
+    // Release the connection: PGlite serves one session at a time.
+    pool.close();
+    Ok(stats)
+}
+
+/// Run the events sink (enriched → the events table) until `shutdown`.
+pub async fn run_events(
+    shared: &sluice_core::wiring::Shared,
+    settings: &TimescaleConfig,
+    rewiring: &sluice_core::wiring::Rewiring,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<crate::SinkStats, crate::consumer::SinkError> {
+    let replay = rewiring.is_replay();
+    run_database_sink(
+        shared,
+        settings,
+        &settings.group,
+        &shared.topics.enriched,
+        rewiring,
+        shutdown,
+        |pool, c, timescale| EventsWriter::new(pool, c, timescale, replay),
+    )
+    .await
+}
+
+/// Run the sessions sink (sessions → the sessions table) until `shutdown`.
+pub async fn run_sessions(
+    shared: &sluice_core::wiring::Shared,
+    settings: &TimescaleConfig,
+    rewiring: &sluice_core::wiring::Rewiring,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<crate::SinkStats, crate::consumer::SinkError> {
+    run_database_sink(
+        shared,
+        settings,
+        &settings.sessions_group,
+        &shared.topics.sessions,
+        rewiring,
+        shutdown,
+        |pool, c, _| SessionsWriter::new(pool, &c.schema),
+    )
+    .await
 }

@@ -16,8 +16,15 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
-use crate::transform::{Output, Transform};
+pub mod config;
+
+use crate::runtime::run_stage;
+use crate::transform::{Output, StageError, StageSpec, StageStats, Transform};
 use sluice_core::failure::Failure;
+use sluice_core::telemetry;
+use sluice_core::wiring::{Rewiring, Shared};
+use sluice_schemas::setup::writing_codec;
+use tokio_util::sync::CancellationToken;
 
 /// Epoch values below this are seconds (in seconds it is year 5138; in ms, 1973).
 const SECONDS_BELOW: i64 = 100_000_000_000;
@@ -56,7 +63,7 @@ pub enum ParseConfigError {
 
 impl ParseRules {
     /// The rules of the `[parse]` settings.
-    pub fn of(config: &sluice_core::config::ParseConfig) -> Result<Self, ParseConfigError> {
+    pub fn of(config: &config::ParseConfig) -> Result<Self, ParseConfigError> {
         if config.time_fields.is_empty() {
             return Err(ParseConfigError::NoTimeFields);
         }
@@ -180,6 +187,26 @@ impl Parser {
                 .collect::<HashMap<_, _>>(),
         })
     }
+}
+
+/// Run the parse stage (raw → parsed) with `settings` until `shutdown`.
+pub async fn run(
+    shared: &Shared,
+    settings: &config::ParseConfig,
+    rewiring: &Rewiring,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    let t = &shared.topics;
+    let mut spec = StageSpec::new(t, &settings.group, &t.raw, &t.parsed, rewiring);
+    spec.max_in_flight = settings.max_in_flight;
+    spec.exactly_once = settings.exactly_once;
+    spec.transaction_max_records = settings.transaction_max_records;
+    spec.transaction_linger = std::time::Duration::from_millis(settings.transaction_ms);
+    let rules = ParseRules::of(settings).map_err(|e| StageError::Settings(e.to_string()))?;
+    // The registry subject is the usual output's, also when a --diff writes elsewhere.
+    let parser = Parser::new(rules).with_codec(writing_codec(&shared.schemas, &t.parsed).await?);
+    telemetry::process_readiness().set(true);
+    run_stage(&shared.kafka, &spec, Arc::new(parser), shutdown).await
 }
 
 impl Transform for Parser {
@@ -425,7 +452,7 @@ mod tests {
 
     #[test]
     fn time_fields_and_zone_come_from_the_settings() {
-        let mut c = sluice_core::config::ParseConfig {
+        let mut c = config::ParseConfig {
             time_fields: vec!["when".into()],
             timezone: "Europe/Berlin".into(),
             ..Default::default()

@@ -90,6 +90,56 @@ impl TenantDirectory {
     }
 }
 
+/// Load the directory from `url` with `query` once; a failure is logged and recorded
+/// (lookups fail transiently once the last good load is older than the TTL).
+pub async fn load(url: &str, query: &str, directory: &TenantDirectory) {
+    let load = async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let rows = client.query(query, &[]).await?;
+        Ok::<_, tokio_postgres::Error>(
+            rows.iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        Tenant {
+                            name: r.get(1),
+                            plan: r.get(2),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(10), load).await {
+        Ok(Ok(entries)) => directory.loaded(entries),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "tenant directory load failed");
+            directory.failed(e.to_string());
+        }
+        Err(_) => {
+            tracing::warn!("tenant directory load timed out");
+            directory.failed("timed out after 10 s".into());
+        }
+    }
+}
+
+/// Reload the directory every half TTL until `shutdown`.
+pub async fn refresh(
+    url: String,
+    query: String,
+    directory: std::sync::Arc<TenantDirectory>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every = (directory.ttl() / 2).max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => load(&url, &query, &directory).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,16 @@ use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, EnrichedEvent, CLICK_EVENTS, ENRICHED_EVENTS};
 
-use crate::transform::{Output, Transform};
+pub mod config;
+pub mod tenants;
+
+use crate::runtime::run_stage;
+use crate::transform::{Output, StageError, StageSpec, StageStats, Transform};
 use sluice_core::failure::Failure;
+use sluice_core::telemetry;
+use sluice_core::wiring::{Rewiring, Shared};
+use sluice_schemas::setup::{reading_codec, writing_codec};
+use tokio_util::sync::CancellationToken;
 
 /// Why the enrich stage could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +128,7 @@ pub struct Enricher {
     /// costs more than the rest of the enrichment (Logstash's useragent filter caches too).
     ua_cache: std::sync::Mutex<lru::LruCache<String, UserAgent>>,
     ips: IpTable,
-    tenants: Option<std::sync::Arc<crate::tenants::TenantDirectory>>,
+    tenants: Option<std::sync::Arc<tenants::TenantDirectory>>,
     input: Arc<Codec<ClickEvent>>,
     output: Arc<Codec<EnrichedEvent>>,
 }
@@ -150,10 +158,7 @@ impl Enricher {
     }
 
     /// Also look tenants up in `directory` (name and plan).
-    pub fn with_tenants(
-        mut self,
-        directory: std::sync::Arc<crate::tenants::TenantDirectory>,
-    ) -> Self {
+    pub fn with_tenants(mut self, directory: std::sync::Arc<tenants::TenantDirectory>) -> Self {
         self.tenants = Some(directory);
         self
     }
@@ -201,6 +206,45 @@ impl Enricher {
         }
         out
     }
+}
+
+/// Run the enrich stage (parsed → enriched) with `settings` until `shutdown`.
+pub async fn run(
+    shared: &Shared,
+    settings: &config::EnrichConfig,
+    rewiring: &Rewiring,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    let t = &shared.topics;
+    let ips = match &settings.geo_csv {
+        Some(path) => {
+            IpTable::load(path).map_err(|e| StageError::Settings(format!("enrich.geo_csv: {e}")))?
+        }
+        None => IpTable::default(),
+    };
+    let mut spec = StageSpec::new(t, &settings.group, &t.parsed, &t.enriched, rewiring);
+    spec.max_in_flight = settings.max_in_flight;
+    spec.exactly_once = settings.exactly_once;
+    spec.transaction_max_records = settings.transaction_max_records;
+    spec.transaction_linger = std::time::Duration::from_millis(settings.transaction_ms);
+    let mut enricher = Enricher::new(ips).with_codecs(
+        reading_codec(&shared.schemas)?,
+        writing_codec(&shared.schemas, &t.enriched).await?,
+    );
+    if let Some(url) = &settings.tenants_url {
+        let ttl = std::time::Duration::from_secs(settings.tenants_ttl_s.max(1));
+        let directory = Arc::new(tenants::TenantDirectory::new(ttl));
+        tenants::load(url, &settings.tenants_query, &directory).await;
+        tokio::spawn(tenants::refresh(
+            url.clone(),
+            settings.tenants_query.clone(),
+            directory.clone(),
+            shutdown.clone(),
+        ));
+        enricher = enricher.with_tenants(directory);
+    }
+    telemetry::process_readiness().set(true);
+    run_stage(&shared.kafka, &spec, Arc::new(enricher), shutdown).await
 }
 
 impl Transform for Enricher {

@@ -1,0 +1,311 @@
+//! Running a replay: a stage or sink under a fresh group bounded by the plan's end
+//! offsets, a reset of a group to the range's start, or a batch recomputation of sessions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_core::config::KafkaConfig;
+use sluice_core::replay_scope::ReplayScope;
+use sluice_core::wiring::Rewiring;
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{Plan, TIMEOUT};
+use super::{Filters, Mode, Outcome, Target};
+use crate::components::{Config, Kind};
+
+/// The names of the active members of `group`, if any (blocking).
+pub fn active_members(kafka: &KafkaConfig, group: &str) -> Result<Vec<String>> {
+    let consumer: BaseConsumer = kafka.admin_config().create()?;
+    let list = consumer
+        .fetch_group_list(Some(group), TIMEOUT)
+        .with_context(|| format!("describing consumer group {group}"))?;
+    Ok(list
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .flat_map(|g| {
+            g.members()
+                .iter()
+                .map(|m| format!("{} ({})", m.client_id(), m.client_host()))
+        })
+        .collect())
+}
+
+/// Commit `offsets` (partition → offset) of `topic` for `group`, which must have no
+/// active members (blocking).
+pub fn commit_group(
+    kafka: &KafkaConfig,
+    group: &str,
+    topic: &str,
+    offsets: &[(i32, i64)],
+) -> Result<()> {
+    let consumer: BaseConsumer = kafka.consumer_config(group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for &(p, o) in offsets {
+        tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .with_context(|| format!("committing the start offsets of group {group}"))?;
+    Ok(())
+}
+
+pub(crate) fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::block_in_place(f)
+}
+
+/// Run a replay of `plan` into `target`. `stop` interrupts it (Ctrl-C); what was done
+/// is committed and the outcome says how to resume.
+pub async fn run(
+    config: &Config,
+    plan: &Plan,
+    target: &Target,
+    mode: &Mode,
+    filters: &Filters,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    let (group, input) = match target {
+        Target::Copy(to) => return super::copy::copy(&config.kafka, plan, to, filters, stop).await,
+        Target::Component(c) => (c.group(config), c.input(config)),
+    };
+    if let (Target::Component(c), Mode::FreshGroup(name)) = (target, mode) {
+        if c.kind == Kind::Stage && c.name == "sessionize" {
+            // Sessions of a bounded range are recomputed in batch (a streaming run's
+            // commits wait for open sessions, and corrected events arrive out of order).
+            return replay_sessions(config, plan, name, filters, stop).await;
+        }
+    }
+    match mode {
+        Mode::ResetGroup => reset(config, plan, group, input).map(|()| Outcome::default()),
+        Mode::FreshGroup(fresh_group) => {
+            fresh(config, plan, target, fresh_group, filters, stop).await
+        }
+    }
+}
+
+/// Recompute the sessions of the plan's range in batch and emit them to the sessions
+/// topic, where the sessions sink replaces the sessions they overlap.
+async fn replay_sessions(
+    config: &Config,
+    plan: &Plan,
+    name: &str,
+    filters: &Filters,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    let rewiring = Rewiring {
+        input: Some(plan.topic.clone()),
+        ..Rewiring::default()
+    };
+    let spec = sluice_stages::sessionize::SessionizeSpec::of(
+        &config.shared(),
+        &config.sessionize,
+        &rewiring,
+    )
+    .await?;
+    let scope = Arc::new(ReplayScope::new(
+        plan.ends(),
+        filters.tenant.clone(),
+        filters.rate,
+    ));
+    let ranges = plan.ranges.clone();
+    let done =
+        sluice_stages::sessionize::replay_sessions(&config.kafka, &spec, ranges, scope, name, stop)
+            .await
+            .context("sessionize replay")?;
+    let mut notes = Vec::new();
+    if done.at_edges > 0 {
+        notes.push(format!(
+            "{} session(s) within one gap ({} s) of the range's first or last event time were left as they are: they may continue outside the range; widen it to recompute them",
+            done.at_edges, config.sessionize.gap_s
+        ));
+    }
+    if done.undecodable > 0 {
+        notes.push(format!(
+            "{} record(s) did not decode and were left out",
+            done.undecodable
+        ));
+    }
+    if done.interrupted {
+        notes.push(
+            "interrupted before the end of the range: nothing was emitted; run it again".into(),
+        );
+    }
+    Ok(Outcome {
+        read: done.read,
+        skipped: done.skipped,
+        written: done.sessions,
+        dead_lettered: 0,
+        interrupted: done.interrupted,
+        resume: None,
+        notes,
+    })
+}
+
+/// Move the target's own group to the start of the range, refusing while it has members.
+fn reset(config: &Config, plan: &Plan, group: &str, input: &str) -> Result<()> {
+    if input != plan.topic {
+        bail!(
+            "--reset: group {group} consumes `{input}`, not `{}`; drop --reset to replay `{}` under a fresh group",
+            plan.topic,
+            plan.topic
+        );
+    }
+    let kafka = config.kafka.clone();
+    let g = group.to_string();
+    let members = blocking(move || active_members(&kafka, &g))?;
+    if !members.is_empty() {
+        bail!(
+            "--reset: consumer group {group} has {} active member(s): {}. Stop them first, or drop --reset to replay under a fresh group",
+            members.len(),
+            members.join(", ")
+        );
+    }
+    let starts: Vec<(i32, i64)> = plan.ranges.iter().map(|r| (r.partition, r.start)).collect();
+    let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
+    blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
+    println!(
+        "group {group} now starts at the range start on {} partition(s) of {}; its processes reprocess from there to the live end",
+        plan.ranges.len(),
+        plan.topic
+    );
+    Ok(())
+}
+
+pub(crate) fn progress(total: i64) -> ProgressBar {
+    let bar = ProgressBar::new(total.max(0) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  ETA {eta}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Run the target stage or sink here under a fresh group until its commits reach the
+/// plan's end offsets.
+async fn fresh(
+    config: &Config,
+    plan: &Plan,
+    target: &Target,
+    group: &str,
+    filters: &Filters,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    fresh_rewired(
+        config,
+        plan,
+        target,
+        group,
+        filters,
+        Rewiring::default(),
+        stop,
+    )
+    .await
+}
+
+/// [`fresh`], with a stage's outputs and dead letters sent where `outputs` says.
+pub(crate) async fn fresh_rewired(
+    config: &Config,
+    plan: &Plan,
+    target: &Target,
+    group: &str,
+    filters: &Filters,
+    outputs: Rewiring,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    let kafka = config.kafka.clone();
+    let g = group.to_string();
+    let members = blocking(move || active_members(&kafka, &g))?;
+    if !members.is_empty() {
+        bail!("--group: consumer group {group} has active members; choose another name");
+    }
+    // Start where the range starts; partitions outside it start (and stay) at their end.
+    let (kafka, topic) = (config.kafka.clone(), plan.topic.clone());
+    let ranged: HashMap<i32, i64> = plan.ranges.iter().map(|r| (r.partition, r.start)).collect();
+    let total = plan.partitions_total as i32;
+    let starts: Vec<(i32, i64)> = blocking(move || {
+        let ends = sluice_core::kafka::end_offsets(&kafka, &topic)?;
+        Ok((0..total)
+            .map(|p| {
+                let end = ends.iter().find(|(q, _)| *q == p).map_or(0, |(_, e)| *e);
+                (p, ranged.get(&p).copied().unwrap_or(end))
+            })
+            .collect())
+    })?;
+    let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
+    blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
+
+    let scope = Arc::new(ReplayScope::new(
+        plan.ends(),
+        filters.tenant.clone(),
+        filters.rate,
+    ));
+    let rewiring = Rewiring {
+        group: Some(group.to_string()),
+        input: Some(plan.topic.clone()),
+        scope: Some(scope.clone()),
+        ..outputs
+    };
+    let runner = CancellationToken::new();
+    let (cfg, r, token) = (config.clone(), rewiring, runner.clone());
+    let target = target.clone();
+    let task = tokio::spawn(async move {
+        match target {
+            Target::Component(c) => c.run_rewired(&cfg, r, token).await,
+            Target::Copy(to) => anyhow::bail!("copying to {to} runs no stage or sink"),
+        }
+    });
+    let bar = progress(plan.records());
+    let mut interrupted = false;
+    let mut committed: HashMap<i32, i64> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => { interrupted = true; break; }
+            _ = tick.tick() => {}
+        }
+        bar.set_position(scope.admitted() + scope.skipped());
+        if task.is_finished() {
+            break;
+        }
+        committed = group_positions(config, group, &plan.topic)?;
+        if plan
+            .ranges
+            .iter()
+            .all(|r| committed.get(&r.partition).is_some_and(|c| *c >= r.end))
+        {
+            break;
+        }
+    }
+    runner.cancel();
+    let done = task.await.context("replay task")??;
+    let (read, written, dead_lettered, notes) =
+        (done.consumed, done.written, done.dead_lettered, done.notes);
+    bar.finish_and_clear();
+    if interrupted {
+        committed = group_positions(config, group, &plan.topic)?;
+    }
+    let resume = plan.resume_offsets(&committed);
+    Ok(Outcome {
+        read,
+        skipped: scope.skipped(),
+        written,
+        dead_lettered,
+        interrupted,
+        resume: (interrupted && !resume.is_empty()).then_some(resume),
+        notes,
+    })
+}
+
+/// The offsets `group` committed on `topic`, by partition.
+fn group_positions(config: &Config, group: &str, topic: &str) -> Result<HashMap<i32, i64>> {
+    let (kafka, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
+    let committed = blocking(move || Ok(sluice_core::kafka::committed_offsets(&kafka, &g, &t)?))?;
+    Ok(committed.into_iter().collect())
+}

@@ -1,0 +1,52 @@
+//! Settings of the HTTP ingest endpoint (`[ingest]`).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One tenant's API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The tenant this key writes as.
+    pub tenant: String,
+    /// The bearer token.
+    pub key: String,
+}
+
+/// The HTTP ingest endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most lines accepted in one NDJSON request.
+    pub max_lines: usize,
+    /// How long to wait for the broker to acknowledge a request's records.
+    pub ack_timeout_ms: u64,
+    /// Fields of an event, tried in order, whose value keys its record.
+    pub partition_key_fields: Vec<String>,
+    /// Accepted API keys.
+    pub api_keys: Vec<ApiKey>,
+    /// Per-tenant sustained rate, in events per second; none means unlimited.
+    pub rate_limit_per_sec: Option<u32>,
+    /// Per-tenant burst, in events (the token bucket's size); defaults to one second's rate.
+    pub rate_limit_burst: Option<u32>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_lines: 10_000,
+            ack_timeout_ms: 10_000,
+            partition_key_fields: vec!["user_id".into(), "session_id".into()],
+            api_keys: Vec::new(),
+            rate_limit_per_sec: None,
+            rate_limit_burst: None,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The HTTP side of ingest: the routes, the request handler, and every rejection as a
+//! status with a JSON reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rdkafka::producer::Producer;
+use serde::Serialize;
+
+use crate::Ingest;
+
+/// A request rejected before or while writing it, with its HTTP status and JSON reason.
+#[derive(Debug)]
+pub struct Rejection {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+    retry_after_s: Option<u64>,
+}
+
+impl Rejection {
+    pub(crate) fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            error,
+            reason: reason.into(),
+            retry_after_s: None,
+        }
+    }
+
+    pub(crate) fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    reason: &'a str,
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        metrics::counter!("sluice_ingest_requests_total", "status" => self.status.as_u16().to_string())
+            .increment(1);
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.error,
+                reason: &self.reason,
+            }),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    /// Records written.
+    pub accepted: usize,
+    /// Id of this request, also in every record's headers.
+    pub ingest_id: String,
+}
+
+pub(crate) fn broker_unavailable(why: &str) -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        format!("events not stored: {why}; retry later"),
+    )
+    .retry_after(5)
+}
+
+/// Content types accepted by `POST /v1/events`.
+const ACCEPTED_TYPES: &[&str] = &[
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+];
+
+pub(crate) async fn post_events(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Accepted>), Rejection> {
+    let tenant = ingest.keys.tenant_of(&headers)?.to_string();
+    if let Some(claimed) = headers.get("x-tenant").and_then(|v| v.to_str().ok()) {
+        if claimed != tenant {
+            return Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                "wrong_tenant",
+                format!("this API key writes as tenant {tenant}, not {claimed}"),
+            ));
+        }
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    if !ACCEPTED_TYPES.contains(&content_type.as_str()) {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            format!(
+                "content type `{content_type}`; send one of {}",
+                ACCEPTED_TYPES.join(", ")
+            ),
+        ));
+    }
+    let limit = ingest.config.max_body_bytes;
+    let too_large = || {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("body over {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            too_large()
+        } else {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("cannot read the body: {e}"),
+            )
+        }
+    })?;
+    let source = headers
+        .get("x-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http")
+        .to_string();
+    let accepted = ingest.write(&tenant, &source, &content_type, &body).await?;
+    metrics::counter!("sluice_ingest_requests_total", "status" => "202").increment(1);
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+pub(crate) async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
+    let producer = ingest.producer();
+    let topic = ingest.topic.clone();
+    let check = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .map(|_| ())
+    })
+    .await;
+    match check {
+        Ok(Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Ok(Err(e)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+            .into_response(),
+        Err(e) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
+            .into_response(),
+    }
+}
+
+pub(crate) async fn render_metrics(State(ingest): State<Arc<Ingest>>) -> Response {
+    match &ingest.metrics {
+        Some(h) => h.render().into_response(),
+        None => {
+            Rejection::new(StatusCode::NOT_FOUND, "no_metrics", "metrics are off").into_response()
+        }
+    }
+}

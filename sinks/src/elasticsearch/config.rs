@@ -1,0 +1,55 @@
+//! Settings of the Elasticsearch sink (`[elasticsearch]`).
+
+use serde::{Deserialize, Serialize};
+
+/// The Elasticsearch sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ElasticsearchConfig {
+    /// Base URL of the cluster.
+    pub url: String,
+    /// Indices are named `<index_prefix>-<tenant>-YYYY.MM.DD` from the event time.
+    pub index_prefix: String,
+    /// Consumer group.
+    pub group: String,
+    /// A request slower than this fails and is retried, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Most documents in one `_bulk` request.
+    pub bulk_max_docs: usize,
+    /// Most bytes in one `_bulk` request.
+    pub bulk_max_bytes: usize,
+    /// Longest wait for a bulk request to fill, in milliseconds.
+    pub linger_ms: u64,
+    /// Bulk requests in flight at once.
+    pub bulk_in_flight: usize,
+    /// `index` (versioned by the processing stamp: the newest processing of an event
+    /// wins) or `create` (an existing document is refused with 409, which counts as
+    /// success: the first write wins, and a replay corrects nothing).
+    pub op_type: EsOpType,
+}
+
+/// How Elasticsearch bulk items are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EsOpType {
+    /// Overwrite with a version at least as new.
+    Index,
+    /// Create only; an existing `_id` answers 409.
+    Create,
+}
+
+impl Default for ElasticsearchConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:9200".into(),
+            index_prefix: "sluice-events".into(),
+            group: "sluice-sink-elasticsearch".into(),
+            request_timeout_ms: 30_000,
+            bulk_max_docs: 1_000,
+            bulk_max_bytes: 5 * 1024 * 1024,
+            linger_ms: 200,
+            bulk_in_flight: 2,
+            op_type: EsOpType::Index,
+        }
+    }
+}

@@ -1,4 +1,18 @@
-//! Shared pieces of the benchmarks: timing and the ratio report.
+//! Shared pieces of the benchmarks: timing, paired rounds and their ratio, and the bare
+//! baselines (a consume→produce pass-through, a bare producer, `psql \copy`, `curl
+//! _bulk`) that the measured parts are compared with in the same run.
+//!
+//! The machines are noisy (two cores shared with the servers, whose periodic saves take
+//! a core while they hold a lot), so every comparison is made of rounds in which the
+//! baseline and the measured pass run back to back; the median of the per-round ratios is
+//! reported with its spread, and each pass deletes what it created.
+
+#![allow(clippy::unwrap_used)] // benchmarks: a failed step stops the run with its message
+
+pub mod baselines;
+pub mod lag;
+pub mod latency;
+pub mod procstat;
 
 use std::time::{Duration, Instant};
 
@@ -14,30 +28,117 @@ pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) 
     (out, start.elapsed())
 }
 
-/// Print a benchmark's result as a ratio against its baseline, and say whether it meets
-/// `goal`. Returns the ratio.
-pub fn report(name: &str, baseline_name: &str, baseline: f64, measured: f64, goal: f64) -> f64 {
-    let ratio = measured / baseline.max(1e-9);
-    println!("{baseline_name:<40} {baseline:>12.0} events/s");
-    println!("{name:<40} {measured:>12.0} events/s");
-    println!(
-        "ratio {name} / {baseline_name} = {ratio:.2} (goal >= {goal:.2}: {})",
-        if ratio >= goal { "met" } else { "NOT met" }
-    );
-    ratio
-}
-
 /// The median of `values` (sorts them).
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Of paired rounds `(baseline, measured)`, the one whose ratio is the median: pairs
-/// measured side by side are compared, so a round where the whole machine was slow
-/// does not mix with another where it was fast.
-pub fn median_round(rounds: &[(f64, f64)]) -> (f64, f64) {
-    let mut sorted = rounds.to_vec();
-    sorted.sort_by(|a, b| (a.1 / a.0.max(1e-9)).total_cmp(&(b.1 / b.0.max(1e-9))));
-    sorted.get(sorted.len() / 2).copied().unwrap_or((0.0, 0.0))
+/// Write a benchmark's results as pretty JSON to `path`.
+pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+/// Paired rounds of one comparison: a baseline and a measured rate per round.
+#[derive(Debug, Clone, Default)]
+pub struct Rounds {
+    /// What is measured.
+    pub name: String,
+    /// What it is compared with.
+    pub baseline_name: String,
+    /// (baseline, measured) rates, per round.
+    pub pairs: Vec<(f64, f64)>,
+}
+
+/// What [`Rounds`] amount to.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Verdict {
+    /// The median of the per-round ratios.
+    pub ratio: f64,
+    /// The lowest per-round ratio.
+    pub min: f64,
+    /// The highest per-round ratio.
+    pub max: f64,
+    /// The baseline's median rate.
+    pub baseline: f64,
+    /// The measured median rate.
+    pub measured: f64,
+    /// The goal.
+    pub goal: f64,
+    /// Whether the median ratio meets it.
+    pub met: bool,
+}
+
+impl Rounds {
+    /// A comparison of `name` with `baseline_name`.
+    pub fn new(name: &str, baseline_name: &str) -> Self {
+        Self {
+            name: name.into(),
+            baseline_name: baseline_name.into(),
+            pairs: Vec::new(),
+        }
+    }
+
+    /// Add one round.
+    pub fn push(&mut self, baseline: f64, measured: f64) {
+        self.pairs.push((baseline, measured));
+    }
+
+    /// The median ratio and its spread against `goal`.
+    pub fn verdict(&self, goal: f64) -> Verdict {
+        let mut ratios: Vec<f64> = self.pairs.iter().map(|(b, m)| m / b.max(1e-9)).collect();
+        let mut baselines: Vec<f64> = self.pairs.iter().map(|p| p.0).collect();
+        let mut measured: Vec<f64> = self.pairs.iter().map(|p| p.1).collect();
+        let ratio = median(&mut ratios);
+        Verdict {
+            ratio,
+            min: ratios.first().copied().unwrap_or(0.0),
+            max: ratios.last().copied().unwrap_or(0.0),
+            baseline: median(&mut baselines),
+            measured: median(&mut measured),
+            goal,
+            met: ratio >= goal,
+        }
+    }
+
+    /// Print the verdict (median ratio, spread, rates, goal) and return it.
+    pub fn report(&self, goal: f64) -> Verdict {
+        let v = self.verdict(goal);
+        println!(
+            "{:<34} {:>9.0}/s   {:<30} {:>9.0}/s   ratio {:.2} (rounds {:.2}..{:.2}, n={})   goal >= {:.2}: {}",
+            self.name,
+            v.measured,
+            self.baseline_name,
+            v.baseline,
+            v.ratio,
+            v.min,
+            v.max,
+            self.pairs.len(),
+            goal,
+            if v.met { "met" } else { "NOT met" }
+        );
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_ratio_and_its_spread() {
+        let mut r = Rounds::new("m", "b");
+        for (b, m) in [(100.0, 80.0), (100.0, 60.0), (50.0, 45.0)] {
+            r.push(b, m);
+        }
+        let v = r.verdict(0.7);
+        assert!((v.ratio - 0.8).abs() < 1e-9, "{v:?}");
+        assert!(
+            (v.min - 0.6).abs() < 1e-9 && (v.max - 0.9).abs() < 1e-9,
+            "{v:?}"
+        );
+        assert!(v.met);
+    }
 }

@@ -65,7 +65,17 @@ impl ConsumerContext for MeteredConsumer {
         if let Ok(mut started) = self.rebalance_started.lock() {
             started.get_or_insert_with(Instant::now);
         }
-        tracing::info!(group = %self.group, ?rebalance, "rebalance");
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(group = %self.group, partitions = %describe(tpl), "partitions revoked")
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "rebalance failed")
+            }
+        }
         if let (Rebalance::Revoke(revoked), Some(hook)) = (rebalance, &self.on_revoke) {
             hook(consumer, revoked);
         }
@@ -85,5 +95,37 @@ impl ConsumerContext for MeteredConsumer {
                     .record(t.elapsed().as_secs_f64());
             }
         }
+    }
+}
+
+/// Partitions as an operator reads them: `topic[0,1,2]`, topics separated by spaces.
+pub fn describe(tpl: &rdkafka::TopicPartitionList) -> String {
+    let mut by_topic: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
+    for e in tpl.elements() {
+        by_topic
+            .entry(e.topic().to_string())
+            .or_default()
+            .push(e.partition());
+    }
+    by_topic
+        .into_iter()
+        .map(|(t, mut ps)| {
+            ps.sort_unstable();
+            let ps: Vec<String> = ps.iter().map(i32::to_string).collect();
+            format!("{t}[{}]", ps.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn partitions_read_as_topic_and_numbers() {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (t, p) in [("raw", 2), ("raw", 0), ("parsed", 1)] {
+            tpl.add_partition(t, p);
+        }
+        assert_eq!(super::describe(&tpl), "parsed[1] raw[0,2]");
     }
 }

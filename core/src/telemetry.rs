@@ -11,6 +11,13 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+/// Buckets of the end-to-end latency: finer where a healthy pipeline's latencies lie
+/// (tens of milliseconds to a few seconds), so that its p50, p99 and p99.9 are read
+/// from a bucket a few tens of percent wide at most.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0,
+    1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// Buckets of every `*_records` histogram (batch sizes).
 const RECORDS_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
@@ -28,15 +35,25 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// The Prometheus recorder with Sluice's histogram buckets.
+fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, BuildError> {
+    // Histograms, not summaries, so they aggregate across replicas in Prometheus.
+    Ok(PrometheusBuilder::new()
+        // A full name takes precedence over the suffix below.
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_end_to_end_latency_seconds".into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_records".into()), RECORDS_BUCKETS)?
+        .build_recorder())
+}
+
 /// Install the global Prometheus recorder and keep its histograms drained. Returns a
 /// handle that renders the metrics (for [`serve_ops`] or a route of the process's own).
 /// Call from within a Tokio runtime.
 pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
-    // Histograms, not summaries, so they aggregate across replicas in Prometheus.
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Suffix("_records".into()), RECORDS_BUCKETS)?
-        .build_recorder();
+    let recorder = recorder()?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     let upkeep = handle.clone();
@@ -104,4 +121,26 @@ pub async fn serve_ops(
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn end_to_end_latency_has_its_finer_buckets() {
+        let recorder = super::recorder().unwrap();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("sluice_end_to_end_latency_seconds", "sink" => "s").record(0.07);
+            metrics::histogram!("sluice_sink_write_duration_seconds", "sink" => "s").record(0.07);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("sluice_end_to_end_latency_seconds_bucket{sink=\"s\",le=\"0.075\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("sluice_sink_write_duration_seconds_bucket{sink=\"s\",le=\"0.075\"}"),
+            "other durations keep the general buckets: {text}"
+        );
+    }
 }

@@ -1,19 +1,26 @@
 //! Which offsets of each partition may be committed: only those below the first record
 //! still in flight, so a crash never skips a record whose outputs were not yet acked.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::VecDeque;
 
 /// In-flight and completed offsets of the partitions a stage consumes.
+///
+/// Called for every record from the stage loop and the producer's delivery thread, so
+/// it is cheap: topics are few (one per stage) and found by comparing names,
+/// partitions are indexed by number, and each partition keeps its records in offset
+/// order in a deque (records begin in offset order and mostly complete in it too).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    /// By topic, then partition: looked up by `&str`, so the per-record calls allocate
-    /// nothing.
-    topics: HashMap<String, HashMap<i32, PartitionOffsets>>,
+    topics: Vec<(String, Vec<PartitionOffsets>)>,
 }
 
 #[derive(Debug, Default)]
 struct PartitionOffsets {
-    in_flight: BTreeSet<i64>,
+    /// Records begun and not yet passed by the committable position, in offset order,
+    /// with whether each is done.
+    records: VecDeque<(i64, bool)>,
+    /// Records begun and not done.
+    open: usize,
     /// Highest offset started so far.
     highest: Option<i64>,
     /// Last offset reported as committable (before any: the one below the first begun).
@@ -21,28 +28,62 @@ struct PartitionOffsets {
 }
 
 impl OffsetTracker {
+    fn partition(&self, topic: &str, partition: i32) -> Option<&PartitionOffsets> {
+        let (_, parts) = self.topics.iter().find(|(t, _)| t == topic)?;
+        parts.get(usize::try_from(partition).ok()?)
+    }
+
+    fn partition_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionOffsets> {
+        let (_, parts) = self.topics.iter_mut().find(|(t, _)| t == topic)?;
+        parts.get_mut(usize::try_from(partition).ok()?)
+    }
+
     /// A record started processing.
     pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
-        if !self.topics.contains_key(topic) {
-            self.topics.insert(topic.to_string(), HashMap::new());
-        }
-        let Some(partitions) = self.topics.get_mut(topic) else {
+        let Ok(index) = usize::try_from(partition) else {
             return;
         };
-        let p = partitions.entry(partition).or_default();
+        if !self.topics.iter().any(|(t, _)| t == topic) {
+            self.topics.push((topic.to_string(), Vec::new()));
+        }
+        let Some((_, parts)) = self.topics.iter_mut().find(|(t, _)| t == topic) else {
+            return;
+        };
+        if parts.len() <= index {
+            parts.resize_with(index + 1, PartitionOffsets::default);
+        }
+        let p = &mut parts[index];
         // Nothing below the first record seen here is ours to commit.
         p.reported.get_or_insert(offset - 1);
-        p.in_flight.insert(offset);
+        match p.records.back() {
+            Some(&(last, _)) if last >= offset => {
+                // Out of order (not seen in practice): keep the deque sorted.
+                let at = p.records.partition_point(|&(o, _)| o < offset);
+                if p.records.get(at).is_some_and(|&(o, _)| o == offset) {
+                    return;
+                }
+                p.records.insert(at, (offset, false));
+            }
+            _ => p.records.push_back((offset, false)),
+        }
+        p.open += 1;
         p.highest = Some(p.highest.map_or(offset, |h| h.max(offset)));
     }
 
     /// A record's outputs are all acked. Returns the offset of the last record of this
     /// partition that can now be committed, when that moved forward.
     pub fn complete(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
-        let p = self.topics.get_mut(topic)?.get_mut(&partition)?;
-        p.in_flight.remove(&offset);
-        let done_through = match p.in_flight.first() {
-            Some(first) => first - 1,
+        let p = self.partition_mut(topic, partition)?;
+        let at = p.records.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        if std::mem::replace(&mut p.records[at].1, true) {
+            return None;
+        }
+        p.open -= 1;
+        while p.records.front().is_some_and(|&(_, done)| done) {
+            p.records.pop_front();
+        }
+        let done_through = match p.records.front() {
+            Some(&(first, _)) => first - 1,
             None => p.highest?,
         };
         if p.reported.is_some_and(|r| r >= done_through) || done_through < 0 {
@@ -55,30 +96,28 @@ impl OffsetTracker {
     /// Records still in flight, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.topics
-            .values()
-            .flat_map(HashMap::values)
-            .map(|p| p.in_flight.len())
+            .iter()
+            .flat_map(|(_, parts)| parts.iter())
+            .map(|p| p.open)
             .sum()
     }
 
     /// Records of one partition still in flight.
     pub fn in_flight_of(&self, topic: &str, partition: i32) -> usize {
-        self.topics
-            .get(topic)
-            .and_then(|t| t.get(&partition))
-            .map_or(0, |p| p.in_flight.len())
+        self.partition(topic, partition).map_or(0, |p| p.open)
     }
 
     /// The last offset of a partition reported as committable, if any.
     pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
-        let p = self.topics.get(topic)?.get(&partition)?;
-        p.reported.filter(|r| *r >= 0)
+        self.partition(topic, partition)?
+            .reported
+            .filter(|r| *r >= 0)
     }
 
     /// Forget a partition (after it was revoked).
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        if let Some(t) = self.topics.get_mut(topic) {
-            t.remove(&partition);
+        if let Some(p) = self.partition_mut(topic, partition) {
+            *p = PartitionOffsets::default();
         }
     }
 }
@@ -111,5 +150,20 @@ mod tests {
         t.forget("t", 0);
         assert_eq!(t.in_flight(), 0);
         assert_eq!(t.complete("t", 0, 0), None, "forgotten partition");
+    }
+
+    #[test]
+    fn out_of_order_begins_and_repeated_completions() {
+        let mut t = OffsetTracker::default();
+        t.begin("t", 2, 7);
+        t.begin("t", 2, 5);
+        t.begin("t", 2, 5);
+        assert_eq!(t.in_flight_of("t", 2), 2, "a repeated begin counts once");
+        assert_eq!(t.complete("t", 2, 7), None, "5 still in flight");
+        assert_eq!(t.complete("t", 2, 7), None, "already done");
+        assert_eq!(t.complete("t", 2, 5), Some(7));
+        assert_eq!(t.committable("t", 2), Some(7));
+        assert_eq!(t.complete("t", 2, 9), None, "never begun");
+        assert_eq!(t.complete("other", 2, 7), None, "unknown topic");
     }
 }

@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use futures::stream::{self, StreamExt};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sluice_bench::{median, rate, report, timed};
+use sluice_bench::baselines::drop_topics;
+use sluice_bench::{rate, timed, write_json, Rounds};
 use sluice_core::kafka;
 use sluice_ingest::config::ApiKey;
 use sluice_ingest::{Ingest, RawHeaders};
@@ -30,9 +31,12 @@ struct Args {
     /// HTTP requests in flight.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Alternating rounds of both passes.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds of both passes (the default keeps a rerun's ratio within about ±0.05).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -169,30 +173,36 @@ async fn run(args: Args) -> Result<()> {
     let bodies: Vec<String> = lines.chunks(args.batch).map(|c| c.join("\n")).collect();
     let client = reqwest::Client::new();
 
-    let (mut bare_rates, mut http_rates) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds.max(1) {
+    let mut rounds = Rounds::new("sluice ingest (HTTP, 1 core)", "bare rdkafka producer");
+    for round in 1..=args.rounds.max(1) {
         let (r, t) = timed(bare_pass(&producer, &base_topic, &lines)).await;
         r?;
-        bare_rates.push(rate(args.events, t));
+        let bare = rate(args.events, t);
         let (r, t) = timed(http_pass(&client, &url, &bodies, args.concurrency)).await;
         r?;
-        http_rates.push(rate(args.events, t));
+        let http = rate(args.events, t);
+        println!(
+            "round {round}: bare producer {bare:.0}/s, ingest {http:.0}/s ({:.2})",
+            http / bare
+        );
+        rounds.push(bare, http);
     }
     stop.cancel();
     server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    drop_topics(&config, &[&base_topic, &http_topic]).await;
 
     println!(
         "ingest benchmark: {} events x {} rounds, NDJSON batches of {}, {} requests in flight",
         args.events, args.rounds, args.batch, args.concurrency
     );
-    report(
-        "sluice ingest (HTTP, 1 core)",
-        "bare rdkafka producer",
-        median(&mut bare_rates),
-        median(&mut http_rates),
-        0.7,
-    );
+    let verdict = rounds.report(0.7);
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &serde_json::json!({"bench": "ingest", "events": args.events, "ingest_vs_producer": verdict}),
+        )?;
+    }
     Ok(())
 }

@@ -1,34 +1,33 @@
 //! Stage throughput: each stage (parse at-least-once and exactly-once, enrich) against a
-//! bare rdkafka consume→produce pass-through of the same input records (no transform) in
-//! the same run, on the same broker. Every pass starts a fresh consumer group and ends
-//! when a `read_committed` reader has seen all its outputs. Passes alternate for a few
-//! rounds and their medians are compared.
+//! bare rdkafka consume→produce pass-through of the same input records (no transform),
+//! on the same broker. Every pass starts a fresh consumer group and ends when a
+//! `read_committed` reader has seen all its outputs; its topics are deleted after it.
+//! A round runs every pass once, back to back; the median of the per-round ratios is
+//! reported with the lowest and highest.
 //!
 //! Run with the stack up: `cargo run --release -p sluice-bench --bin stages`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer, ThreadedProducer,
-};
-
 use sluice::Config;
-use sluice_bench::{median, rate, report};
+use sluice_bench::baselines::{drop_namespace, drop_topics, finished, pass_through, produce_raw};
+use sluice_bench::{rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
 
 /// Stages benchmark.
 #[derive(Debug, Parser)]
 struct Args {
     /// Raw records per pass.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 200_000)]
     events: usize,
-    /// Alternating rounds of every pass.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds of every pass (the default keeps a rerun's ratios within about ±0.05).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -53,120 +52,61 @@ async fn namespace(tag: &str, raw: Option<&str>) -> Result<Config> {
     Ok(config)
 }
 
-async fn produce_raw(config: &Config, n: usize) -> Result<()> {
-    let producer: FutureProducer = config.kafka.producer_config().create()?;
-    let received = sluice_core::now_ms().to_string();
-    let mut acks = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = format!("ev-{i}");
-        let line = format!(
-            r#"{{"user_id":"u{}","type":"page_view","ts":{},"url":"/p/{}","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","ip":"10.1.2.{}"}}"#,
-            i % 5000,
-            1_795_428_000_000u64 + i as u64,
-            i % 40,
-            i % 250
-        );
-        let h = sluice_tests::raw_headers("acme", &id, &received);
-        loop {
-            let rec = FutureRecord::to(&config.topics.raw)
-                .key(&id)
-                .payload(&line)
-                .headers(h.clone());
-            match producer.send_result(rec) {
-                Ok(d) => {
-                    acks.push(d);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-            }
-        }
-    }
-    for a in acks {
-        a.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
-}
-
-/// The baseline: consume `input` in a fresh group and produce every record unchanged to
-/// `output`; done when a reader has seen all `n` there.
-async fn pass_through(config: &Config, input: &str, output: &str, n: usize) -> Result<Duration> {
-    let started = Instant::now();
-    let (c, i, o) = (config.clone(), input.to_string(), output.to_string());
-    let copy = tokio::spawn(async move { copy(&c, &i, &o, n).await });
-    count_until(config, output, n).await?;
-    let elapsed = started.elapsed();
-    copy.await??;
-    Ok(elapsed)
-}
-
-async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()> {
-    let consumer: StreamConsumer = config
-        .kafka
-        .consumer_config(&sluice_tests::unique("b-copy-"))
-        .create()?;
-    consumer.subscribe(&[input])?;
-    // The leanest produce path: no per-record delivery future; one flush at the end.
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        config.kafka.producer_config().create()?;
-    for _ in 0..n {
-        let m = consumer.recv().await?;
-        let mut rec = BaseRecord::to(output).payload(m.payload().unwrap_or_default());
-        if let Some(k) = m.key() {
-            rec = rec.key(k);
-        }
-        if let Some(h) = m.headers() {
-            rec = rec.headers(h.detach());
-        }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-    }
-    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(60)))?;
-    Ok(())
-}
-
-/// One stage in a fresh group until every output reached `output`.
-async fn run_stage(config: &Config, name: &str, output: &str, n: usize) -> Result<Duration> {
-    let name = sluice_tests::stage(name);
-    let started = Instant::now();
+/// One stage in a fresh group until every output reached `output`; its time as
+/// [`finished`] measures it.
+async fn run_stage(
+    config: &Config,
+    name: &str,
+    output: &str,
+    n: usize,
+    exactly_once: bool,
+) -> Result<Duration> {
+    let component = sluice_tests::stage(name);
     let stop = CancellationToken::new();
     let (c, s) = (config.clone(), stop.clone());
-    let tasks = vec![tokio::spawn(async move { name.run(&c, s).await })];
-    // Done when a read_committed reader has seen every output (a transaction's records
-    // count only once committed).
-    count_until(config, output, n).await?;
-    let elapsed = started.elapsed();
+    let task = tokio::spawn(async move { component.run(&c, s).await });
+    let committed = exactly_once.then(|| ((component.group)(config), component.input(config)));
+    let elapsed = finished(config, output, n, committed).await?;
     stop.cancel();
-    for t in tasks {
-        t.await.context("stage task")??;
-    }
+    task.await.context("stage task")??;
     Ok(elapsed)
 }
 
-/// Read `topic` from the beginning, `read_committed`, until `n` records were seen.
-async fn count_until(config: &Config, topic: &str, n: usize) -> Result<()> {
-    let mut c = config
-        .kafka
-        .consumer_config(&sluice_tests::unique("b-reader-"));
-    c.set("isolation.level", "read_committed");
-    let reader: StreamConsumer = c.create()?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..config.topics.partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
-    }
-    reader.assign(&tpl)?;
-    let mut seen = 0;
-    while seen < n {
-        reader.recv().await?;
-        seen += 1;
-    }
-    Ok(())
+/// What a pass reads: the raw records, or the parsed ones.
+#[derive(Clone, Copy)]
+enum Reads<'a> {
+    Raw(&'a str),
+    Parsed(&'a str),
+}
+
+/// A stage pass (or the pass-through when `stage` is `None`) from the shared input to a
+/// fresh namespace's next topic; its rate. The namespace's topics are deleted after it,
+/// the shared input kept.
+async fn pass(
+    tag: &str,
+    stage: Option<&str>,
+    reads: Reads<'_>,
+    exactly_once: bool,
+    n: usize,
+) -> Result<f64> {
+    let (mut c, input) = match reads {
+        Reads::Raw(raw) => (namespace(tag, Some(raw)).await?, raw),
+        Reads::Parsed(parsed) => (namespace(tag, None).await?, parsed),
+    };
+    let output = match reads {
+        Reads::Raw(_) => c.topics.parsed.clone(),
+        Reads::Parsed(parsed) => {
+            c.topics.parsed = parsed.to_string();
+            c.topics.enriched.clone()
+        }
+    };
+    c.parse.exactly_once = exactly_once;
+    let elapsed = match stage {
+        Some(s) => run_stage(&c, s, &output, n, exactly_once).await?,
+        None => pass_through(&c, input, &output, n).await?,
+    };
+    drop_namespace(&c, &[input]).await;
+    Ok(rate(n, elapsed))
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -176,59 +116,63 @@ async fn run(args: Args) -> Result<()> {
     produce_raw(&source, n)
         .await
         .context("producing the raw records")?;
-    println!("{n} raw records on {raw}");
     // The parsed records enrich reads: the output of one parse pass, complete.
     let parsed_src = namespace("b-parsed-", Some(&raw)).await?;
-    run_stage(&parsed_src, "parse", &parsed_src.topics.parsed, n).await?;
+    run_stage(&parsed_src, "parse", &parsed_src.topics.parsed, n, false).await?;
     let parsed = parsed_src.topics.parsed.clone();
-    let mut r: [Vec<f64>; 5] = Default::default();
-    for round in 0..args.rounds {
-        let c = namespace("b-pt-", Some(&raw)).await?;
-        r[0].push(rate(n, pass_through(&c, &raw, &c.topics.parsed, n).await?));
-        let c = namespace("b-parse-", Some(&raw)).await?;
-        r[1].push(rate(n, run_stage(&c, "parse", &c.topics.parsed, n).await?));
-        let mut c = namespace("b-eos-", Some(&raw)).await?;
-        c.parse.exactly_once = true;
-        r[2].push(rate(n, run_stage(&c, "parse", &c.topics.parsed, n).await?));
-        let mut c = namespace("b-pt2-", None).await?;
-        c.topics.parsed = parsed.clone();
-        r[3].push(rate(
+    println!(
+        "{n} raw records on {raw}, parsed on {parsed}; {} rounds",
+        args.rounds
+    );
+
+    let mut alo = Rounds::new("parse (at-least-once)", "pass-through of raw");
+    let mut eos = Rounds::new("parse (exactly-once)", "pass-through of raw");
+    let mut enrich = Rounds::new("enrich (at-least-once)", "pass-through of parsed");
+    for round in 1..=args.rounds.max(1) {
+        let raw_pt = pass("b-pt-", None, Reads::Raw(&raw), false, n).await?;
+        let parse = pass("b-parse-", Some("parse"), Reads::Raw(&raw), false, n).await?;
+        let parse_eos = pass("b-eos-", Some("parse"), Reads::Raw(&raw), true, n).await?;
+        let parsed_pt = pass("b-pt2-", None, Reads::Parsed(&parsed), false, n).await?;
+        let enriched = pass(
+            "b-enrich-",
+            Some("enrich"),
+            Reads::Parsed(&parsed),
+            false,
             n,
-            pass_through(&c, &parsed, &c.topics.enriched, n).await?,
-        ));
-        let mut c = namespace("b-enrich-", None).await?;
-        c.topics.parsed = parsed.clone();
-        r[4].push(rate(
-            n,
-            run_stage(&c, "enrich", &c.topics.enriched, n).await?,
-        ));
+        )
+        .await?;
         println!(
-            "round {}: raw pass-through {:.0}/s, parse {:.0}/s, parse exactly-once {:.0}/s; parsed pass-through {:.0}/s, enrich {:.0}/s",
-            round + 1, r[0][round], r[1][round], r[2][round], r[3][round], r[4][round]
+            "round {round}: raw pass-through {raw_pt:.0}/s, parse {parse:.0}/s ({:.2}), parse exactly-once {parse_eos:.0}/s ({:.2}); parsed pass-through {parsed_pt:.0}/s, enrich {enriched:.0}/s ({:.2})",
+            parse / raw_pt,
+            parse_eos / raw_pt,
+            enriched / parsed_pt
         );
+        alo.push(raw_pt, parse);
+        eos.push(raw_pt, parse_eos);
+        enrich.push(parsed_pt, enriched);
     }
-    let [mut raw_pt, mut parse, mut eos, mut parsed_pt, mut enrich] = r;
-    let base = median(&mut raw_pt);
-    report(
-        "parse (at-least-once)",
-        "pass-through of raw",
-        base,
-        median(&mut parse),
-        0.6,
+    drop_namespace(&parsed_src, &[]).await;
+    drop_topics(&source, &[&raw]).await;
+
+    println!(
+        "stages benchmark: {n} records per pass, {} rounds",
+        args.rounds
     );
-    report(
-        "parse (exactly-once)",
-        "pass-through of raw",
-        base,
-        median(&mut eos),
-        0.5,
-    );
-    report(
-        "enrich (at-least-once)",
-        "pass-through of parsed",
-        median(&mut parsed_pt),
-        median(&mut enrich),
-        0.6,
-    );
+    let results = [alo.report(0.7), eos.report(0.5), enrich.report(0.6)];
+    let mut vs_eos = Rounds::new("parse at-least-once", "parse exactly-once");
+    for (a, e) in alo.pairs.iter().zip(&eos.pairs) {
+        vs_eos.push(e.1, a.1);
+    }
+    let ordering = vs_eos.report(1.0);
+    if let Some(path) = &args.json {
+        write_json(
+            path,
+            &serde_json::json!({
+                "bench": "stages", "events": n, "rounds": args.rounds,
+                "parse_at_least_once": results[0], "parse_exactly_once": results[1],
+                "enrich": results[2], "at_least_once_vs_exactly_once": ordering,
+            }),
+        )?;
+    }
     Ok(())
 }

@@ -11,15 +11,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::events::{DeliveryRetrying, Emit, ProducerReplaced};
+use sluice_core::replay_scope::Admit;
 use tokio_util::sync::CancellationToken;
 
 use super::produce::{lock, send_queued};
@@ -98,6 +100,79 @@ impl ProducerContext for Acks {
     }
 }
 
+/// The stage loop's state.
+struct Stage<'a, T: Transform> {
+    kafka: &'a KafkaConfig,
+    spec: &'a StageSpec,
+    transform: &'a T,
+    consumer: &'a StreamConsumer<MeteredConsumer>,
+    producer: ThreadedProducer<Acks>,
+    acks: Arc<AckState>,
+    retry: crate::retry::Retry,
+    stats: StageStats,
+    meters: Meters,
+}
+
+impl<T: Transform> Stage<'_, T> {
+    /// Process one record and enqueue its outputs (or dead letter).
+    async fn handle(&mut self, msg: BorrowedMessage<'_>, admit: Admit) {
+        while self.acks.in_flight.load(Ordering::Acquire) >= self.spec.max_in_flight.max(1) {
+            self.settle().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.stats.consumed += 1;
+        self.meters.records_in.increment(1);
+        lock(&self.acks.tracker).begin(&self.spec.input, msg.partition(), msg.offset());
+        self.acks.in_flight.fetch_add(1, Ordering::AcqRel);
+        let done = process(
+            self.transform,
+            &mut self.retry,
+            self.spec,
+            msg,
+            admit,
+            &mut self.stats,
+            &self.meters,
+        )
+        .await;
+        let (partition, offset) = done.held.position();
+        drop(done.held);
+        let record = Arc::new(InFlight {
+            partition,
+            offset,
+            outputs: AtomicUsize::new(done.outputs.len().max(1)),
+        });
+        // Nothing to wait for (e.g. filtered out by a replay): completed at once.
+        if done.outputs.is_empty() {
+            self.acks.acked(&record);
+            return;
+        }
+        for o in done.outputs {
+            enqueue(
+                &self.producer,
+                &self.acks,
+                done.topic,
+                o.key.as_deref(),
+                &o.payload,
+                o.headers,
+                &record,
+            )
+            .await;
+        }
+    }
+
+    async fn settle(&mut self) {
+        let name = self.transform.name();
+        settle(
+            self.kafka,
+            name,
+            self.consumer,
+            &mut self.producer,
+            &self.acks,
+        )
+        .await;
+    }
+}
+
 /// Run `transform` as a stage until `shutdown` is cancelled; then drain in-flight
 /// records, commit, and return what was done.
 pub async fn run<T: Transform>(
@@ -122,18 +197,25 @@ pub async fn run<T: Transform>(
     let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     let acks = Arc::new(AckState {
         input: spec.input.clone(),
-        tracker: tracker.clone(),
+        tracker,
         in_flight: AtomicUsize::new(0),
         moved: Mutex::new(HashMap::new()),
         failed: Mutex::new(Vec::new()),
     });
-    let mut producer: ThreadedProducer<Acks> = kafka
+    let producer: ThreadedProducer<Acks> = kafka
         .producer_config()
         .create_with_context(Acks(acks.clone()))?;
-    let max_in_flight = spec.max_in_flight.max(1);
-    let mut stats = StageStats::default();
-    let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
-    let meters = Meters::of(name, spec);
+    let mut stage = Stage {
+        kafka,
+        spec,
+        transform: &*transform,
+        consumer: &consumer,
+        producer,
+        acks,
+        retry: crate::retry::Retry::new(spec.retry.clone(), name),
+        stats: StageStats::default(),
+        meters: Meters::of(name, spec),
+    };
     // Exported at 0 from the start, so an alert on its increase has a series to watch.
     metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name).increment(0);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -144,30 +226,16 @@ pub async fn run<T: Transform>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                settle(kafka, name, &consumer, &mut producer, &acks).await;
-            }
+            _ = tick.tick() => stage.settle().await,
             (msg, admit) = receiver.next() => {
                 receiver.throttle().await;
-                while acks.in_flight.load(Ordering::Acquire) >= max_in_flight {
-                    settle(kafka, name, &consumer, &mut producer, &acks).await;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                stats.consumed += 1;
-                meters.records_in.increment(1);
-                lock(&tracker).begin(msg.topic(), msg.partition(), msg.offset());
-                acks.in_flight.fetch_add(1, Ordering::AcqRel);
-                let done = process(&*transform, &mut retry, spec, msg, admit, &mut stats, &meters).await;
-                let (partition, offset) = done.held.position();
-                drop(done.held);
-                // Nothing to wait for (e.g. filtered out by a replay): completed at once.
-                let record = Arc::new(InFlight { partition, offset, outputs: AtomicUsize::new(done.outputs.len().max(1)) });
-                if done.outputs.is_empty() {
-                    acks.acked(&record);
-                    continue;
-                }
-                for o in done.outputs {
-                    enqueue(&producer, &acks, done.topic, o.key.as_deref(), &o.payload, o.headers, &record).await;
+                stage.handle(msg, admit).await;
+                for _ in 1..super::BURST {
+                    let Some((msg, admit)) = receiver.next().now_or_never() else {
+                        break;
+                    };
+                    receiver.throttle().await;
+                    stage.handle(msg, admit).await;
                 }
             }
         }
@@ -175,11 +243,12 @@ pub async fn run<T: Transform>(
 
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
-    while acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        settle(kafka, name, &consumer, &mut producer, &acks).await;
+    while stage.acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
+    {
+        stage.settle().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    settle(kafka, name, &consumer, &mut producer, &acks).await;
+    stage.settle().await;
     // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
     // causes) would otherwise make the next owner repeat everything since the last
     // auto-commit.
@@ -194,7 +263,14 @@ pub async fn run<T: Transform>(
             }
         }
     }
-    tracing::info!(stage = name, ?stats, "stage stopped");
+    let stats = stage.stats;
+    tracing::info!(
+        stage = name,
+        consumed = stats.consumed,
+        published = stats.published,
+        dead_lettered = stats.dead_lettered,
+        "stage stopped"
+    );
     Ok(stats)
 }
 

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -24,7 +25,7 @@ use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio_util::sync::CancellationToken;
 
-use crate::transform::{process, Meters, Output, StageError, StageSpec, StageStats, Transform};
+use crate::transform::{process, Meters, StageError, StageSpec, StageStats, Transform};
 
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,23 +98,33 @@ pub async fn run<T: Transform>(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(wake) => {}
             (msg, admit) = receiver.next() => {
-                receiver.throttle().await;
-                if !batch.open {
-                    producer.begin_transaction()?;
-                    batch.open = true;
-                    deadline = tokio::time::Instant::now() + spec.transaction_linger;
-                }
-                let entry = batch.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
-                entry.1 = msg.offset() + 1;
-                batch.records += 1;
-                batch.stats.consumed += 1;
-                meters.records_in.increment(1);
-                // Outputs (or the dead letter) are produced in the open transaction.
-                let done = process(&*transform, &mut retry, spec, msg, admit, &mut batch.stats, &meters).await;
-                drop(done.held);
-                let records: Vec<(&str, Output)> = done.outputs.into_iter().map(|o| (done.topic, o)).collect();
-                for (topic, o) in records {
-                    produce(&producer, topic, o.key.as_deref(), &o.payload, o.headers).await?;
+                let mut next = Some((msg, admit));
+                let mut taken = 0;
+                // Take what else is already fetched without going back through
+                // `select!` (a wake-up per record costs more than the transforms), up to
+                // the transaction's size.
+                while let Some((msg, admit)) = next.take() {
+                    receiver.throttle().await;
+                    if !batch.open {
+                        producer.begin_transaction()?;
+                        batch.open = true;
+                        deadline = tokio::time::Instant::now() + spec.transaction_linger;
+                    }
+                    let entry = batch.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
+                    entry.1 = msg.offset() + 1;
+                    batch.records += 1;
+                    batch.stats.consumed += 1;
+                    meters.records_in.increment(1);
+                    // Outputs (or the dead letter) are produced in the open transaction.
+                    let done = process(&*transform, &mut retry, spec, msg, admit, &mut batch.stats, &meters).await;
+                    drop(done.held);
+                    for o in done.outputs {
+                        produce(&producer, done.topic, o.key.as_deref(), &o.payload, o.headers).await?;
+                    }
+                    taken += 1;
+                    if taken < super::BURST && batch.records < spec.transaction_max_records.max(1) {
+                        next = receiver.next().now_or_never();
+                    }
                 }
             }
         }
@@ -121,7 +132,13 @@ pub async fn run<T: Transform>(
     if batch.open {
         finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
     }
-    tracing::info!(stage = name, ?stats, "exactly-once stage stopped");
+    tracing::info!(
+        stage = name,
+        consumed = stats.consumed,
+        published = stats.published,
+        dead_lettered = stats.dead_lettered,
+        "exactly-once stage stopped"
+    );
     Ok(stats)
 }
 

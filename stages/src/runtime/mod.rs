@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::transform::{StageError, StageSpec, StageStats, Transform};
 
+/// Records a runtime takes from the consumer's queue in one go, without going back
+/// through its loop's `select!`: a wake-up per record cost more than the transforms.
+const BURST: usize = 256;
+
 /// Run `transform` as a stage until `shutdown` is cancelled, at-least-once or (with
 /// `spec.exactly_once`) in Kafka transactions; then drain, commit, and return what was
 /// done.

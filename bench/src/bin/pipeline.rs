@@ -1,0 +1,730 @@
+//! The whole pipeline under a steady offered load: HTTP ingest → parse → enrich → the
+//! TimescaleDB sink (on PostgreSQL 15) and the Elasticsearch sink, each its own `sluice`
+//! process as deployed, fed by a paced HTTP load generator.
+//!
+//! 1. The baseline, measured first in the same run on the same servers: a bare producer,
+//!    two consume→produce pass-throughs, `psql \copy` and `curl _bulk`. Each event goes
+//!    through all five, on the same two cores, so the bare chain's rate is their
+//!    harmonic combination, 1 / Σ (1 / rate).
+//! 2. The sustainable maximum: the offered load doubles until the lag of the pipeline's
+//!    consumer groups grows (or ingest falls behind the offer) over a hold of 60 s, then
+//!    a binary search narrows it. Lag counts as bounded when, over the hold's second
+//!    half, it grows by less than 2 % of the offered rate per second and stays below ten
+//!    seconds' worth of events.
+//! 3. At 50 % and 80 % of that maximum: end-to-end latency (ingest's receipt to the
+//!    sink's commit) p50/p99/p99.9 from each sink's `sluice_end_to_end_latency_seconds`
+//!    histogram (the difference of two scrapes), and CPU seconds and resident memory
+//!    per component per million events, from `/proc`.
+//!
+//! Prints one table and writes the results as JSON. Run on a freshly started stack, with
+//! the release `sluice` binary built:
+//! `cargo build --release -p sluice -p sluice-bench && target/release/pipeline`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use sluice::components::{self, Kind};
+use sluice::Config;
+use sluice_bench::baselines::{
+    curl_bulk, drop_indices, drop_namespace, drop_schema, events, pass_through, produce_raw,
+    psql_copy, raw_line,
+};
+use sluice_bench::lag::LagWatch;
+use sluice_bench::latency::Buckets;
+use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes};
+use sluice_bench::write_json;
+use sluice_ingest::config::ApiKey;
+use sluice_sinks::timescale::config::DbMode;
+
+/// Whole-pipeline benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds each offered load is held.
+    #[arg(long, default_value_t = 60)]
+    hold: u64,
+    /// The first offered load, in events per second.
+    #[arg(long, default_value_t = 1000.0)]
+    start: f64,
+    /// Binary-search steps after the doubling found a load the pipeline cannot sustain.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Lines per HTTP request of the load generator.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Events of each bare pass (the Elasticsearch one takes a fifth of them).
+    #[arg(long, default_value_t = 100_000)]
+    baseline_events: usize,
+    /// Where to write the results as JSON (default: target/bench-results/pipeline-<time>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A `sluice` process of the pipeline.
+struct Process {
+    name: &'static str,
+    metrics: SocketAddr,
+    child: Child,
+}
+
+impl Process {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    async fn scrape(&self, http: &reqwest::Client) -> Result<String> {
+        Ok(http
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await?
+            .text()
+            .await?)
+    }
+
+    /// SIGTERM, then wait; SIGKILL after 30 s.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The `sluice` binary next to this one (the same target directory and profile).
+fn sluice_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("sluice");
+    ensure!(
+        bin.exists(),
+        "{} is missing: cargo build --release -p sluice",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Start `sluice <args>` with the config file, its metrics on a port of its own and its
+/// log in `logs`.
+fn spawn(name: &'static str, args: &[&str], config: &Path, logs: &Path) -> Result<Process> {
+    let metrics = free_port()?;
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(sluice_bin()?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("SLUICE_STACK_ENV")
+        .env("SLUICE__METRICS__LISTEN", metrics.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting sluice {}", args.join(" ")))?;
+    Ok(Process {
+        name,
+        metrics,
+        child,
+    })
+}
+
+/// Wait until every process answers `/readyz` with 200.
+async fn ready(http: &reqwest::Client, procs: &mut [Process], logs: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for p in procs.iter_mut() {
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                bail!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    logs.join(format!("{}.log", p.name)).display()
+                );
+            }
+            let url = format!("http://{}/readyz", p.metrics);
+            if http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} not ready after 2 minutes",
+                p.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The bare rates the pipeline is compared with, events per second.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Baseline {
+    producer: f64,
+    raw_pass_through: f64,
+    parsed_pass_through: f64,
+    psql_copy: f64,
+    curl_bulk: f64,
+    /// The five combined: 1 / Σ (1 / rate).
+    chain: f64,
+}
+
+async fn baseline(config: &Config, n: usize) -> Result<Baseline> {
+    let scratch = config
+        .clone()
+        .namespaced(&sluice_tests::unique("bp-base-"), "unused");
+    sluice_tests::create_topics(&scratch).await;
+    let producer = produce_raw(&scratch, n).await?;
+    let t = scratch.topics.clone();
+    let raw_pt = sluice_bench::rate(n, pass_through(&scratch, &t.raw, &t.parsed, n).await?);
+    let parsed_pt = sluice_bench::rate(n, pass_through(&scratch, &t.parsed, &t.enriched, n).await?);
+    drop_namespace(&scratch, &[]).await;
+    let rows = events(n);
+    let pg = psql_copy(config, &rows, &format!("{}_bare", config.timescale.schema)).await?;
+    let docs = &rows[..(n / 5).max(1)];
+    let es = curl_bulk(
+        config,
+        docs,
+        &format!("{}-bare", config.elasticsearch.index_prefix),
+    )
+    .await?;
+    let chain = 1.0
+        / [producer, raw_pt, parsed_pt, pg, es]
+            .iter()
+            .map(|r| 1.0 / r)
+            .sum::<f64>();
+    Ok(Baseline {
+        producer,
+        raw_pass_through: raw_pt,
+        parsed_pass_through: parsed_pt,
+        psql_copy: pg,
+        curl_bulk: es,
+        chain,
+    })
+}
+
+/// What one held load did.
+#[derive(Debug, Clone, Serialize)]
+struct Trial {
+    offered: f64,
+    /// Events ingest accepted per second.
+    achieved: f64,
+    /// Requests refused or failed.
+    errors: u64,
+    /// Lag over the hold's second half, records per second.
+    lag_growth: f64,
+    /// Lag at the end of the hold.
+    lag_end: i64,
+    sustained: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    why: Option<String>,
+}
+
+/// The load generator: `rate` events per second in NDJSON requests of `batch` lines, for
+/// `hold`; counts the lines ingest accepted and the requests that failed.
+async fn offer(
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    rate: f64,
+    batch: usize,
+    hold: Duration,
+    next_id: Arc<AtomicU64>,
+) -> (u64, u64) {
+    let accepted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    // Enough requests in flight for ingest's acks (a few ms each) at any rate here.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut offered = 0.0f64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while started.elapsed() < hold {
+        tick.tick().await;
+        let due = rate * started.elapsed().as_secs_f64();
+        while offered + batch as f64 <= due {
+            // No free slot: ingest is behind; the offer is not kept up, which shows.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            offered += batch as f64;
+            let first = next_id.fetch_add(batch as u64, Ordering::Relaxed) as usize;
+            let body: String = (first..first + batch).map(|i| raw_line(i) + "\n").collect();
+            let (http, url, key) = (http.clone(), url.clone(), key.clone());
+            let (accepted, errors) = (accepted.clone(), errors.clone());
+            tasks.spawn(async move {
+                let sent = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        accepted.fetch_add(batch as u64, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                drop(permit);
+            });
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    (
+        accepted.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+/// Least-squares slope of `(seconds, lag)` samples.
+fn slope(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (
+        samples.iter().map(|s| s.0).sum::<f64>() / n,
+        samples.iter().map(|s| s.1).sum::<f64>() / n,
+    );
+    let num: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
+    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+async fn total_lag(watch: &Arc<LagWatch>) -> Result<i64> {
+    let w = watch.clone();
+    tokio::task::spawn_blocking(move || w.total()).await?
+}
+
+/// Wait (at most three minutes) until the pipeline has caught up.
+async fn drain(watch: &Arc<LagWatch>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let lag = total_lag(watch).await?;
+        if lag <= 2_000 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            println!("  (still {lag} records behind after 3 minutes; going on)");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The generator's target and what it needs.
+struct Load {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    batch: usize,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Hold `rate` for `hold`, sampling the lag every second.
+async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) -> Result<Trial> {
+    drain(watch).await?;
+    let generator = tokio::spawn(offer(
+        load.http.clone(),
+        load.url.clone(),
+        load.key.clone(),
+        rate,
+        load.batch,
+        hold,
+        load.next_id.clone(),
+    ));
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while !generator.is_finished() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        samples.push((
+            started.elapsed().as_secs_f64(),
+            total_lag(watch).await? as f64,
+        ));
+    }
+    let (accepted, errors) = generator.await?;
+    let achieved = accepted as f64 / hold.as_secs_f64();
+    let half = hold.as_secs_f64() / 2.0;
+    let second_half: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 >= half).collect();
+    let lag_growth = slope(&second_half);
+    let lag_end = samples.last().map_or(0.0, |s| s.1) as i64;
+    let why = if achieved < 0.95 * rate {
+        Some(format!(
+            "ingest took {achieved:.0}/s of {rate:.0}/s offered"
+        ))
+    } else if errors > 0 {
+        Some(format!("{errors} requests failed"))
+    } else if lag_growth > 0.02 * rate {
+        Some(format!("lag grew {lag_growth:.0} records/s"))
+    } else if lag_end as f64 > 10.0 * rate + 2_000.0 {
+        Some(format!("lag stayed at {lag_end} records"))
+    } else {
+        None
+    };
+    let t = Trial {
+        offered: rate,
+        achieved,
+        errors,
+        lag_growth,
+        lag_end,
+        sustained: why.is_none(),
+        why,
+    };
+    println!(
+        "  {:>8.0} events/s offered: {:>8.0}/s accepted, lag {:>7} at the end, growing {:>6.0}/s: {}",
+        t.offered,
+        t.achieved,
+        t.lag_end,
+        t.lag_growth,
+        t.why.as_deref().unwrap_or("sustained")
+    );
+    Ok(t)
+}
+
+/// Latency quantiles of one sink, seconds.
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    p50: Option<f64>,
+    p99: Option<f64>,
+    p999: Option<f64>,
+    events: f64,
+}
+
+/// What one component used.
+#[derive(Debug, Clone, Serialize)]
+struct Usage {
+    cpu_seconds_per_million: f64,
+    rss_mb: f64,
+    peak_rss_mb: f64,
+}
+
+/// A held load with latency and resource use.
+#[derive(Debug, Clone, Serialize)]
+struct Measured {
+    share_of_max: f64,
+    trial: Trial,
+    latency: BTreeMap<String, Latency>,
+    usage: BTreeMap<String, Usage>,
+}
+
+const LATENCY: &str = "sluice_end_to_end_latency_seconds";
+
+async fn measured(
+    load: &Load,
+    watch: &Arc<LagWatch>,
+    procs: &[Process],
+    share: f64,
+    max: f64,
+    hold: Duration,
+) -> Result<Measured> {
+    let sinks: Vec<&Process> = procs
+        .iter()
+        .filter(|p| components::find(Kind::Sink, p.name).is_some())
+        .collect();
+    drain(watch).await?;
+    let mut before = Vec::new();
+    for p in &sinks {
+        before.push(Buckets::of(
+            &p.scrape(&load.http).await?,
+            LATENCY,
+            "sink",
+            p.name,
+        )?);
+    }
+    let cpu_before: Vec<f64> = procs
+        .iter()
+        .map(|p| cpu_seconds(p.pid()))
+        .collect::<Result<_>>()?;
+    let own_before = own_cpu_seconds()?;
+    let t = trial(load, watch, share * max, hold).await?;
+    // Let what was accepted reach the sinks before reading their histograms.
+    drain(watch).await?;
+    let events = (t.achieved * hold.as_secs_f64()).max(1.0);
+    let mut latency = BTreeMap::new();
+    for (p, b) in sinks.iter().zip(before) {
+        let window = Buckets::of(&p.scrape(&load.http).await?, LATENCY, "sink", p.name)?.since(&b);
+        latency.insert(
+            p.name.to_string(),
+            Latency {
+                p50: window.quantile(0.5),
+                p99: window.quantile(0.99),
+                p999: window.quantile(0.999),
+                events: window.count(),
+            },
+        );
+    }
+    let mut usage = BTreeMap::new();
+    for (p, before) in procs.iter().zip(cpu_before) {
+        let (rss, peak) = rss_bytes(p.pid())?;
+        usage.insert(
+            p.name.to_string(),
+            Usage {
+                cpu_seconds_per_million: (cpu_seconds(p.pid())? - before) / events * 1e6,
+                rss_mb: rss as f64 / 1e6,
+                peak_rss_mb: peak as f64 / 1e6,
+            },
+        );
+    }
+    usage.insert(
+        "load generator".into(),
+        Usage {
+            cpu_seconds_per_million: (own_cpu_seconds()? - own_before) / events * 1e6,
+            rss_mb: rss_bytes(std::process::id() as i32)?.0 as f64 / 1e6,
+            peak_rss_mb: rss_bytes(std::process::id() as i32)?.1 as f64 / 1e6,
+        },
+    );
+    Ok(Measured {
+        share_of_max: share,
+        trial: t,
+        latency,
+        usage,
+    })
+}
+
+/// The whole run's results, as written to JSON.
+#[derive(Debug, Serialize)]
+struct Results {
+    bench: &'static str,
+    finished_at: String,
+    cores: usize,
+    hold_seconds: u64,
+    baseline: Baseline,
+    sustainable_max: f64,
+    ratio_to_bare_chain: f64,
+    trials: Vec<Trial>,
+    measured: Vec<Measured>,
+}
+
+/// The pipeline's configuration: fresh topics, groups, schema and indices; the
+/// TimescaleDB sink on PostgreSQL 15 (the TimescaleDB here is a single-session WASM
+/// build, not a server to measure); one API key.
+fn pipeline_config() -> Result<(Config, String)> {
+    let prefix = sluice_tests::unique("bp-");
+    let mut config = sluice_tests::stack_config().namespaced(&prefix, &prefix.replace('-', "_"));
+    config.timescale.url = sluice_tests::stack_var("SLUICE_STACK_PG_URL");
+    config.timescale.mode = DbMode::Postgres;
+    // As the Helm chart deploys it.
+    config.timescale.pool_size = 4;
+    let key = sluice_tests::unique("key-");
+    config.ingest.api_keys = vec![ApiKey {
+        tenant: "acme".into(),
+        key: key.clone(),
+    }];
+    config.ingest.listen = free_port()?;
+    Ok((config, key))
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |s| format!("{:.0} ms", s * 1000.0))
+}
+
+fn print_table(r: &Results) {
+    let b = &r.baseline;
+    println!();
+    println!(
+        "pipeline benchmark: {} cores, each load held {} s",
+        r.cores, r.hold_seconds
+    );
+    println!(
+        "bare chain (same run): producer {:.0}/s, raw pass-through {:.0}/s, parsed pass-through {:.0}/s, psql \\copy {:.0}/s, curl _bulk {:.0}/s -> {:.0} events/s",
+        b.producer, b.raw_pass_through, b.parsed_pass_through, b.psql_copy, b.curl_bulk, b.chain
+    );
+    println!(
+        "sustainable maximum: {:.0} events/s = {:.2} of the bare chain",
+        r.sustainable_max, r.ratio_to_bare_chain
+    );
+    println!();
+    println!("| load | events/s | sink | p50 | p99 | p99.9 |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for m in &r.measured {
+        for (sink, l) in &m.latency {
+            println!(
+                "| {:.0} % | {:.0} | {sink} | {} | {} | {} |",
+                m.share_of_max * 100.0,
+                m.trial.achieved,
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.p999)
+            );
+        }
+    }
+    if let Some(m) = r.measured.last() {
+        println!();
+        println!(
+            "| component (at {:.0} %) | CPU s per million events | RSS MB (peak) |",
+            m.share_of_max * 100.0
+        );
+        println!("| --- | --- | --- |");
+        for (name, u) in &m.usage {
+            println!(
+                "| {name} | {:.1} | {:.0} ({:.0}) |",
+                u.cpu_seconds_per_million, u.rss_mb, u.peak_rss_mb
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    sluice_core::telemetry::init_logging();
+    sluice_bin()?;
+    let hold = Duration::from_secs(args.hold.max(10));
+    let (config, key) = pipeline_config()?;
+    println!("baseline: bare passes of {} events", args.baseline_events);
+    let base = baseline(&config, args.baseline_events).await?;
+
+    sluice_tests::create_topics(&config).await;
+    let logs = std::env::temp_dir().join(sluice_tests::unique("bench-pipeline-"));
+    std::fs::create_dir_all(&logs)?;
+    let config_file = logs.join("sluice.toml");
+    std::fs::write(&config_file, toml::to_string(&config)?)?;
+    let mut procs = Vec::new();
+    procs.push(spawn("ingest", &["ingest"], &config_file, &logs)?);
+    let mut groups = Vec::new();
+    for (kind, name) in [
+        (Kind::Stage, "parse"),
+        (Kind::Stage, "enrich"),
+        (Kind::Sink, "timescale"),
+        (Kind::Sink, "elasticsearch"),
+    ] {
+        let c = components::find(kind, name).context("component in the registry")?;
+        let verb = if kind == Kind::Stage { "stage" } else { "sink" };
+        procs.push(spawn(c.name, &[verb, name], &config_file, &logs)?);
+        groups.push(((c.group)(&config).to_string(), c.input(&config).to_string()));
+    }
+    let http = reqwest::Client::new();
+    let outcome = run(
+        &args, &config, &key, &http, &mut procs, &groups, &logs, hold, base,
+    )
+    .await;
+    for p in procs {
+        p.stop();
+    }
+    // Leave the servers as they were found: they slow as they fill.
+    drop_namespace(&config, &[]).await;
+    drop_schema(&config, &config.timescale.schema).await;
+    drop_indices(&config, &config.elasticsearch.index_prefix).await;
+    let results = outcome?;
+    print_table(&results);
+    let path = match args.json {
+        Some(p) => p,
+        None => {
+            let dir = PathBuf::from("target/bench-results");
+            std::fs::create_dir_all(&dir)?;
+            dir.join(format!(
+                "pipeline-{}.json",
+                chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+            ))
+        }
+    };
+    write_json(&path, &serde_json::to_value(&results)?)?;
+    println!("process logs: {}", logs.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    args: &Args,
+    config: &Config,
+    key: &str,
+    http: &reqwest::Client,
+    procs: &mut [Process],
+    groups: &[(String, String)],
+    logs: &Path,
+    hold: Duration,
+    base: Baseline,
+) -> Result<Results> {
+    ready(http, procs, logs).await?;
+    let (c, g) = (config.clone(), groups.to_vec());
+    let watch = Arc::new(tokio::task::spawn_blocking(move || LagWatch::new(&c, &g)).await??);
+    let load = Load {
+        http: http.clone(),
+        url: format!("http://{}/v1/events", config.ingest.listen),
+        key: key.to_string(),
+        batch: args.batch.max(1),
+        next_id: Arc::new(AtomicU64::new(0)),
+    };
+    println!("warm-up: {:.0} events/s for 10 s", args.start);
+    trial(&load, &watch, args.start, Duration::from_secs(10)).await?;
+
+    println!(
+        "searching the sustainable maximum (each load held {} s):",
+        hold.as_secs()
+    );
+    let mut trials = Vec::new();
+    let (mut good, mut bad) = (0.0f64, None::<f64>);
+    let mut rate = args.start;
+    while bad.is_none() {
+        let t = trial(&load, &watch, rate, hold).await?;
+        if t.sustained {
+            good = rate;
+            rate *= 2.0;
+        } else {
+            bad = Some(rate);
+        }
+        trials.push(t);
+    }
+    let mut high = bad.unwrap_or(rate);
+    for _ in 0..args.steps {
+        let mid = (good + high) / 2.0;
+        let t = trial(&load, &watch, mid, hold).await?;
+        if t.sustained {
+            good = mid;
+        } else {
+            high = mid;
+        }
+        trials.push(t);
+    }
+    ensure!(
+        good > 0.0,
+        "not even {:.0} events/s were sustained",
+        args.start
+    );
+
+    let mut measured_loads = Vec::new();
+    for share in [0.5, 0.8] {
+        println!("at {:.0} % of the maximum:", share * 100.0);
+        measured_loads.push(measured(&load, &watch, procs, share, good, hold).await?);
+    }
+    Ok(Results {
+        bench: "pipeline",
+        finished_at: chrono::Utc::now().to_rfc3339(),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        hold_seconds: hold.as_secs(),
+        baseline: base,
+        sustainable_max: good,
+        ratio_to_bare_chain: good / base.chain,
+        trials,
+        measured: measured_loads,
+    })
+}

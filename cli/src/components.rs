@@ -19,6 +19,7 @@ use sluice_core::config::{
 };
 use sluice_core::wiring::{Rewiring, Shared};
 use sluice_ingest::config::IngestConfig;
+use sluice_sinks::archive::config::ArchiveConfig;
 use sluice_sinks::elasticsearch::config::ElasticsearchConfig;
 use sluice_sinks::timescale::config::TimescaleConfig;
 use sluice_sinks::{Selection, Stored};
@@ -52,6 +53,8 @@ pub struct Config {
     pub timescale: TimescaleConfig,
     /// The Elasticsearch sink.
     pub elasticsearch: ElasticsearchConfig,
+    /// The archive sink.
+    pub archive: ArchiveConfig,
 }
 
 impl Config {
@@ -88,6 +91,8 @@ impl Config {
         for secret in [
             &mut c.schemas.registry_password,
             &mut c.schemas.registry_token,
+            &mut c.archive.secret_access_key,
+            &mut c.archive.session_token,
         ] {
             if secret.is_some() {
                 *secret = Some("***".into());
@@ -406,6 +411,24 @@ pub static COMPONENTS: &[Component] = &[
         read_stored: None,
         helm: "sink-sessions",
     },
+    Component {
+        name: "archive",
+        kind: Kind::Sink,
+        about: "raw records → Parquet files in object storage, kept beyond Kafka's retention",
+        input: |c| &c.topics.raw,
+        output: None,
+        group: |c| &c.archive.group,
+        group_mut: |c| &mut c.archive.group,
+        start: |c, r, s| {
+            Box::pin(async move {
+                Ok(sluice_sinks::archive::run(&c.shared(), &c.archive, &r, s)
+                    .await?
+                    .into())
+            })
+        },
+        read_stored: None,
+        helm: "sink-archive",
+    },
 ];
 
 /// The component named `name` of `kind`.
@@ -546,9 +569,15 @@ mod tests {
             key: "secret-key".into(),
         });
         c.timescale.url = "postgres://u:pw@h/db".into();
+        c.archive.secret_access_key = Some("s3-secret".into());
+        c.archive.session_token = Some("s3-token".into());
         let text = c.to_redacted_toml().unwrap_or_default();
         assert!(
             !text.contains("secret-key") && !text.contains(":pw@"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("s3-secret") && !text.contains("s3-token"),
             "{text}"
         );
     }

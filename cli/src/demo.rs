@@ -180,6 +180,8 @@ pub struct Summary {
     pub cagg_rows: u64,
     /// Documents in Elasticsearch.
     pub es_docs: u64,
+    /// Raw records in the archive (every copy counted); none when it was not run.
+    pub archived: Option<u64>,
 }
 
 impl Summary {
@@ -231,6 +233,12 @@ impl Summary {
                 self.enriched == self.es_docs + sink_dl("elasticsearch"),
             ),
         ];
+        if let Some(archived) = self.archived {
+            checks.push((
+                format!("raw {} = archived {archived}", self.raw),
+                self.raw == archived,
+            ));
+        }
         if self.timescale {
             checks.push((
                 format!(
@@ -285,6 +293,10 @@ impl Summary {
             );
         }
         println!("  {:<34}{:>8}", "docs in Elasticsearch", n(self.es_docs));
+        match self.archived {
+            Some(a) => println!("  {:<34}{:>8}", "raw records in the archive", n(a)),
+            None => println!("  {:<34}{:>8}", "archive", "not run"),
+        }
         println!();
         for (what, ok) in self.checks() {
             println!("  [{}] {what}", if ok { "ok" } else { "MISMATCH" });
@@ -508,6 +520,14 @@ pub async fn run_pipeline(
         let (c, s) = (config.clone(), sink_stop.clone());
         sinks.push(tokio::spawn(async move { sink.run(&c, s).await }));
     }
+    // The archive too, in short spans so that the demo need not wait, where its store
+    // answers.
+    config.archive.rotate_interval_ms = 2_000;
+    let archive = archive_sink(&config).await;
+    if let Some(archive) = archive {
+        let (c, s) = (config.clone(), sink_stop.clone());
+        sinks.push(tokio::spawn(async move { archive.run(&c, s).await }));
+    }
 
     let start = chrono::Utc::now().timestamp_millis() - 3 * 3600 * 1000;
     let stream = generate(options.seed, &tenants, options.users, start);
@@ -522,7 +542,12 @@ pub async fn run_pipeline(
         ..Default::default()
     };
 
-    for c in chain.iter().copied().chain(components::event_sinks()) {
+    for c in chain
+        .iter()
+        .copied()
+        .chain(components::event_sinks())
+        .chain(archive)
+    {
         wait_caught_up(&config, c.group(&config), c.input(&config), options.timeout).await?;
     }
 
@@ -547,5 +572,40 @@ pub async fn run_pipeline(
     summary.sink_dead_letters =
         dead_letters_by(&config, &t.dlq(&t.enriched), headers::DLQ_STAGE).await?;
     count_sinks(&config, &mut summary).await?;
+    if archive.is_some() {
+        summary.archived = Some(count_archived(&config).await?);
+    }
     Ok((summary, stream))
+}
+
+/// The archive sink, when its store answers (the stack's S3 API, or a writable
+/// directory); otherwise the demo runs without it and says so.
+async fn archive_sink(config: &Config) -> Option<&'static components::Component> {
+    let checked = match sluice_sinks::archive::open(&config.archive) {
+        Ok(a) => a.check().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match checked {
+        Ok(()) => components::find(components::Kind::Sink, "archive"),
+        Err(why) => {
+            println!("archive: not run ({why})");
+            None
+        }
+    }
+}
+
+/// Raw records of the run in the archive, every copy counted.
+async fn count_archived(config: &Config) -> Result<u64> {
+    use sluice_sinks::archive::{self, record::decode, ArchiveRange};
+    let archive = archive::open(&config.archive)?;
+    let range = ArchiveRange {
+        topic: config.topics.raw.clone(),
+        ..ArchiveRange::default()
+    };
+    let mut n = 0;
+    for f in archive::list_files(&archive, &range).await? {
+        let bytes = archive.store.get(&f.path).await?.bytes().await?;
+        n += decode(bytes)?.len() as u64;
+    }
+    Ok(n)
 }

@@ -121,8 +121,9 @@ enum SchemasCommand {
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["stage", "sink", "copy_to"])))]
 struct ReplayArgs {
-    /// Source topic, or `raw`, `parsed`, `enriched` for the configured ones. Default: the
-    /// input of the target stage or sink.
+    /// Source topic, or `raw`, `parsed`, `enriched` for the configured ones; `archive` for
+    /// the archive of the raw topic; `auto` for the archive where Kafka no longer retains
+    /// the range and Kafka for the rest. Default: the input of the target stage or sink.
     #[arg(long)]
     source: Option<String>,
     /// Start of the range: records at or after this RFC 3339 time (by record timestamp).
@@ -186,6 +187,7 @@ impl OffsetRanges {
 }
 
 async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
+    use replay::archive::Source;
     use replay::{Mode, Range, Target};
     let component = |kind, name: &str| {
         components::find(kind, name).with_context(|| format!("no {name} in the registry"))
@@ -197,18 +199,22 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
         _ => bail!("one of --stage, --sink or --copy-to is required"),
     };
     let t = &config.topics;
-    // A topic, an alias of a configured one, or a stage's name for its output.
+    // A topic, an alias of a configured one, a stage's name for its output, or the archive.
     let source = match args.source.as_deref() {
-        Some("raw") => t.raw.clone(),
-        Some("parsed") => t.parsed.clone(),
-        Some("enriched") => t.enriched.clone(),
-        Some("sessions") => t.sessions.clone(),
-        Some(name) => match components::find(Kind::Stage, name).and_then(|s| s.output(config)) {
-            Some(output) => output.to_string(),
-            None => name.to_string(),
-        },
+        Some("archive") => Source::Archive,
+        Some("auto") => Source::Auto,
+        Some("raw") => Source::Topic(t.raw.clone()),
+        Some("parsed") => Source::Topic(t.parsed.clone()),
+        Some("enriched") => Source::Topic(t.enriched.clone()),
+        Some("sessions") => Source::Topic(t.sessions.clone()),
+        Some(name) => Source::Topic(
+            match components::find(Kind::Stage, name).and_then(|s| s.output(config)) {
+                Some(output) => output.to_string(),
+                None => name.to_string(),
+            },
+        ),
         None => match &target {
-            Target::Component(c) => c.input(config).to_string(),
+            Target::Component(c) => Source::Topic(c.input(config).to_string()),
             Target::Copy(_) => bail!("--source is required with --copy-to"),
         },
     };
@@ -223,19 +229,87 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
             to: args.to,
         },
     };
-    let (kafka, topic, parts) = (
-        config.kafka.clone(),
-        source.clone(),
-        args.partitions.clone(),
-    );
-    let plan = tokio::task::block_in_place(move || {
-        replay::resolve(&kafka, &topic, &range, parts.as_deref())
-    })?;
-    if !args.json {
-        print!("{}", plan.table());
+    let from_archive = matches!(source, Source::Archive | Source::Auto);
+    if from_archive {
+        if let Target::Component(c) = target {
+            if c.input(config) != t.raw {
+                bail!(
+                    "--source {}: the archive holds raw records; replay them through a stage that reads `{}` (--stage parse: its outputs flow on to the sinks) or --copy-to a topic",
+                    args.source.as_deref().unwrap_or_default(),
+                    t.raw
+                );
+            }
+        }
+        if args.reset {
+            bail!(
+                "--reset moves a consumer group on Kafka and cannot read the archive; drop --reset"
+            );
+        }
+        if args.diff && source == Source::Auto {
+            bail!("--diff reads one source: run it with --source archive and with --source raw");
+        }
+    }
+    // What to replay, in order: the archive's part (put back on a scratch topic), then
+    // Kafka's.
+    let mut plans: Vec<replay::Plan> = Vec::new();
+    let mut scratch: Vec<String> = Vec::new();
+    let partitions = args.partitions.clone();
+    let archive_part = match &source {
+        Source::Topic(topic) => {
+            let (kafka, topic, range) = (config.kafka.clone(), topic.clone(), range.clone());
+            let parts = partitions.clone();
+            let plan = tokio::task::block_in_place(move || {
+                replay::resolve(&kafka, &topic, &range, parts.as_deref())
+            })?;
+            if !args.json {
+                print!("{}", plan.table());
+            }
+            plans.push(plan);
+            None
+        }
+        Source::Archive => Some(
+            replay::archive::plan(
+                config,
+                &range,
+                args.tenant.as_deref(),
+                partitions.as_deref(),
+                None,
+            )
+            .await?,
+        ),
+        Source::Auto => {
+            let (kafka_plan, seam) =
+                replay::archive::kafka_part(config, &range, partitions.as_deref())?;
+            let part = replay::archive::plan(
+                config,
+                &range,
+                args.tenant.as_deref(),
+                partitions.as_deref(),
+                Some(&seam),
+            )
+            .await?;
+            print!("{}", kafka_plan.table());
+            plans.push(kafka_plan);
+            Some(part)
+        }
+    };
+    if let Some(part) = &archive_part {
+        if !args.json {
+            print!("{}", part.table());
+        }
     }
     if args.dry_run {
         println!("dry run: nothing was read or written");
+        return Ok(());
+    }
+    if let Some(part) = archive_part.filter(|p| !p.is_empty()) {
+        let plan =
+            replay::archive::restore(config, &part, &pipeline::shutdown_on_signals()).await?;
+        scratch.push(plan.topic.clone());
+        plans.insert(0, plan);
+    }
+    if plans.iter().all(|p| p.records() == 0) {
+        println!("nothing to replay in that range");
         return Ok(());
     }
     let filters = replay::Filters {
@@ -245,12 +319,13 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
     if args.diff {
         let diff = replay::diff::run(
             config,
-            &plan,
+            &plans[0],
             &target,
             &filters,
             pipeline::shutdown_on_signals(),
         )
         .await?;
+        drop_scratch(config, &scratch).await;
         if args.json {
             println!(
                 "{}",
@@ -261,41 +336,79 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mode = if args.reset {
-        Mode::ResetGroup
-    } else {
-        let base = match target {
-            Target::Component(c) => c.group(config).to_string(),
-            Target::Copy(_) => String::new(),
-        };
-        Mode::FreshGroup(args.group.unwrap_or_else(|| {
-            format!(
-                "{base}-replay-{}",
-                chrono::Utc::now().format("%Y%m%d%H%M%S")
-            )
-        }))
+    let base_group = match target {
+        Target::Component(c) => c.group(config).to_string(),
+        Target::Copy(_) => String::new(),
     };
-    if let Mode::FreshGroup(g) = &mode {
-        if !matches!(target, Target::Copy(_)) {
-            println!("consumer group {g}");
+    let group = args.group.unwrap_or_else(|| {
+        format!(
+            "{base_group}-replay-{}",
+            chrono::Utc::now().format("%Y%m%d%H%M%S")
+        )
+    });
+    let several = plans.len() > 1;
+    for plan in &plans {
+        let restored = scratch.contains(&plan.topic);
+        let mode = if args.reset {
+            Mode::ResetGroup
+        } else if several && restored {
+            Mode::FreshGroup(format!("{group}-archive"))
+        } else {
+            Mode::FreshGroup(group.clone())
+        };
+        if several {
+            println!(
+                "{} {}",
+                if restored {
+                    "from the archive, via"
+                } else {
+                    "from Kafka,"
+                },
+                plan.topic
+            );
+        }
+        if let Mode::FreshGroup(g) = &mode {
+            if !matches!(target, Target::Copy(_)) {
+                println!("consumer group {g}");
+            }
+        }
+        let outcome = replay::run(
+            config,
+            plan,
+            &target,
+            &mode,
+            &filters,
+            pipeline::shutdown_on_signals(),
+        )
+        .await?;
+        if !args.reset {
+            println!("{}", outcome.summary());
+        }
+        if outcome.interrupted {
+            if restored {
+                println!(
+                    "the archived range stays on {}: resume with --source {} and the --offsets above",
+                    plan.topic, plan.topic
+                );
+            }
+            std::process::exit(130);
+        }
+        if restored {
+            drop_scratch(config, std::slice::from_ref(&plan.topic)).await;
         }
     }
-    let outcome = replay::run(
-        config,
-        &plan,
-        &target,
-        &mode,
-        &filters,
-        pipeline::shutdown_on_signals(),
-    )
-    .await?;
-    if !args.reset {
-        println!("{}", outcome.summary());
-    }
-    if outcome.interrupted {
-        std::process::exit(130);
-    }
     Ok(())
+}
+
+/// Delete the scratch topics archived records were put back on.
+async fn drop_scratch(config: &Config, topics: &[String]) {
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    if refs.is_empty() {
+        return;
+    }
+    if let Err(e) = sluice_core::kafka::delete_topics(&config.kafka, &refs).await {
+        tracing::warn!(error = %e, topics = ?refs, "could not delete the scratch topics; delete them by hand");
+    }
 }
 
 /// Install the metrics recorder and, when `metrics.listen` is set, serve the ops endpoint.

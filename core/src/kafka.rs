@@ -166,6 +166,19 @@ pub async fn delete_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<(), K
 /// The end offset (high watermark) of every partition of `topic`, by partition.
 /// Blocking: call from a blocking context.
 pub fn end_offsets(kafka: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>, KafkaAdminError> {
+    Ok(watermarks(kafka, topic)?
+        .into_iter()
+        .map(|(p, _, high)| (p, high))
+        .collect())
+}
+
+/// The first offset still retained (low watermark) and the end offset (high watermark)
+/// of every partition of `topic`: `(partition, low, high)`. Blocking: call from a
+/// blocking context.
+pub fn watermarks(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<Vec<(i32, i64, i64)>, KafkaAdminError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
     let timeout = Duration::from_secs(10);
@@ -173,8 +186,8 @@ pub fn end_offsets(kafka: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64)>, 
     let mut out = Vec::new();
     for t in metadata.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
-            let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-            out.push((p.id(), high));
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+            out.push((p.id(), low, high));
         }
     }
     Ok(out)

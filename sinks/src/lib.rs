@@ -1,6 +1,8 @@
 //! Sinks: consumer groups that write enriched events durably and idempotently to
-//! TimescaleDB/PostgreSQL and Elasticsearch, committing offsets only after the write.
+//! TimescaleDB/PostgreSQL and Elasticsearch, and raw records to the archive, committing
+//! offsets only after the write.
 
+pub mod archive;
 pub mod consumer;
 pub mod elasticsearch;
 pub mod timescale;

@@ -2,7 +2,10 @@
 //! - PostgreSQL 15: the sink (Kafka → Avro decode → batched `unnest` upserts) against a
 //!   bare `psql \copy` of the same rows into an identical table;
 //! - Elasticsearch: the sink against a bare `curl _bulk` of the same documents (same
-//!   ids, indices and versions), 1,000 per request, into identical indices.
+//!   ids, indices and versions), 1,000 per request, into identical indices;
+//! - the archive: the sink (Kafka → spans → Parquet files in the stack's S3 API) against
+//!   the same records written by the same Parquet writer to the same store with no Kafka;
+//!   and a replay through parse from the archive against one from Kafka.
 //!
 //! A round runs the bare load and the sink back to back (which goes first alternates),
 //! each into tables or indices of its own, deleted after; the median of the per-round
@@ -17,9 +20,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sluice::Config;
 use sluice_bench::baselines::{
-    curl_bulk, drop_indices, drop_schema, drop_topics, events, psql_copy,
+    curl_bulk, drop_indices, drop_schema, drop_topics, events, produce_raw, psql_copy,
 };
-use sluice_bench::{write_json, Rounds, Verdict};
+use sluice_bench::{rate, write_json, Rounds, Verdict};
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::timescale::config::DbMode;
 use sluice_tests::{
@@ -39,8 +42,11 @@ struct Args {
     /// Rounds of each comparison (the default keeps a rerun's ratios within about ±0.05).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Raw records for the archive comparisons.
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
     /// Only this comparison.
-    #[arg(long, value_parser = ["postgres", "elasticsearch"])]
+    #[arg(long, value_parser = ["postgres", "elasticsearch", "archive"])]
     only: Option<String>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
@@ -53,11 +59,15 @@ async fn main() -> Result<()> {
     sluice_core::telemetry::init_logging();
     let rounds = args.rounds.max(1);
     let mut results = serde_json::json!({"bench": "sinks", "rounds": rounds});
-    if args.only.as_deref() != Some("elasticsearch") {
+    let runs = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    if runs("postgres") {
         results["postgres"] = postgres(args.rows, rounds).await?;
     }
-    if args.only.as_deref() != Some("postgres") {
+    if runs("elasticsearch") {
         results["elasticsearch"] = elasticsearch(args.docs, rounds).await?;
+    }
+    if runs("archive") {
+        results["archive"] = archive(args.records, rounds).await?;
     }
     if let Some(path) = &args.json {
         write_json(path, &results)?;
@@ -244,7 +254,7 @@ async fn sink_rate(config: &Config, sink_name: &str) -> Result<f64> {
     let group = (component.group)(config).to_string();
     let mut running = RunningSink::start(config, component);
     running
-        .caught_up(config, &group, &config.topics.enriched)
+        .caught_up(config, &group, component.input(config))
         .await;
     running
         .stop()
@@ -294,4 +304,165 @@ async fn elasticsearch(n: usize, rounds: usize) -> Result<serde_json::Value> {
     // The server slows as it fills: leave it as it was found.
     drop_indices(&config, &c.elasticsearch.index_prefix).await;
     Ok(serde_json::json!({"documents": n, "sink_vs_bulk": bulk, "replay_vs_first_write": replay}))
+}
+
+/// The archive sink against a bare write of the same records (same spans, folders,
+/// Parquet writer and store, no Kafka); a replay through parse from the archive against
+/// one from Kafka.
+async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
+    use sluice_sinks::archive::{self, layout::Folder, record::encode, ArchivedRecord};
+    let name = unique("bench-ar-");
+    let mut config = stack_config().namespaced(&name, "unused");
+    // Spans filled by count, as under a steady load (two or three per partition); the
+    // last ones wait a short rotation.
+    config.archive.flush_records = 15_000;
+    config.archive.rotate_interval_ms = 50;
+    sluice_tests::create_topics(&config).await;
+    produce_raw(&config, n).await?;
+    // The records as the sink archives them, read back once (not timed).
+    let (k, t) = (config.kafka.clone(), config.topics.raw.clone());
+    let records: Vec<ArchivedRecord> = tokio::task::spawn_blocking(move || {
+        sluice_core::kafka::read_all(&k, &t, std::time::Duration::from_secs(120))
+    })
+    .await??
+    .iter()
+    .map(ArchivedRecord::of)
+    .collect();
+    let base_url = config.archive.url.clone();
+    let store = archive::open(&config.archive)?;
+
+    let mut vs_bare = Rounds::new("archive sink", "bare Parquet write");
+    for round in 0..rounds {
+        let bare_prefix = store.prefix.child(format!("{name}-bare{round}"));
+        let bare = async {
+            let started = std::time::Instant::now();
+            let mut by_partition: std::collections::BTreeMap<i32, Vec<&ArchivedRecord>> =
+                Default::default();
+            for r in &records {
+                by_partition.entry(r.partition).or_default().push(r);
+            }
+            for (p, of) in by_partition {
+                for (i, span) in of.chunks(config.archive.flush_records).enumerate() {
+                    let mut folders: std::collections::BTreeMap<Folder, Vec<&ArchivedRecord>> =
+                        Default::default();
+                    for r in span {
+                        folders
+                            .entry(Folder::of(&r.tenant, r.received_at))
+                            .or_default()
+                            .push(r);
+                    }
+                    for (folder, rs) in folders {
+                        let path = folder.path(&bare_prefix).child(format!("{p}-{i}.parquet"));
+                        store.store.put(&path, encode(&rs)?.into()).await?;
+                    }
+                }
+            }
+            anyhow::Ok(rate(n, started.elapsed()))
+        };
+        let mut c = config.clone();
+        c.archive.url = format!("{base_url}/{name}-sink{round}");
+        c.archive.group = format!("{name}-sink{round}");
+        let (b, sunk) = alternate(round, bare, sink_rate(&c, "archive")).await?;
+        println!(
+            "round {}: bare Parquet write {b:.0} records/s, archive sink {sunk:.0} records/s ({:.2})",
+            round + 1,
+            sunk / b
+        );
+        vs_bare.push(b, sunk);
+        drop_objects(&store, &bare_prefix).await;
+        if round + 1 < rounds {
+            drop_objects(&store, &store.prefix.child(format!("{name}-sink{round}"))).await;
+        }
+    }
+    println!("archive benchmark: {n} raw records, {rounds} rounds");
+    let sink = vs_bare.report(0.7);
+
+    // Replays through parse of the whole raw topic: from Kafka, and from the last round's
+    // archive (put back on a scratch topic, then replayed from it).
+    config.archive.url = format!("{base_url}/{name}-sink{}", rounds - 1);
+    let parse = sluice_tests::stage("parse");
+    let mut vs_kafka = Rounds::new("replay from the archive", "replay from Kafka");
+    for round in 0..rounds.min(3) {
+        let everything = sluice::replay::Range::Times {
+            from: None,
+            to: None,
+        };
+        let from_kafka = async {
+            let (k, t, r) = (
+                config.kafka.clone(),
+                config.topics.raw.clone(),
+                everything.clone(),
+            );
+            let plan =
+                tokio::task::spawn_blocking(move || sluice::replay::resolve(&k, &t, &r, None))
+                    .await??;
+            let started = std::time::Instant::now();
+            replay_into(&config, &plan, parse, &format!("{name}-k{round}")).await?;
+            anyhow::Ok(rate(n, started.elapsed()))
+        };
+        let from_archive = async {
+            let started = std::time::Instant::now();
+            let part =
+                sluice::replay::archive::plan(&config, &everything, None, None, None).await?;
+            let plan = sluice::replay::archive::restore(
+                &config,
+                &part,
+                &tokio_util::sync::CancellationToken::new(),
+            )
+            .await?;
+            replay_into(&config, &plan, parse, &format!("{name}-a{round}")).await?;
+            drop_topics(&config, &[&plan.topic]).await;
+            anyhow::Ok(rate(n, started.elapsed()))
+        };
+        let (k, a) = alternate(round, from_kafka, from_archive).await?;
+        println!(
+            "round {}: replay from Kafka {k:.0} records/s, from the archive {a:.0} records/s ({:.2})",
+            round + 1,
+            a / k
+        );
+        vs_kafka.push(k, a);
+    }
+    let replay = vs_kafka.report(0.7);
+    drop_objects(
+        &store,
+        &store.prefix.child(format!("{name}-sink{}", rounds - 1)),
+    )
+    .await;
+    sluice_bench::baselines::drop_namespace(&config, &[]).await;
+    Ok(serde_json::json!({"records": n, "sink_vs_bare_write": sink, "replay_vs_kafka": replay}))
+}
+
+/// Replay `plan` through `stage` under the fresh group `group`, to its end.
+async fn replay_into(
+    config: &Config,
+    plan: &sluice::replay::Plan,
+    stage: &'static sluice::components::Component,
+    group: &str,
+) -> Result<()> {
+    let outcome = sluice::replay::run(
+        config,
+        plan,
+        &sluice::replay::Target::Component(stage),
+        &sluice::replay::Mode::FreshGroup(group.to_string()),
+        &sluice::replay::Filters::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await?;
+    anyhow::ensure!(!outcome.interrupted, "the replay was interrupted");
+    Ok(())
+}
+
+/// Delete every object under `prefix` (the bench leaves the store as it found it).
+async fn drop_objects(store: &sluice_sinks::archive::Archive, prefix: &object_store::path::Path) {
+    use futures::{StreamExt, TryStreamExt};
+    let locations = store
+        .store
+        .list(Some(prefix))
+        .map_ok(|o| o.location)
+        .boxed();
+    let _ = store
+        .store
+        .delete_stream(locations)
+        .try_collect::<Vec<_>>()
+        .await;
 }

@@ -8,7 +8,8 @@
 //! Sinks are matched by id sets, not counts, and by version: each stored event must hold
 //! the newest processing the enriched topic has of it (and, with `--values`, the same
 //! values, field by field). Anything else is a finding. Events written more than once to
-//! a topic outside replays (at-least-once redeliveries) are reported as a warning.
+//! a topic outside replays (at-least-once redeliveries) are reported as a warning. Where
+//! the archive sink runs, the archive is a column too: each raw event in it once.
 
 use std::time::Duration;
 
@@ -91,15 +92,35 @@ fn audited_sinks(config: &Config) -> Vec<AuditedSink> {
         .collect()
 }
 
-/// Read every layer and reconcile it.
+/// Whether the archive sink runs here: its group has committed on the raw topic.
+async fn archive_deployed(config: &Config) -> Result<bool> {
+    let (kafka, group, raw) = (
+        config.kafka.clone(),
+        config.archive.group.clone(),
+        config.topics.raw.clone(),
+    );
+    let committed = tokio::task::spawn_blocking(move || {
+        sluice_core::kafka::committed_offsets(&kafka, &group, &raw)
+    })
+    .await
+    .context("audit task")??;
+    Ok(committed.iter().any(|(_, o)| *o > 0))
+}
+
+/// Read every layer and reconcile it. The archive is audited when its sink runs (its
+/// group has committed on the raw topic).
 pub async fn run(config: &Config, window: &Window) -> Result<Report> {
     let sinks = audited_sinks(config);
+    let archived = archive_deployed(config).await?;
     let mut cells = {
         let (config, window, sinks) = (config.clone(), window.clone(), sinks.clone());
-        tokio::task::spawn_blocking(move || scan::scan_topics(&config, &window, &sinks))
+        tokio::task::spawn_blocking(move || scan::scan_topics(&config, &window, &sinks, archived))
             .await
             .context("audit task")??
     };
+    if archived {
+        scan::scan_archive(config, window, &mut cells).await?;
+    }
     let selection = Selection::Received {
         from: window.from.timestamp_millis(),
         to: window.to.timestamp_millis(),
@@ -125,5 +146,10 @@ pub async fn run(config: &Config, window: &Window) -> Result<Report> {
     } else {
         None
     };
-    Ok(reconcile::reconcile(&cells, &sinks, codec.as_deref()))
+    Ok(reconcile::reconcile(
+        &cells,
+        &sinks,
+        codec.as_deref(),
+        archived,
+    ))
 }

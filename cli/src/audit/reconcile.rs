@@ -47,6 +47,12 @@ pub(crate) struct Cell {
     pub(crate) sinks: Vec<SinkCell>,
     /// Records per raw id outside replays, by topic layer.
     pub(crate) writes: BTreeMap<&'static str, HashMap<String, u32>>,
+    /// Copies of each raw event in the archive, by raw id.
+    pub(crate) archive: HashMap<String, u32>,
+    /// Raw ids the archive group has yet to commit.
+    pub(crate) archive_pending: HashSet<String>,
+    /// Archived raw ids Kafka no longer retains (below the raw topic's start).
+    pub(crate) archive_only: HashSet<String>,
 }
 
 impl Cell {
@@ -59,14 +65,17 @@ impl Cell {
 }
 
 /// Compare the layers of every cell. With `codec`, stored values are compared with the
-/// enriched topic's newest record of each event.
+/// enriched topic's newest record of each event. With `archived`, the archive too: each
+/// raw event in it once.
 pub(crate) fn reconcile(
     cells: &Cells,
     sinks: &[AuditedSink],
     codec: Option<&sluice_schemas::Codec<EnrichedEvent>>,
+    archived: bool,
 ) -> Report {
     let mut report = Report {
         sinks: sinks.iter().map(|s| s.name).collect(),
+        archive: archived,
         ..Report::default()
     };
     let empty = SinkCell::default();
@@ -176,6 +185,36 @@ pub(crate) fn reconcile(
             finding(sink.name, "stale", stale);
             counts.push((sink.name, s.stored.len()));
         }
+        if archived {
+            // The archive: every raw event once (or not yet committed by its group);
+            // nothing else but what Kafka no longer retains.
+            let mut missing = Vec::new();
+            for id in &c.raw {
+                if c.archive.contains_key(id) {
+                    continue;
+                }
+                if c.archive_pending.contains(id) {
+                    in_flight.insert(id);
+                } else {
+                    missing.push(id.clone());
+                }
+            }
+            finding("archive", "missing", missing);
+            let duplicated = c
+                .archive
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(id, n)| format!("{id} ×{n}"))
+                .collect();
+            finding("archive", "duplicated", duplicated);
+            let extra = c
+                .archive
+                .keys()
+                .filter(|id| !c.raw.contains(*id) && !c.archive_only.contains(*id))
+                .cloned()
+                .collect();
+            finding("archive", "extra", extra);
+        }
         let mut repeated = 0;
         for (layer, writes) in &c.writes {
             let ids: Vec<String> = writes
@@ -196,6 +235,7 @@ pub(crate) fn reconcile(
             enrich_dlq: c.enrich_dlq.len(),
             sink_dlq,
             sinks: counts,
+            archive: c.archive.len(),
             in_flight: in_flight.len(),
             repeated,
         });
@@ -261,7 +301,7 @@ mod tests {
         c.sink(1).pending = ids(&["e2"]);
         c.writes
             .insert("parsed", HashMap::from([("r1".to_string(), 2)]));
-        let report = reconcile(&cells, &sinks(), None);
+        let report = reconcile(&cells, &sinks(), None, false);
         assert_eq!(
             report.count("parse", "missing"),
             1,
@@ -317,12 +357,40 @@ mod tests {
         c.sink(0).stored = HashMap::from([("e1".to_string(), vec![s.clone()])]);
         s.event = Some(newest);
         c.sink(1).stored = HashMap::from([("e1".to_string(), vec![s])]);
-        let report = reconcile(&cells, &sinks(), Some(&codec));
+        let report = reconcile(&cells, &sinks(), Some(&codec), false);
         assert_eq!(report.count("timescale", "stale"), 1);
         assert_eq!(report.count("elasticsearch", "stale"), 0);
         assert_eq!(
             report.findings[0].example.as_deref(),
             Some("e1: country XX ≠ DE")
         );
+    }
+
+    #[test]
+    fn the_archive_holds_each_raw_event_once() {
+        let mut cells = Cells::new();
+        let c = cells.entry(("acme".into(), 0)).or_default();
+        c.raw = ids(&["r1", "r2", "r3", "r4"]);
+        c.parsed_raw = c.raw.clone();
+        c.archive = HashMap::from([
+            ("r1".to_string(), 1),
+            ("r2".to_string(), 2),
+            ("old".to_string(), 1),
+            ("zz".to_string(), 1),
+        ]);
+        c.archive_pending = ids(&["r4"]);
+        c.archive_only = ids(&["old"]);
+        let report = reconcile(&cells, &[], None, true);
+        assert_eq!(report.count("archive", "missing"), 1, "r3; r4 is in flight");
+        assert_eq!(report.count("archive", "duplicated"), 1, "r2");
+        assert_eq!(
+            report.count("archive", "extra"),
+            1,
+            "zz; `old` is only beyond Kafka's retention"
+        );
+        assert_eq!(report.rows[0].archive, 4);
+        assert!(report.render().contains("archive"), "{}", report.render());
+        let without = reconcile(&cells, &[], None, false);
+        assert!(without.ok(), "not audited without the archive");
     }
 }

@@ -23,6 +23,8 @@ pub struct Row {
     pub sink_dlq: usize,
     /// Distinct events in each audited sink, by sink name.
     pub sinks: Vec<(&'static str, usize)>,
+    /// Distinct raw events in the archive (when audited).
+    pub archive: usize,
     /// Events not yet processed by some layer (past a group's committed offset).
     pub in_flight: usize,
     /// Events written more than once to a topic layer outside replays.
@@ -42,7 +44,7 @@ impl Row {
 /// A discrepancy no dead letter or in-flight record explains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
-    /// Layer: `parse`, `enrich`, a sink's name, or a topic layer for repeats.
+    /// Layer: `parse`, `enrich`, a sink's name, `archive`, or a topic layer for repeats.
     pub layer: &'static str,
     /// `missing`, `duplicated`, `extra`, `stale` or (a warning) `repeated`.
     pub kind: &'static str,
@@ -72,6 +74,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// The audited sinks, in column order.
     pub sinks: Vec<&'static str>,
+    /// Whether the archive was audited (its column shows).
+    pub archive: bool,
 }
 
 pub(crate) fn time(ms: i64) -> String {
@@ -130,6 +134,9 @@ impl Report {
         .map(String::from)
         .to_vec();
         head.extend(self.sinks.iter().map(|s| sink_column(s).to_string()));
+        if self.archive {
+            head.push("archive".into());
+        }
         head.extend(["in-flight".to_string(), "repeated".to_string()]);
         let mut s = line(head);
         let mut total = Row {
@@ -149,6 +156,9 @@ impl Report {
                 r.sink_dlq.to_string(),
             ];
             v.extend(self.sinks.iter().map(|n| r.sink(n).to_string()));
+            if self.archive {
+                v.push(r.archive.to_string());
+            }
             v.extend([r.in_flight.to_string(), r.repeated.to_string()]);
             v
         };
@@ -163,6 +173,7 @@ impl Report {
             for (name, n) in &mut total.sinks {
                 *n += r.sink(name);
             }
+            total.archive += r.archive;
             total.in_flight += r.in_flight;
             total.repeated += r.repeated;
         }

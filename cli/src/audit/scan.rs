@@ -77,23 +77,33 @@ pub(crate) fn count_write(cell: &mut Cell, layer: &'static str, m: &BorrowedMess
     }
 }
 
+/// Read every topic layer; with `archived`, also note the raw records the archive group
+/// has yet to commit.
 pub(crate) fn scan_topics(
     config: &Config,
     window: &Window,
     sinks: &[AuditedSink],
+    archived: bool,
 ) -> Result<Cells> {
     let t = &config.topics;
     let mut cells = Cells::new();
+    let mut raw_groups = vec![config.parse.group.as_str()];
+    if archived {
+        raw_groups.push(&config.archive.group);
+    }
     scan_topic(
         config,
         window,
         &mut cells,
         &t.raw,
-        &[&config.parse.group],
+        &raw_groups,
         |c, m, pending| {
             let (_, _, id) = identity(m, headers::EVENT_ID);
             if pending[0] {
                 c.parse_pending.insert(id.clone());
+            }
+            if pending.get(1).copied().unwrap_or(false) {
+                c.archive_pending.insert(id.clone());
             }
             count_write(c, "raw", m);
             c.raw.insert(id);
@@ -175,4 +185,48 @@ pub(crate) fn scan_topics(
         },
     )?;
     Ok(cells)
+}
+
+/// Count every copy of each raw event of the window in the archive (no deduplication: a
+/// copy too many is a finding), and note those Kafka no longer retains.
+pub(crate) async fn scan_archive(
+    config: &Config,
+    window: &Window,
+    cells: &mut Cells,
+) -> Result<()> {
+    use sluice_sinks::archive::{self, record::decode, ArchiveRange};
+    let archive = archive::open(&config.archive).context("opening the archive")?;
+    let raw = config.topics.raw.clone();
+    let range = ArchiveRange {
+        topic: raw.clone(),
+        from: Some(window.from.timestamp_millis() - STAMP_MARGIN_MS),
+        to: Some(window.to.timestamp_millis() + STAMP_MARGIN_MS),
+        tenant: window.tenant.clone(),
+    };
+    let kafka = config.kafka.clone();
+    let starts: HashMap<i32, i64> =
+        tokio::task::spawn_blocking(move || sluice_core::kafka::watermarks(&kafka, &raw))
+            .await??
+            .into_iter()
+            .map(|(p, low, _)| (p, low))
+            .collect();
+    for f in archive::list_files(&archive, &range)
+        .await
+        .context("listing the archive")?
+    {
+        let bytes = archive.store.get(&f.path).await?.bytes().await?;
+        for r in decode(bytes).with_context(|| format!("reading {}", f.path))? {
+            if !window.contains(r.received_at) || !window.keeps(&r.tenant) {
+                continue;
+            }
+            let cell = cells
+                .entry((r.tenant.clone(), window.bucket_of(r.received_at)))
+                .or_default();
+            if starts.get(&r.partition).is_some_and(|low| r.offset < *low) {
+                cell.archive_only.insert(r.event_id.clone());
+            }
+            *cell.archive.entry(r.event_id).or_insert(0) += 1;
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 
 use crate::components::Component;
 
+pub mod archive;
 mod copy;
 pub mod diff;
 pub mod plan;

@@ -1,0 +1,331 @@
+//! Replaying from the archive. The archived records of the range are put back on a
+//! scratch topic of their own (the raw topic's partitions, keys, headers and timestamps,
+//! plus `sluice.replayed_from`), which the usual replay then reads: the target stage
+//! sees them as if they came from the raw topic. `--source auto` takes from the archive
+//! only the offsets Kafka no longer retains, and the rest from Kafka: the seam is, per
+//! partition, the first offset Kafka retains, so nothing is read twice or skipped.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_sinks::archive::{self, Archive, ArchiveRange, ArchivedFile, ArchivedRecord};
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{resolve, OffsetRange, Plan, Range};
+use super::run::{blocking, progress};
+use super::REPLAYED_FROM;
+use crate::components::Config;
+
+/// Where a replay reads its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A retained topic.
+    Topic(String),
+    /// The archive of the raw topic.
+    Archive,
+    /// The archive for what Kafka no longer retains of the raw topic, Kafka for the rest.
+    Auto,
+}
+
+/// The archived records a replay reads.
+#[derive(Debug, Clone)]
+pub struct ArchivePart {
+    archive: Archive,
+    range: ArchiveRange,
+    /// The files that may hold them.
+    pub files: Vec<ArchivedFile>,
+    /// Per partition, the offsets taken: `[start, end)`; a partition absent is not taken.
+    bounds: HashMap<i32, (i64, i64)>,
+}
+
+impl ArchivePart {
+    fn keeps(&self, r: &ArchivedRecord) -> bool {
+        self.bounds
+            .get(&r.partition)
+            .is_some_and(|(start, end)| r.offset >= *start && r.offset < *end)
+    }
+
+    /// Files, offsets and bytes, as the dry run prints them.
+    pub fn table(&self) -> String {
+        let files: Vec<&ArchivedFile> = self
+            .files
+            .iter()
+            .filter(|f| {
+                self.bounds
+                    .get(&f.span.partition)
+                    .is_some_and(|(s, e)| f.span.last >= *s && f.span.first < *e)
+            })
+            .collect();
+        let mut s = format!(
+            "archive {} (topic {})\n",
+            self.archive.url, self.range.topic
+        );
+        s += &format!(
+            "{:>9} {:>14} {:>14} {:>7} {:>12}\n",
+            "partition", "first", "last", "files", "bytes"
+        );
+        let mut partitions: Vec<i32> = files.iter().map(|f| f.span.partition).collect();
+        partitions.dedup();
+        for p in partitions {
+            let of: Vec<&&ArchivedFile> = files.iter().filter(|f| f.span.partition == p).collect();
+            s += &format!(
+                "{:>9} {:>14} {:>14} {:>7} {:>12}\n",
+                p,
+                of.iter().map(|f| f.span.first).min().unwrap_or(0),
+                of.iter().map(|f| f.span.last).max().unwrap_or(0),
+                of.len(),
+                of.iter().map(|f| f.size).sum::<u64>()
+            );
+        }
+        s += &format!(
+            "{:>9} {:>14} {:>14} {:>7} {:>12}\n",
+            "total",
+            "",
+            "",
+            files.len(),
+            files.iter().map(|f| f.size).sum::<u64>()
+        );
+        s
+    }
+
+    /// Whether nothing is to be read from the archive.
+    pub fn is_empty(&self) -> bool {
+        self.bounds.values().all(|(s, e)| s >= e)
+            || !self
+                .files
+                .iter()
+                .any(|f| self.bounds.contains_key(&f.span.partition))
+    }
+}
+
+/// Plan what a replay of `range` reads from the archive of the raw topic: every
+/// partition (or `partitions`), each below `below` when given (auto: the first offset
+/// Kafka retains), of `tenant` when given.
+pub async fn plan(
+    config: &Config,
+    range: &Range,
+    tenant: Option<&str>,
+    partitions: Option<&[i32]>,
+    below: Option<&HashMap<i32, i64>>,
+) -> Result<ArchivePart> {
+    let archive = archive::open(&config.archive).context("opening the archive")?;
+    let (from, to, offsets): (Option<i64>, Option<i64>, Option<&[OffsetRange]>) = match range {
+        Range::Times { from, to } => (
+            from.map(|t| t.timestamp_millis()),
+            to.map(|t| t.timestamp_millis()),
+            None,
+        ),
+        Range::Offsets(o) => (None, None, Some(o)),
+    };
+    let range = ArchiveRange {
+        topic: config.topics.raw.clone(),
+        from,
+        to,
+        tenant: tenant.map(str::to_string),
+    };
+    let files = archive::list_files(&archive, &range)
+        .await
+        .with_context(|| format!("listing the archive {}", archive.url))?;
+    let mut all: Vec<i32> = files.iter().map(|f| f.span.partition).collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut bounds = HashMap::new();
+    for p in all {
+        if partitions.is_some_and(|w| !w.contains(&p)) {
+            continue;
+        }
+        let (mut start, mut end) = (0, i64::MAX);
+        if let Some(offsets) = offsets {
+            let Some(r) = offsets.iter().find(|r| r.partition == p) else {
+                continue;
+            };
+            start = r.start;
+            end = r.end.unwrap_or(i64::MAX);
+        }
+        if let Some(below) = below {
+            end = end.min(below.get(&p).copied().unwrap_or(0));
+        }
+        if start < end {
+            bounds.insert(p, (start, end));
+        }
+    }
+    Ok(ArchivePart {
+        archive,
+        range,
+        files,
+        bounds,
+    })
+}
+
+/// Put the part's records on a new scratch topic `<raw>.restore-<time>` with the raw
+/// topic's partitions; the plan that replays all of it.
+pub async fn restore(
+    config: &Config,
+    part: &ArchivePart,
+    stop: &CancellationToken,
+) -> Result<Plan> {
+    let raw = config.topics.raw.clone();
+    let (kafka, r) = (config.kafka.clone(), raw.clone());
+    let partitions = blocking(move || Ok(sluice_core::kafka::watermarks(&kafka, &r)?.len()))?;
+    if partitions == 0 {
+        bail!("--source: topic `{raw}` does not exist");
+    }
+    let topic = format!(
+        "{raw}.restore-{}",
+        chrono::Utc::now().format("%Y%m%d%H%M%S")
+    );
+    sluice_core::kafka::create_topics(
+        &config.kafka,
+        partitions as i32,
+        config.topics.replication_factor,
+        &[(topic.clone(), "86400000".into())],
+    )
+    .await?;
+    let producer: FutureProducer = config.kafka.producer_config().create()?;
+    let spans: Vec<Vec<ArchivedFile>> = archive::spans(&part.files)
+        .into_iter()
+        .filter(|s| {
+            part.bounds
+                .get(&s[0].span.partition)
+                .is_some_and(|(start, end)| s[0].span.last >= *start && s[0].span.first < *end)
+        })
+        .collect();
+    let bar = progress(
+        spans
+            .iter()
+            .map(|s| s[0].span.last - s[0].span.first + 1)
+            .sum(),
+    );
+    let mut restored = 0u64;
+    // One span at a time, in partition and offset order: memory holds one span.
+    for span in &spans {
+        let records = archive::read_span(&part.archive, span, &part.range, |r| part.keeps(r))
+            .await
+            .with_context(|| format!("reading the archive {}", part.archive.url))?;
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in &records {
+            if stop.is_cancelled() {
+                bail!("interrupted while putting archived records back on {topic}");
+            }
+            deliveries.push(put_back(&producer, &topic, partitions, r)?);
+        }
+        wait(deliveries).await?;
+        restored += records.len() as u64;
+        bar.inc((span[0].span.last - span[0].span.first + 1) as u64);
+    }
+    bar.finish_and_clear();
+    println!("{restored} archived record(s) put back on scratch topic {topic}");
+    let (kafka, t) = (config.kafka.clone(), topic.clone());
+    blocking(move || {
+        resolve(
+            &kafka,
+            &t,
+            &Range::Times {
+                from: None,
+                to: None,
+            },
+            None,
+        )
+    })
+}
+
+/// Send one archived record to its partition of the scratch topic, as it was, with the
+/// place it came from.
+fn put_back(
+    producer: &FutureProducer,
+    topic: &str,
+    partitions: usize,
+    r: &ArchivedRecord,
+) -> Result<rdkafka::producer::DeliveryFuture> {
+    let origin = format!("{}/{}/{}", r.topic, r.partition, r.offset);
+    let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
+    for (k, v) in r.headers.iter().filter(|(k, _)| k != REPLAYED_FROM) {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    headers = headers.insert(Header {
+        key: REPLAYED_FROM,
+        value: Some(origin.as_str()),
+    });
+    // The raw topic may have fewer partitions now than when the record was archived.
+    let partition = r.partition.rem_euclid(partitions as i32);
+    let mut record = FutureRecord::to(topic)
+        .partition(partition)
+        .headers(headers);
+    if let Some(v) = &r.value {
+        record = record.payload(v);
+    }
+    if let Some(k) = &r.key {
+        record = record.key(k);
+    }
+    if let Some(ts) = r.timestamp {
+        record = record.timestamp(ts);
+    }
+    loop {
+        match producer.send_result(record) {
+            Ok(d) => return Ok(d),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::error::RDKafkaErrorCode::QueueFull,
+                ),
+                back,
+            )) => {
+                record = back;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e).context("putting a record back"),
+        }
+    }
+}
+
+async fn wait(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Result<()> {
+    for d in futures::future::join_all(deliveries).await {
+        d.context("putting a record back: delivery cancelled")?
+            .map_err(|(e, _)| e)
+            .context("putting a record back")?;
+    }
+    Ok(())
+}
+
+/// The Kafka part of an `auto` replay: `range` on the raw topic from the first offset
+/// Kafka retains on each partition; and those offsets (the seam).
+pub fn kafka_part(
+    config: &Config,
+    range: &Range,
+    partitions: Option<&[i32]>,
+) -> Result<(Plan, HashMap<i32, i64>)> {
+    let raw = config.topics.raw.clone();
+    let kafka = config.kafka.clone();
+    let (range, partitions) = (range.clone(), partitions.map(<[i32]>::to_vec));
+    let (plan, lows) = blocking(move || {
+        let lows: HashMap<i32, i64> = sluice_core::kafka::watermarks(&kafka, &raw)?
+            .into_iter()
+            .map(|(p, low, _)| (p, low))
+            .collect();
+        // Offsets below the retained start come from the archive: start the Kafka part
+        // at the seam instead of refusing them.
+        let range = match &range {
+            Range::Offsets(given) => Range::Offsets(
+                given
+                    .iter()
+                    .map(|r| {
+                        let low = lows.get(&r.partition).copied().unwrap_or(0);
+                        let start = r.start.max(low);
+                        OffsetRange {
+                            start,
+                            end: r.end.map(|e| e.max(start)),
+                            ..*r
+                        }
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        Ok((resolve(&kafka, &raw, &range, partitions.as_deref())?, lows))
+    })?;
+    Ok((plan, lows))
+}

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sluice_core::config::{
-    redact_url_password, ConfigError, KafkaConfig, MetricsConfig, SchemasConfig, TopicsConfig,
+    ConfigError, KafkaConfig, LogConfig, MetricsConfig, SchemasConfig, TopicsConfig,
 };
 use sluice_core::wiring::{Rewiring, Shared};
 use sluice_ingest::config::IngestConfig;
@@ -39,6 +39,8 @@ pub struct Config {
     pub topics: TopicsConfig,
     /// The Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// Log line format.
+    pub log: LogConfig,
     /// How Avro records are framed: embedded schemas or a schema registry.
     pub schemas: SchemasConfig,
     /// The HTTP ingest endpoint.
@@ -81,24 +83,13 @@ impl Config {
         }
     }
 
-    /// The configuration as TOML with secrets masked: API keys and the database password.
+    /// The configuration as TOML with every secret masked: settings whose names say they
+    /// hold one (keys, passwords, tokens, librdkafka's `sasl.password` …) and the
+    /// passwords inside URLs, wherever they sit.
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
-        let mut c = self.clone();
-        for k in &mut c.ingest.api_keys {
-            k.key = "***".into();
-        }
-        c.timescale.url = redact_url_password(&c.timescale.url);
-        for secret in [
-            &mut c.schemas.registry_password,
-            &mut c.schemas.registry_token,
-            &mut c.archive.secret_access_key,
-            &mut c.archive.session_token,
-        ] {
-            if secret.is_some() {
-                *secret = Some("***".into());
-            }
-        }
-        toml::to_string(&c)
+        let mut value = toml::Value::try_from(self)?;
+        sluice_core::redact::toml_value(&mut value);
+        toml::to_string(&value)
     }
 
     /// Point the configuration at a namespace of its own: topics `<prefix>.raw` etc.,

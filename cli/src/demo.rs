@@ -494,7 +494,7 @@ pub async fn run_pipeline(
         .iter()
         .map(|(t, k)| ApiKey {
             tenant: t.clone(),
-            key: k.clone(),
+            key: k.clone().into(),
         })
         .collect();
     config.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));

@@ -411,9 +411,14 @@ async fn drop_scratch(config: &Config, topics: &[String]) {
     }
 }
 
-/// Install the metrics recorder and, when `metrics.listen` is set, serve the ops endpoint.
-async fn serve_ops(config: &Config) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
-    let handle = telemetry::install_metrics().context("metrics recorder")?;
+/// Install the metrics recorder for `component` and, when `metrics.listen` is set, serve
+/// the ops endpoint.
+async fn serve_ops(
+    config: &Config,
+    component: &str,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    let idle = Duration::from_secs(config.metrics.idle_timeout_s.max(1));
+    let handle = telemetry::install_metrics(component, idle).context("metrics recorder")?;
     if let Some(listen) = config.metrics.listen {
         let addr = telemetry::serve_ops(
             listen,
@@ -430,11 +435,13 @@ async fn serve_ops(config: &Config) -> Result<metrics_exporter_prometheus::Prome
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    telemetry::init_logging();
+    // The log format is a setting: the configuration is read first (its errors go to
+    // stderr as they are).
     let config = pipeline::load_config(cli.config.as_deref())?;
+    telemetry::init_logging_as(config.log.format);
     match cli.command {
         Command::Ingest => {
-            let handle = serve_ops(&config).await?;
+            let handle = serve_ops(&config, "ingest").await?;
             let shutdown = pipeline::shutdown_on_signals();
             let (_, task) = pipeline::start_ingest(&config, Some(handle), shutdown).await?;
             telemetry::process_readiness().set(true);
@@ -448,7 +455,7 @@ async fn main() -> Result<()> {
             };
             let component = components::find(kind, &name)
                 .with_context(|| format!("no {name} in the registry"))?;
-            serve_ops(&config).await?;
+            serve_ops(&config, component.helm).await?;
             let stats = component
                 .run(&config, pipeline::shutdown_on_signals())
                 .await?;

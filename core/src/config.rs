@@ -120,18 +120,41 @@ impl TopicsConfig {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event, fields as `key=value`.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `message` and the fields.
+    Json,
+}
+
+/// Logging (`[log]`); the level comes from `RUST_LOG`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
 /// The Prometheus metrics endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serve `/metrics` on this address; none turns the listener off.
     pub listen: Option<SocketAddr>,
+    /// A gauge not updated for this many seconds is no longer exported: the lag of a
+    /// partition this process gave up in a rebalance.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            idle_timeout_s: 30,
         }
     }
 }
@@ -159,9 +182,9 @@ pub struct SchemasConfig {
     /// HTTP basic user (Confluent Cloud: the API key); none sends no credentials.
     pub registry_username: Option<String>,
     /// HTTP basic password (Confluent Cloud: the API secret).
-    pub registry_password: Option<String>,
+    pub registry_password: Option<crate::secret::Secret>,
     /// Bearer token, instead of basic credentials.
-    pub registry_token: Option<String>,
+    pub registry_token: Option<crate::secret::Secret>,
     /// Timeout of each registry request, in milliseconds.
     pub registry_timeout_ms: u64,
 }
@@ -179,18 +202,9 @@ impl Default for SchemasConfig {
     }
 }
 
-/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`.
+/// `scheme://user:secret@host/...` → `scheme://user:***@host/...` (see [`crate::redact::url`]).
 pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((auth, host)) if auth.contains(':') => {
-            let user = auth.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_string(),
-    }
+    crate::redact::url(url)
 }
 
 /// Tables whose overrides merge `name=value` lists instead of replacing the value.

@@ -46,8 +46,11 @@ impl ClientContext for MeteredConsumer {
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                // -1 is librdkafka's "internal UA partition"; unassigned partitions report -1 lag.
-                if *partition < 0 || p.consumer_lag < 0 {
+                // Only partitions this consumer owns and fetches: a revoked partition's
+                // last value would otherwise stay exported next to its new owner's, and
+                // `sum by (group)` count it twice. Its series is no longer updated and
+                // expires (metrics.idle_timeout_s). -1 is librdkafka's internal partition.
+                if *partition < 0 || !owned(p) {
                     continue;
                 }
                 metrics::gauge!(
@@ -58,6 +61,12 @@ impl ClientContext for MeteredConsumer {
             }
         }
     }
+}
+
+/// Whether librdkafka's statistics show a partition assigned to this consumer, fetching,
+/// with a known lag.
+pub fn owned(p: &rdkafka::statistics::Partition) -> bool {
+    p.desired && p.fetch_state == "active" && p.consumer_lag >= 0
 }
 
 impl ConsumerContext for MeteredConsumer {

@@ -9,8 +9,10 @@ pub mod failure;
 pub mod headers;
 pub mod kafka;
 pub mod produce;
+pub mod redact;
 pub mod replay_scope;
 pub mod retry;
+pub mod secret;
 pub mod telemetry;
 pub mod wiring;
 

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -23,22 +24,39 @@ const RECORDS_BUCKETS: &[f64] = &[
     1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
 
-/// Start logging to stderr (stdout is for command output), filtered by `RUST_LOG` (default `info`). Safe to call twice.
+/// Start logging readable text to stderr (stdout is for command output), filtered by
+/// `RUST_LOG` (default `info`). Safe to call twice.
 pub fn init_logging() {
+    init_logging_as(crate::config::LogFormat::Text);
+}
+
+/// Start logging to stderr in `format`: text, one readable line per event, or JSON, one
+/// object per line (time, level, message and the event's fields) for log pipelines.
+/// Filtered by `RUST_LOG` (default `info`). Safe to call twice.
+pub fn init_logging_as(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
     });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Text => builder.try_init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
 }
 
-/// The Prometheus recorder with Sluice's histogram buckets.
-fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, BuildError> {
+/// The Prometheus recorder with Sluice's histogram buckets; gauges not updated for
+/// `idle` expire.
+fn recorder(idle: Duration) -> Result<metrics_exporter_prometheus::PrometheusRecorder, BuildError> {
     // Histograms, not summaries, so they aggregate across replicas in Prometheus.
     Ok(PrometheusBuilder::new()
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(idle))
         // A full name takes precedence over the suffix below.
         .set_buckets_for_metric(
             Matcher::Full("sluice_end_to_end_latency_seconds".into()),
@@ -49,18 +67,26 @@ fn recorder() -> Result<metrics_exporter_prometheus::PrometheusRecorder, BuildEr
         .build_recorder())
 }
 
-/// Install the global Prometheus recorder and keep its histograms drained. Returns a
-/// handle that renders the metrics (for [`serve_ops`] or a route of the process's own).
-/// Call from within a Tokio runtime.
-pub fn install_metrics() -> Result<PrometheusHandle, BuildError> {
-    let recorder = recorder()?;
+/// Install the global Prometheus recorder for the process running `component` (e.g.
+/// `stage parse`): it exports `sluice_build_info{version, component}` (1, what an
+/// absence alert watches), keeps its histograms drained, and lets gauges not updated for
+/// `idle` expire. Returns a handle that renders the metrics (for [`serve_ops`] or a route
+/// of the process's own). Call from within a Tokio runtime.
+pub fn install_metrics(component: &str, idle: Duration) -> Result<PrometheusHandle, BuildError> {
+    let recorder = recorder(idle)?;
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(BuildError::FailedToSetGlobalRecorder)?;
     let upkeep = handle.clone();
+    let info = metrics::gauge!(
+        "sluice_build_info",
+        "version" => env!("CARGO_PKG_VERSION"), "component" => component.to_string()
+    );
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
+            // Set again each time: it is a gauge, and idle gauges expire.
+            info.set(1.0);
             upkeep.run_upkeep();
         }
     });
@@ -127,7 +153,7 @@ pub async fn serve_ops(
 mod tests {
     #[test]
     fn end_to_end_latency_has_its_finer_buckets() {
-        let recorder = super::recorder().unwrap();
+        let recorder = super::recorder(std::time::Duration::from_secs(30)).unwrap();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             metrics::histogram!("sluice_end_to_end_latency_seconds", "sink" => "s").record(0.07);

@@ -19,7 +19,7 @@ impl Keys {
         Self {
             keys: keys
                 .iter()
-                .map(|k| (k.key.clone(), k.tenant.clone()))
+                .map(|k| (k.key.expose().to_string(), k.tenant.clone()))
                 .collect(),
         }
     }

@@ -11,7 +11,7 @@ pub struct ApiKey {
     /// The tenant this key writes as.
     pub tenant: String,
     /// The bearer token.
-    pub key: String,
+    pub key: sluice_core::secret::Secret,
 }
 
 /// The HTTP ingest endpoint.

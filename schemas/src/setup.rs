@@ -39,10 +39,14 @@ pub fn schema_registry(c: &SchemasConfig) -> Option<Arc<SchemaRegistry>> {
         return None;
     }
     let auth = match (&c.registry_token, &c.registry_username) {
-        (Some(token), _) => RegistryAuth::Token(token.clone()),
+        (Some(token), _) => RegistryAuth::Token(token.expose().to_string()),
         (None, Some(username)) => RegistryAuth::Basic {
             username: username.clone(),
-            password: c.registry_password.clone().unwrap_or_default(),
+            password: c
+                .registry_password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default(),
         },
         (None, None) => RegistryAuth::None,
     };

@@ -439,7 +439,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 metrics::histogram!("sluice_sink_commit_duration_seconds", "sink" => name)
                     .record(started.elapsed().as_secs_f64());
                 stats.last_commit_at = Some(std::time::Instant::now());
-                record_end_to_end(name, &batch);
+                record_end_to_end(name, &batch, spec.scope.is_some());
                 metrics::counter!("sluice_sink_records_written_total", "sink" => name).increment(count as u64);
             }
             _ = shutdown.cancelled(), if consuming => consuming = false,
@@ -505,10 +505,18 @@ fn settled(
 }
 
 /// End-to-end latency of each committed record: from ingest's receipt to now.
-fn record_end_to_end(sink: &'static str, batch: &[OwnedMessage]) {
+/// Replayed records (stamped by a replaying stage, or written by a replay of the sink
+/// itself) are counted apart: their age is the replay's, not the pipeline's latency, and
+/// would trip the latency alert.
+fn record_end_to_end(sink: &'static str, batch: &[OwnedMessage], replaying: bool) {
     let now = sluice_core::now_ms();
     let histogram = metrics::histogram!("sluice_end_to_end_latency_seconds", "sink" => sink);
+    let replayed = metrics::counter!("sluice_sink_replayed_records_total", "sink" => sink);
     for m in batch {
+        if replaying || headers::get(m.headers(), headers::REPLAY).is_some() {
+            replayed.increment(1);
+            continue;
+        }
         if let Some(at) =
             headers::get(m.headers(), headers::RECEIVED_AT_MS).and_then(|v| v.parse::<i64>().ok())
         {

@@ -47,7 +47,7 @@ async fn namespace(name: &str) -> Config {
         .iter()
         .map(|(t, k)| ApiKey {
             tenant: t.to_string(),
-            key: k.to_string(),
+            key: (*k).into(),
         })
         .collect();
     config.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));

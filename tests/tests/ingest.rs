@@ -25,7 +25,9 @@ const KEY_B: &str = "key-tenant-b";
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
-        .get_or_init(|| telemetry::install_metrics().unwrap())
+        .get_or_init(|| {
+            telemetry::install_metrics("ingest", std::time::Duration::from_secs(30)).unwrap()
+        })
         .clone()
 }
 

@@ -14,7 +14,9 @@ async fn documented_metrics_are_exported() {
         .local_addr()
         .unwrap()
         .port();
-    let handle = sluice_core::telemetry::install_metrics().unwrap();
+    let handle =
+        sluice_core::telemetry::install_metrics("test", std::time::Duration::from_secs(30))
+            .unwrap();
     let readiness = sluice_core::telemetry::process_readiness().clone();
     sluice_core::telemetry::serve_ops(([127, 0, 0, 1], port).into(), handle, readiness)
         .await

@@ -537,7 +537,7 @@ fn pipeline_config() -> Result<(Config, String)> {
     let key = sluice_tests::unique("key-");
     config.ingest.api_keys = vec![ApiKey {
         tenant: "acme".into(),
-        key: key.clone(),
+        key: key.clone().into(),
     }];
     config.ingest.listen = free_port()?;
     Ok((config, key))

@@ -21,9 +21,9 @@ pub struct ArchiveConfig {
     /// IRSA, instance profile).
     pub access_key_id: Option<String>,
     /// S3: secret access key.
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<sluice_core::secret::Secret>,
     /// S3: session token of temporary credentials.
-    pub session_token: Option<String>,
+    pub session_token: Option<sluice_core::secret::Secret>,
     /// S3: path-style requests (`endpoint/bucket/key`), which most S3-compatible stores
     /// need; false uses virtual-hosted style (`bucket.endpoint/key`).
     pub path_style: bool,

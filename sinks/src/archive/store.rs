@@ -63,10 +63,10 @@ pub fn open(config: &ArchiveConfig) -> Result<Archive, ArchiveError> {
                 b = b.with_access_key_id(id);
             }
             if let Some(secret) = &config.secret_access_key {
-                b = b.with_secret_access_key(secret);
+                b = b.with_secret_access_key(secret.expose());
             }
             if let Some(token) = &config.session_token {
-                b = b.with_token(token);
+                b = b.with_token(token.expose());
             }
             Ok(Archive {
                 store: Arc::new(b.build()?),

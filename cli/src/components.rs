@@ -63,7 +63,14 @@ impl Config {
     /// Load the configuration: the TOML file (if any), then the stack settings file
     /// named by `SLUICE_STACK_ENV` (if set), then the process's `SLUICE__*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        sluice_core::config::load(file)
+        let config: Self = sluice_core::config::load(file)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Settings that parse but do not fit together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.kafka.security.check()
     }
 
     /// Load from a file (if any) and the given variables, in order.
@@ -71,7 +78,9 @@ impl Config {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        sluice_core::config::load_with(file, vars)
+        let config: Self = sluice_core::config::load_with(file, vars)?;
+        config.check()?;
+        Ok(config)
     }
 
     /// The sections every stage and sink reads.

@@ -46,6 +46,14 @@ pub enum ConfigError {
     /// A merged configuration has a wrong type or unknown key.
     #[error("invalid configuration: {0}")]
     Invalid(toml::de::Error),
+    /// Settings that do not fit together.
+    #[error("{key}: {reason}")]
+    Setting {
+        /// The setting at fault.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Kafka connection settings and librdkafka properties passed through as they are.
@@ -60,6 +68,143 @@ pub struct KafkaConfig {
     pub producer: BTreeMap<String, String>,
     /// librdkafka properties for consumers only.
     pub consumer: BTreeMap<String, String>,
+    /// TLS and SASL towards the brokers (also rendered as KEDA's TriggerAuthentication).
+    pub security: KafkaSecurity,
+}
+
+/// How clients reach a secured cluster: `kafka.security`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: SecurityProtocol,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (the SASL protocols).
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user.
+    pub username: Option<String>,
+    /// SASL password.
+    pub password: Option<crate::secret::Secret>,
+    /// PEM file of the CA that signed the brokers' certificates (`ssl.ca.location`).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's (and KEDA's) name of it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// `sasl.mechanisms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// User and password in clear (over TLS, hopefully).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// SCRAM with SHA-256.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM with SHA-512.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's name of it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties these settings stand for.
+    pub fn properties(&self) -> Vec<(&'static str, String)> {
+        let mut p = vec![("security.protocol", self.protocol.as_str().to_string())];
+        if let Some(m) = self.sasl_mechanism {
+            p.push(("sasl.mechanisms", m.as_str().to_string()));
+        }
+        if let Some(u) = &self.username {
+            p.push(("sasl.username", u.clone()));
+        }
+        if let Some(pw) = &self.password {
+            p.push(("sasl.password", pw.expose().to_string()));
+        }
+        if let Some(ca) = &self.ca_file {
+            p.push(("ssl.ca.location", ca.display().to_string()));
+        }
+        p
+    }
+
+    /// Settings that do not fit together, named.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key, reason: &str| {
+            Err(ConfigError::Setting {
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.protocol.sasl() {
+            if self.sasl_mechanism.is_none() {
+                return bad(
+                    "kafka.security.sasl_mechanism",
+                    "required by a sasl_* protocol",
+                );
+            }
+            if self.username.is_none() || self.password.is_none() {
+                return bad(
+                    "kafka.security.username",
+                    "a sasl_* protocol needs username and password",
+                );
+            }
+        } else if self.sasl_mechanism.is_some() || self.username.is_some() {
+            return bad(
+                "kafka.security.protocol",
+                "SASL settings are given but the protocol is not sasl_plaintext or sasl_ssl",
+            );
+        }
+        // Whether the CA file exists is `sluice check`'s question: the config is also read
+        // where the file is not mounted (rendering, `sluice config`).
+        if self.ca_file.is_some()
+            && !matches!(
+                self.protocol,
+                SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+            )
+        {
+            return bad(
+                "kafka.security.ca_file",
+                "given but the protocol uses no TLS",
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for KafkaConfig {
@@ -69,6 +214,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -408,5 +554,69 @@ mod tests {
             v,
             vec![("A".into(), "1".into()), ("B".into(), "two=2".into())]
         );
+    }
+
+    #[test]
+    fn kafka_security_renders_librdkafka_properties() {
+        let c: Test = load_with(
+            None,
+            [
+                (
+                    "SLUICE__KAFKA__SECURITY__PROTOCOL".into(),
+                    "sasl_ssl".into(),
+                ),
+                (
+                    "SLUICE__KAFKA__SECURITY__SASL_MECHANISM".into(),
+                    "SCRAM-SHA-512".into(),
+                ),
+                ("SLUICE__KAFKA__SECURITY__USERNAME".into(), "svc".into()),
+                ("SLUICE__KAFKA__SECURITY__PASSWORD".into(), "pw".into()),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.kafka.security.check().is_ok());
+        let p = c.kafka.security.properties();
+        for want in [
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "svc"),
+            ("sasl.password", "pw"),
+        ] {
+            assert!(
+                p.iter().any(|(k, v)| *k == want.0 && v == want.1),
+                "{want:?} in {p:?}"
+            );
+        }
+        let client = c.kafka.consumer_config("g");
+        assert_eq!(client.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+    }
+
+    #[test]
+    fn kafka_security_that_does_not_fit_is_named() {
+        let mut s = KafkaSecurity {
+            protocol: SecurityProtocol::SaslSsl,
+            ..Default::default()
+        };
+        let e = s.check().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("kafka.security.sasl_mechanism"), "{e}");
+        s.sasl_mechanism = Some(SaslMechanism::Plain);
+        let e = s.check().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("kafka.security.username"), "{e}");
+        let s = KafkaSecurity {
+            username: Some("u".into()),
+            ..Default::default()
+        };
+        assert!(s.check().is_err(), "SASL user on a plaintext protocol");
+        let s = KafkaSecurity {
+            ca_file: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = s.check().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("kafka.security.ca_file"), "{e}");
+        let bad: Result<Test, _> = load_with(
+            None,
+            [("SLUICE__KAFKA__SECURITY__PROTOCOL".into(), "tls".into())],
+        );
+        assert!(bad.is_err(), "an unknown protocol is refused");
     }
 }

@@ -37,6 +37,10 @@ impl KafkaConfig {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in self.security.properties() {
+            c.set(k, v);
+        }
+        // Pass-through properties come last: they can still override anything.
         for (k, v) in &self.properties {
             c.set(k, v);
         }

@@ -1,22 +1,41 @@
 {{/* Names and labels. */}}
+{{- define "sluice.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "sluice.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "sluice.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A consumer group's name: prefixed with the release, so two releases never share one. */}}
+{{- define "sluice.group" -}}
+{{- $prefix := printf "%s-" (.root.Values.groupPrefix.prefix | default .root.Release.Name) -}}
+{{- if and .root.Values.groupPrefix.enabled (not (hasPrefix $prefix .group)) -}}
+{{- printf "%s%s" $prefix .group -}}
+{{- else -}}
+{{- .group -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "sluice.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "sluice.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "sluice.selector" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "sluice.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -50,7 +69,7 @@ for consumers the group and topic their lag is measured on.
 {{- range $name, $v := .Values.components -}}
 {{- if $v.enabled -}}
 {{- $path := splitList "." $v.group -}}
-{{- $group := index $c (index $path 0) (index $path 1) -}}
+{{- $group := include "sluice.group" (dict "root" $ "group" (index $c (index $path 0) (index $path 1))) -}}
 {{- $list = append $list (dict "name" $name "args" (list $v.kind $v.name) "values" $v "consumer" true "group" $group "topic" (index $t $v.topic)) -}}
 {{- end -}}
 {{- end -}}
@@ -84,6 +103,20 @@ integers, since Sluice's integer settings reject 6.0.
 {{- $_ := set $ingest "listen" (printf "0.0.0.0:%d" (int .Values.ports.http)) -}}
 {{- $_ := set $cfg "ingest" $ingest -}}
 {{- $_ := set $cfg "metrics" (dict "listen" (printf "0.0.0.0:%d" (int .Values.ports.metrics))) -}}
+{{- /* Consumer groups as the components list names them (release-prefixed). */ -}}
+{{- range $name, $v := .Values.components -}}
+{{- $path := splitList "." $v.group -}}
+{{- $section := get $cfg (index $path 0) | default dict -}}
+{{- $_ := set $section (index $path 1) (include "sluice.group" (dict "root" $ "group" (get $section (index $path 1)))) -}}
+{{- $_ := set $cfg (index $path 0) $section -}}
+{{- end -}}
+{{- /* The Kafka CA from its Secret, mounted where the config says. */ -}}
+{{- if .Values.kafkaCa.secretName -}}
+{{- $kafka := get $cfg "kafka" -}}
+{{- $security := get $kafka "security" | default dict -}}
+{{- $_ := set $security "ca_file" (printf "/etc/sluice-kafka-ca/%s" .Values.kafkaCa.key) -}}
+{{- $_ := set $kafka "security" $security -}}
+{{- end -}}
 # Rendered by the Sluice chart from .Values.config. Secrets come from the environment.
 {{- range $section := keys $cfg | sortAlpha }}
 
@@ -92,4 +125,40 @@ integers, since Sluice's integer settings reject 6.0.
 {{ toJson $k }} = {{ include "sluice.tomlValue" (get (get $cfg $section) $k) }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* A container's environment: the Secret, the log settings, extra env and envFrom. */}}
+{{- define "sluice.containerEnv" -}}
+{{- $d := .root.Values.defaults -}}
+envFrom:
+  - secretRef:
+      name: {{ include "sluice.secretName" .root }}
+  {{- with (concat ($d.extraEnvFrom | default list) (.v.extraEnvFrom | default list)) }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+env:
+  - name: RUST_LOG
+    value: {{ .v.logLevel | default $d.logLevel | default "info" | quote }}
+  - name: SLUICE__LOG__FORMAT
+    value: {{ .v.logFormat | default $d.logFormat | default "json" | quote }}
+  {{- with (concat ($d.extraEnv | default list) (.v.extraEnv | default list)) }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* A container's mounts: the config, the Kafka CA, extra mounts. */}}
+{{- define "sluice.volumeMounts" -}}
+{{- $d := .root.Values.defaults -}}
+volumeMounts:
+  - name: config
+    mountPath: /etc/sluice
+    readOnly: true
+  {{- if .root.Values.kafkaCa.secretName }}
+  - name: kafka-ca
+    mountPath: /etc/sluice-kafka-ca
+    readOnly: true
+  {{- end }}
+  {{- with (concat ($d.extraVolumeMounts | default list) (.v.extraVolumeMounts | default list)) }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end -}}

@@ -1,13 +1,24 @@
 //! Settings of the Elasticsearch sink (`[elasticsearch]`).
 
 use serde::{Deserialize, Serialize};
+use sluice_core::secret::Secret;
 
 /// The Elasticsearch sink.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ElasticsearchConfig {
-    /// Base URL of the cluster.
+    /// Base URL of the cluster; `https://user:password@host:9200` is basic auth too.
     pub url: String,
+    /// Basic auth user (with `password`).
+    pub username: Option<String>,
+    /// Basic auth password.
+    pub password: Option<Secret>,
+    /// An API key as Elasticsearch shows it once created (`encoded`: base64 of `id:key`).
+    pub api_key: Option<Secret>,
+    /// A bearer token (a service-account token, OAuth), instead of the above.
+    pub bearer_token: Option<Secret>,
+    /// PEM file of the CA that signed the cluster's certificate (beside the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Indices are named `<index_prefix>-<tenant>-YYYY.MM.DD` from the event time.
     pub index_prefix: String,
     /// Consumer group.
@@ -42,6 +53,11 @@ impl Default for ElasticsearchConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:9200".into(),
+            username: None,
+            password: None,
+            api_key: None,
+            bearer_token: None,
+            ca_file: None,
             index_prefix: "sluice-events".into(),
             group: "sluice-sink-elasticsearch".into(),
             request_timeout_ms: 30_000,

@@ -15,6 +15,7 @@ pub mod read;
 use std::time::Duration;
 
 use config::ElasticsearchConfig;
+use elasticsearch::auth::Credentials;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::{IndicesPutIndexTemplateParts, IndicesPutMappingParts};
 use elasticsearch::Elasticsearch;
@@ -44,17 +45,81 @@ pub enum EsError {
     },
 }
 
-/// A client for the configured cluster.
+/// A client for the configured cluster: its credentials (one kind at most) and CA.
 pub fn client(config: &ElasticsearchConfig) -> Result<Elasticsearch, EsError> {
-    let url =
+    let mut url =
         elasticsearch::http::Url::parse(&config.url).map_err(|e| EsError::Url(e.to_string()))?;
+    let credentials = credentials(config, &mut url)?;
     // A request to a server that hangs fails after the timeout and is retried, instead
     // of stalling the sink for good.
-    let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
-        .timeout(Duration::from_millis(config.request_timeout_ms.max(1)))
-        .build()
-        .map_err(|e| EsError::Url(e.to_string()))?;
+    let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+        .timeout(Duration::from_millis(config.request_timeout_ms.max(1)));
+    if let Some(credentials) = credentials {
+        transport = transport.auth(credentials);
+    }
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| EsError::Url(format!("ca_file {}: {e}", path.display())))?;
+        let cert = elasticsearch::cert::Certificate::from_pem(&pem)
+            .map_err(|e| EsError::Url(format!("ca_file {}: {e}", path.display())))?;
+        transport =
+            transport.cert_validation(elasticsearch::cert::CertificateValidation::Full(cert));
+    }
+    let transport = transport.build().map_err(|e| EsError::Url(e.to_string()))?;
     Ok(Elasticsearch::new(transport))
+}
+
+/// The configured credentials; a user and password in the URL move out of it (the
+/// client sends them as a header, and the URL is logged).
+fn credentials(
+    config: &ElasticsearchConfig,
+    url: &mut elasticsearch::http::Url,
+) -> Result<Option<Credentials>, EsError> {
+    let from_url = (!url.username().is_empty()).then(|| {
+        let user = percent_decode(url.username());
+        let password = percent_decode(url.password().unwrap_or_default());
+        (user, password)
+    });
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let basic = match (&config.username, &config.password) {
+        (Some(user), password) => Some(Credentials::Basic(
+            user.clone(),
+            password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default(),
+        )),
+        (None, Some(_)) => {
+            return Err(EsError::Url(
+                "elasticsearch.password is set without elasticsearch.username".into(),
+            ))
+        }
+        (None, None) => from_url.map(|(u, p)| Credentials::Basic(u, p)),
+    };
+    let api_key = config
+        .api_key
+        .as_ref()
+        .map(|k| Credentials::EncodedApiKey(k.expose().to_string()));
+    let bearer = config
+        .bearer_token
+        .as_ref()
+        .map(|t| Credentials::Bearer(t.expose().to_string()));
+    let mut set: Vec<Credentials> = [basic, api_key, bearer].into_iter().flatten().collect();
+    if set.len() > 1 {
+        return Err(EsError::Url(
+            "elasticsearch: set one of username/password (or a user in the url), api_key, \
+             bearer_token"
+                .into(),
+        ));
+    }
+    Ok(set.pop())
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Name of the index template for `prefix`.
@@ -139,4 +204,45 @@ pub async fn run(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(url: &str) -> (ElasticsearchConfig, elasticsearch::http::Url) {
+        let config = ElasticsearchConfig {
+            url: url.into(),
+            ..Default::default()
+        };
+        let parsed = elasticsearch::http::Url::parse(url).unwrap_or_else(|e| panic!("{e}"));
+        (config, parsed)
+    }
+
+    #[test]
+    fn url_credentials_become_basic_auth_and_leave_the_url() {
+        let (config, mut url) = with("https://elastic:p%40ss@es:9200/");
+        let c = credentials(&config, &mut url).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c, Some(Credentials::Basic(u, p)) if u == "elastic" && p == "p@ss"));
+        assert_eq!(url.as_str(), "https://es:9200/");
+    }
+
+    #[test]
+    fn two_kinds_of_credentials_are_refused() {
+        let (mut config, mut url) = with("https://es:9200");
+        config.username = Some("u".into());
+        config.api_key = Some("k".into());
+        let e = credentials(&config, &mut url).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("set one of")));
+        let (mut config, mut url) = with("https://es:9200");
+        config.password = Some("p".into());
+        assert!(
+            credentials(&config, &mut url).is_err(),
+            "a password needs a user"
+        );
+        let (mut config, mut url) = with("https://es:9200");
+        config.bearer_token = Some("t".into());
+        let c = credentials(&config, &mut url).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c, Some(Credentials::Bearer(t)) if t == "t"));
+    }
 }

@@ -18,8 +18,11 @@ pub enum DbMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TimescaleConfig {
-    /// Connection URL (`postgres://user:pass@host:port/db`).
+    /// Connection URL (`postgres://user:pass@host:port/db?sslmode=require`); libpq's
+    /// `sslmode` and `sslrootcert` are understood. TLS connections are always verified.
     pub url: String,
+    /// PEM file of the CA that signed the server's certificate (beside the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Schema that holds Sluice's tables.
     pub schema: String,
     /// Database features to use.
@@ -46,6 +49,7 @@ impl Default for TimescaleConfig {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            ca_file: None,
             schema: "sluice".into(),
             mode: DbMode::Auto,
             group: "sluice-sink-timescale".into(),

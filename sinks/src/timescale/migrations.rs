@@ -138,7 +138,7 @@ pub async fn migrate(pool: &Pool, config: &TimescaleConfig) -> Result<bool, DbEr
     if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DbError::SchemaName(s.clone()));
     }
-    let client = pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?;
+    let client = pool.get().await.map_err(DbError::connect)?;
     let available = client
         .query_one(
             "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'",

@@ -14,13 +14,10 @@ pub mod migrations;
 pub mod read;
 pub mod sessions;
 
-use std::str::FromStr;
-
 use config::TimescaleConfig;
 /// The connection pool of the database sinks.
 pub use deadpool_postgres::Pool;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 pub use aggregates::{refresh_aggregates, AGGREGATES};
 pub use events::EventsWriter;
@@ -30,9 +27,9 @@ pub use sessions::SessionsWriter;
 /// Why the database could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// The connection URL is wrong.
-    #[error("invalid database url: {0}")]
-    Url(tokio_postgres::Error),
+    /// The connection URL or the TLS settings are wrong.
+    #[error("timescale: {0}")]
+    Url(#[from] sluice_core::tls::TlsError),
     /// The pool could not be built.
     #[error("connection pool: {0}")]
     Pool(String),
@@ -47,12 +44,26 @@ pub enum DbError {
     SchemaName(String),
 }
 
+impl DbError {
+    /// A failed connection, with what to do when the server's certificate is not trusted.
+    pub fn connect(e: deadpool_postgres::PoolError) -> Self {
+        let text = e.to_string();
+        let hint = if text.contains("certificate") {
+            "; the server's TLS certificate is not trusted: set timescale.ca_file \
+             (or sslrootcert in the URL) to the CA that signed it"
+        } else {
+            ""
+        };
+        Self::Pool(format!("cannot connect: {text}{hint}"))
+    }
+}
+
 /// Connect a pool to the configured database.
 pub fn pool(config: &TimescaleConfig) -> Result<Pool, DbError> {
-    let pg = tokio_postgres::Config::from_str(&config.url).map_err(DbError::Url)?;
+    let (pg, tls) = sluice_core::tls::postgres(&config.url, config.ca_file.as_deref())?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -94,10 +94,12 @@ impl TenantDirectory {
 /// (lookups fail transiently once the last good load is older than the TTL).
 pub async fn load(url: &str, query: &str, directory: &TenantDirectory) {
     let load = async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        // TLS as the URL asks (`sslmode`, `sslrootcert`), verified.
+        let (config, tls) = sluice_core::tls::postgres(url, None).map_err(|e| e.to_string())?;
+        let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        let rows = client.query(query, &[]).await?;
-        Ok::<_, tokio_postgres::Error>(
+        let rows = client.query(query, &[]).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(
             rows.iter()
                 .map(|r| {
                     (
@@ -115,7 +117,7 @@ pub async fn load(url: &str, query: &str, directory: &TenantDirectory) {
         Ok(Ok(entries)) => directory.loaded(entries),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "tenant directory load failed");
-            directory.failed(e.to_string());
+            directory.failed(e);
         }
         Err(_) => {
             tracing::warn!("tenant directory load timed out");

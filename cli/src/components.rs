@@ -175,6 +175,10 @@ pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
 /// the token is cancelled.
 pub type Start = fn(Config, Rewiring, CancellationToken) -> Pending<RunStats>;
 
+/// How `sluice check` reaches what a component needs beside Kafka (a sink's destination,
+/// enrich's tenant directory): what it found (none: nothing to check), or the failure.
+pub type CheckDependency = fn(Config) -> Pending<Option<String>>;
+
 /// How a sink's stored events are read back (for `sluice audit` and `replay --diff`):
 /// the selection, and whether whole events are wanted.
 pub type ReadStored = fn(Config, Selection, bool) -> Pending<Vec<Stored>>;
@@ -202,6 +206,9 @@ pub struct Component {
     pub read_stored: Option<ReadStored>,
     /// Its component in the Helm chart (`components.<helm>` in the values).
     pub helm: &'static str,
+    /// What `sluice check` connects to for it beside Kafka and the schema registry: the
+    /// dependency's name and how.
+    pub check: Option<(&'static str, CheckDependency)>,
 }
 
 impl std::fmt::Debug for Component {
@@ -287,6 +294,7 @@ pub static COMPONENTS: &[Component] = &[
         },
         read_stored: None,
         helm: "parse",
+        check: None,
     },
     Component {
         name: "enrich",
@@ -305,6 +313,21 @@ pub static COMPONENTS: &[Component] = &[
         },
         read_stored: None,
         helm: "enrich",
+        check: Some(("tenant directory", |c| {
+            Box::pin(async move {
+                let Some(url) = c.enrich.tenants_url.clone() else {
+                    return Ok(None);
+                };
+                let dir = sluice_stages::enrich::tenants::TenantDirectory::new(
+                    std::time::Duration::from_secs(60),
+                );
+                sluice_stages::enrich::tenants::load(&url, &c.enrich.tenants_query, &dir).await;
+                match dir.status() {
+                    (_, Some(e)) => Err(anyhow::anyhow!("tenant directory: {e}")),
+                    (n, None) => Ok(Some(format!("{n} tenants"))),
+                }
+            })
+        })),
     },
     Component {
         name: "sessionize",
@@ -325,6 +348,7 @@ pub static COMPONENTS: &[Component] = &[
         },
         read_stored: None,
         helm: "sessionize",
+        check: None,
     },
     Component {
         name: "timescale",
@@ -358,6 +382,12 @@ pub static COMPONENTS: &[Component] = &[
             })
         }),
         helm: "sink-timescale",
+        check: Some(("database", |c| {
+            Box::pin(async move {
+                let found = sluice_sinks::timescale::check(&c.timescale).await?;
+                Ok(Some(found))
+            })
+        })),
     },
     Component {
         name: "elasticsearch",
@@ -390,6 +420,12 @@ pub static COMPONENTS: &[Component] = &[
             })
         }),
         helm: "sink-elasticsearch",
+        check: Some(("elasticsearch", |c| {
+            Box::pin(async move {
+                let found = sluice_sinks::elasticsearch::check(&c.elasticsearch).await?;
+                Ok(Some(found))
+            })
+        })),
     },
     Component {
         name: "sessions",
@@ -410,6 +446,12 @@ pub static COMPONENTS: &[Component] = &[
         },
         read_stored: None,
         helm: "sink-sessions",
+        check: Some(("database", |c| {
+            Box::pin(async move {
+                let found = sluice_sinks::timescale::check(&c.timescale).await?;
+                Ok(Some(found))
+            })
+        })),
     },
     Component {
         name: "archive",
@@ -428,6 +470,13 @@ pub static COMPONENTS: &[Component] = &[
         },
         read_stored: None,
         helm: "sink-archive",
+        check: Some(("object store", |c| {
+            Box::pin(async move {
+                let archive = sluice_sinks::archive::store::open(&c.archive)?;
+                archive.check().await?;
+                Ok(Some(c.archive.url.clone()))
+            })
+        })),
     },
 ];
 

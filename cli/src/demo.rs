@@ -501,7 +501,7 @@ pub async fn run_pipeline(
     let created = kafka::ensure_topics(&config.kafka, &config.topics, &components::topics(&config))
         .await
         .context("creating topics")?;
-    tracing::info!(?created, "topics ready");
+    tracing::info!(created = %created.join(","), "topics ready");
     reset_sinks(&config).await?;
 
     let shutdown = CancellationToken::new();

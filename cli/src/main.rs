@@ -46,6 +46,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Connect to everything a process needs (brokers, its topics, the schema registry,
+    /// its database, Elasticsearch or object store), one line each; exits non-zero
+    /// naming the first dependency that fails.
+    Check {
+        /// Only what this component needs: `ingest`, or a stage or sink by name or Helm
+        /// name (default: everything).
+        #[arg(long)]
+        component: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each component's consumer group: state, members, committed offsets and lag per
+    /// partition, and its dead-letter topic's size.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create the pipeline's missing topics, then report how each one on the broker
     /// differs from the configuration (partitions, retention, cleanup policy).
     Topics {
@@ -160,6 +179,17 @@ struct ReplayArgs {
     /// (refused while the group has active members).
     #[arg(long, conflicts_with_all = ["copy_to", "group", "tenant", "rate", "to"])]
     reset: bool,
+    /// With --reset or --offsets-from: really move the group (without it, only the
+    /// current and new offsets are shown).
+    #[arg(long)]
+    execute: bool,
+    /// With --reset: where to save the group's previous offsets (default
+    /// `<group>.offsets-<time>.json`).
+    #[arg(long, requires = "reset")]
+    offsets_file: Option<std::path::PathBuf>,
+    /// Put back the offsets saved by a `--reset --execute` (needs --execute to act).
+    #[arg(long, conflicts_with_all = ["reset", "stage", "sink", "copy_to", "diff", "offsets", "from", "last"])]
+    offsets_from: Option<std::path::PathBuf>,
     /// Name of the fresh consumer group (default: `<group>-replay-<time>`).
     #[arg(long)]
     group: Option<String>,
@@ -189,6 +219,9 @@ impl OffsetRanges {
 async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
     use replay::archive::Source;
     use replay::{Mode, Range, Target};
+    if let Some(file) = &args.offsets_from {
+        return replay::restore(config, file, args.execute);
+    }
     let component = |kind, name: &str| {
         components::find(kind, name).with_context(|| format!("no {name} in the registry"))
     };
@@ -350,7 +383,10 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
     for plan in &plans {
         let restored = scratch.contains(&plan.topic);
         let mode = if args.reset {
-            Mode::ResetGroup
+            Mode::ResetGroup {
+                execute: args.execute,
+                save_to: args.offsets_file.clone(),
+            }
         } else if several && restored {
             Mode::FreshGroup(format!("{group}-archive"))
         } else {
@@ -407,7 +443,7 @@ async fn drop_scratch(config: &Config, topics: &[String]) {
         return;
     }
     if let Err(e) = sluice_core::kafka::delete_topics(&config.kafka, &refs).await {
-        tracing::warn!(error = %e, topics = ?refs, "could not delete the scratch topics; delete them by hand");
+        tracing::warn!(error = %e, topics = %refs.join(","), "could not delete the scratch topics; delete them by hand");
     }
 }
 
@@ -465,6 +501,34 @@ async fn main() -> Result<()> {
                 dead_lettered = stats.dead_lettered,
                 "done"
             );
+        }
+        Command::Check { component, json } => {
+            let (ingest, selected) = sluice::check::select(component.as_deref())?;
+            let checked = sluice::check::run(&config, ingest, &selected).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checked)?);
+            } else {
+                for c in &checked {
+                    println!("{}", c.line());
+                }
+            }
+            let failed: Vec<&str> = checked
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.dependency.as_str())
+                .collect();
+            if !failed.is_empty() {
+                bail!("failed: {}", failed.join(", "));
+            }
+        }
+        Command::Status { json } => {
+            let c = config.clone();
+            let groups = tokio::task::spawn_blocking(move || sluice::status::collect(&c)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+            } else {
+                print!("{}", sluice::status::render(&groups));
+            }
         }
         Command::Components { json } => {
             let list: Vec<serde_json::Value> = components::COMPONENTS

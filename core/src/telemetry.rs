@@ -82,7 +82,9 @@ pub fn install_metrics(component: &str, idle: Duration) -> Result<PrometheusHand
         "version" => env!("CARGO_PKG_VERSION"), "component" => component.to_string()
     );
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Refreshed well within the idle timeout, or it would expire between refreshes.
+        let every = (idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             // Set again each time: it is a gauge, and idle gauges expire.

@@ -89,7 +89,7 @@ impl Retry {
         }
         match &result {
             Err(f) if f.transient => {
-                tracing::warn!(stage = self.stage, attempts, failure = %f, cooldown = ?self.policy.cooldown,
+                tracing::warn!(stage = self.stage, attempts, failure = %f, cooldown_ms = self.policy.cooldown.as_millis() as u64,
                     "transient failure persisted; dead-lettering without retries for the cooldown");
                 self.open_until = Some(Instant::now() + self.policy.cooldown);
             }

@@ -8,7 +8,7 @@ use sluice::Config;
 use crate::{sluice_bin, unique};
 
 /// A `sluice` process running with a test's configuration, killed on drop.
-pub struct SluiceProcess(Child);
+pub struct SluiceProcess(Child, std::path::PathBuf);
 
 impl SluiceProcess {
     /// Run `sluice <args>` with `config` (written to a file of its own) as static group
@@ -18,6 +18,30 @@ impl SluiceProcess {
     /// member is replaced.
     pub fn spawn(config: &Config, args: &[&str], instance: &str) -> Self {
         let mut config = config.clone();
+        config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self::spawn_as_configured(config, args, instance)
+    }
+
+    /// [`SluiceProcess::spawn`], serving `/metrics` on an address of its own, returned.
+    pub fn spawn_serving(
+        config: &Config,
+        args: &[&str],
+        instance: &str,
+    ) -> (Self, std::net::SocketAddr) {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = free.local_addr().expect("its address");
+        drop(free);
+        let mut config = config.clone();
+        config.metrics.listen = Some(addr);
+        (Self::spawn_as_configured(config, args, instance), addr)
+    }
+
+    /// The file its stderr (the log) goes to.
+    pub fn log_file(&self) -> &std::path::Path {
+        &self.1
+    }
+
+    fn spawn_as_configured(mut config: Config, args: &[&str], instance: &str) -> Self {
         for (k, v) in [
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "500"),
@@ -26,14 +50,12 @@ impl SluiceProcess {
         ] {
             config.kafka.consumer.insert(k.into(), v.into());
         }
-        config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let name = unique("proc");
         let file = std::env::temp_dir().join(format!("{name}.toml"));
         std::fs::write(&file, toml::to_string(&config).expect("config as TOML"))
             .expect("writing the config");
-        let log =
-            std::fs::File::create(std::env::temp_dir().join(format!("{name}-{instance}.log")))
-                .expect("log file");
+        let log_path = std::env::temp_dir().join(format!("{name}-{instance}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(sluice_bin())
             .arg("--config")
             .arg(&file)
@@ -44,7 +66,7 @@ impl SluiceProcess {
             .stderr(log)
             .spawn()
             .expect("starting sluice");
-        Self(child)
+        Self(child, log_path)
     }
 
     /// Kill it with SIGKILL and reap it.

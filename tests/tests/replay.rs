@@ -381,7 +381,10 @@ async fn copy_and_refused_reset_of_an_active_group() {
         &config,
         &plan,
         &target,
-        &Mode::ResetGroup,
+        &Mode::ResetGroup {
+            execute: true,
+            save_to: None,
+        },
         &Filters::default(),
         CancellationToken::new(),
     )
@@ -390,12 +393,35 @@ async fn copy_and_refused_reset_of_an_active_group() {
     assert!(format!("{err}").contains("active member"), "{err}");
     stop.cancel();
     running.await.unwrap().unwrap();
-    // The stage committed everything; the reset moves the group back to the range start.
+    // The stage committed everything. Without --execute the reset only shows the offsets.
+    let before = committed(&config, &group, &config.topics.raw).await;
+    assert!(
+        plan.ranges.iter().any(|r| before[&r.partition] != r.start),
+        "the group must sit elsewhere than the range start for this test to mean anything"
+    );
+    let reset = |execute, save_to| Mode::ResetGroup { execute, save_to };
     replay::run(
         &config,
         &plan,
         &target,
-        &Mode::ResetGroup,
+        &reset(false, None),
+        &Filters::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        committed(&config, &group, &config.topics.raw).await,
+        before,
+        "a reset without --execute changed the group"
+    );
+    // With --execute it saves the previous offsets, then moves the group to the range start.
+    let saved = std::env::temp_dir().join(format!("{group}.offsets.json"));
+    replay::run(
+        &config,
+        &plan,
+        &target,
+        &reset(true, Some(saved.clone())),
         &Filters::default(),
         CancellationToken::new(),
     )
@@ -405,6 +431,19 @@ async fn copy_and_refused_reset_of_an_active_group() {
     for r in &plan.ranges {
         assert_eq!(now[&r.partition], r.start, "partition {}", r.partition);
     }
+    let file: replay::SavedOffsets =
+        serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(file.group, group);
+    let saved_offsets: std::collections::HashMap<i32, i64> = file.offsets.into_iter().collect();
+    assert_eq!(
+        saved_offsets, before,
+        "the file holds the offsets before the reset"
+    );
+    // --offsets-from puts them back (and only with --execute).
+    replay::restore(&config, &saved, false).unwrap();
+    assert_eq!(committed(&config, &group, &config.topics.raw).await, now);
+    replay::restore(&config, &saved, true).unwrap();
+    assert_eq!(committed(&config, &group, &config.topics.raw).await, before);
 }
 
 /// The whole pipeline once; then the audit balances, replays into both sinks change

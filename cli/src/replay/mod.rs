@@ -30,7 +30,14 @@ pub enum Mode {
     /// Run it here under this fresh consumer group, stopping at the plan's end offsets.
     FreshGroup(String),
     /// Move its configured group to the start of the range; its own processes reprocess.
-    ResetGroup,
+    /// Without `execute`, only show the current and new offsets. The previous offsets are
+    /// saved to `save_to` (default `<group>.offsets-<time>.json`) before anything moves.
+    ResetGroup {
+        /// Commit the new offsets.
+        execute: bool,
+        /// Where the previous offsets go.
+        save_to: Option<std::path::PathBuf>,
+    },
 }
 
 /// Filters of a replay.
@@ -83,5 +90,5 @@ impl Outcome {
 pub use plan::{
     parse_duration, parse_offsets, parse_time, resolve, OffsetRange, PartitionPlan, Plan, Range,
 };
-pub use run::{active_members, commit_group, run};
+pub use run::{active_members, commit_group, restore, run, SavedOffsets};
 pub(crate) use run::{blocking, fresh_rewired};

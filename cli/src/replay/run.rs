@@ -2,6 +2,7 @@
 //! offsets, a reset of a group to the range's start, or a batch recomputation of sessions.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,7 +84,10 @@ pub async fn run(
         }
     }
     match mode {
-        Mode::ResetGroup => reset(config, plan, group, input).map(|()| Outcome::default()),
+        Mode::ResetGroup { execute, save_to } => {
+            reset(config, plan, group, input, *execute, save_to.as_deref())
+                .map(|()| Outcome::default())
+        }
         Mode::FreshGroup(fresh_group) => {
             fresh(config, plan, target, fresh_group, filters, stop).await
         }
@@ -148,15 +152,42 @@ async fn replay_sessions(
     })
 }
 
-/// Move the target's own group to the start of the range, refusing while it has members.
-fn reset(config: &Config, plan: &Plan, group: &str, input: &str) -> Result<()> {
-    if input != plan.topic {
-        bail!(
-            "--reset: group {group} consumes `{input}`, not `{}`; drop --reset to replay `{}` under a fresh group",
-            plan.topic,
-            plan.topic
-        );
+/// Offsets of a group saved before a reset, for `--offsets-from` to put back.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedOffsets {
+    /// The consumer group.
+    pub group: String,
+    /// Its input topic.
+    pub topic: String,
+    /// When they were saved (RFC 3339).
+    pub saved_at: String,
+    /// `(partition, committed offset)`; 0 where the group had committed nothing.
+    pub offsets: Vec<(i32, i64)>,
+}
+
+/// Print a group's offsets before and after, per partition.
+fn print_offsets(group: &str, topic: &str, current: &[(i32, i64)], new: &[(i32, i64)]) {
+    println!("group {group} on {topic}:");
+    println!("  {:>9}  {:>14}  {:>14}", "partition", "current", "new");
+    for &(p, to) in new {
+        let from = current
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map_or("-".to_string(), |(_, o)| o.to_string());
+        println!("  {p:>9}  {from:>14}  {to:>14}");
     }
+}
+
+/// Commit `new` for `group` on `topic` after showing it; only with `execute`, and after
+/// saving the current offsets to `save_to`.
+fn move_group(
+    config: &Config,
+    group: &str,
+    topic: &str,
+    new: &[(i32, i64)],
+    execute: bool,
+    save_to: Option<&Path>,
+) -> Result<Option<std::path::PathBuf>> {
     let kafka = config.kafka.clone();
     let g = group.to_string();
     let members = blocking(move || active_members(&kafka, &g))?;
@@ -167,14 +198,97 @@ fn reset(config: &Config, plan: &Plan, group: &str, input: &str) -> Result<()> {
             members.join(", ")
         );
     }
-    let starts: Vec<(i32, i64)> = plan.ranges.iter().map(|r| (r.partition, r.start)).collect();
-    let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
-    blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
-    println!(
-        "group {group} now starts at the range start on {} partition(s) of {}; its processes reprocess from there to the live end",
-        plan.ranges.len(),
-        plan.topic
+    let (kafka, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
+    let current = blocking(move || Ok(sluice_core::kafka::committed_offsets(&kafka, &g, &t)?))?;
+    print_offsets(group, topic, &current, new);
+    if !execute {
+        println!("nothing changed: add --execute to move the group");
+        return Ok(None);
+    }
+    let now = chrono::Utc::now();
+    let file = save_to
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| format!("{group}.offsets-{}.json", now.format("%Y%m%dT%H%M%SZ")).into());
+    let saved = SavedOffsets {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        saved_at: now.to_rfc3339(),
+        offsets: current,
+    };
+    std::fs::write(&file, serde_json::to_vec_pretty(&saved)?).with_context(|| {
+        format!(
+            "--offsets-file {}: cannot write the previous offsets",
+            file.display()
+        )
+    })?;
+    let (kafka, g, t, new) = (
+        config.kafka.clone(),
+        group.to_string(),
+        topic.to_string(),
+        new.to_vec(),
     );
+    blocking(move || commit_group(&kafka, &g, &t, &new))?;
+    Ok(Some(file))
+}
+
+/// Put back the offsets a reset saved (`replay --offsets-from FILE`).
+pub fn restore(config: &Config, file: &Path, execute: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--offsets-from {}", file.display()))?;
+    let saved: SavedOffsets = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--offsets-from {}: not a file of saved offsets",
+            file.display()
+        )
+    })?;
+    let before = move_group(
+        config,
+        &saved.group,
+        &saved.topic,
+        &saved.offsets,
+        execute,
+        None,
+    )?;
+    if let Some(before) = before {
+        println!(
+            "group {} is back at the offsets of {} (those it had are in {})",
+            saved.group,
+            saved.saved_at,
+            before.display()
+        );
+    }
+    Ok(())
+}
+
+/// Move the target's own group to the start of the range, refusing while it has members.
+fn reset(
+    config: &Config,
+    plan: &Plan,
+    group: &str,
+    input: &str,
+    execute: bool,
+    save_to: Option<&Path>,
+) -> Result<()> {
+    if input != plan.topic {
+        bail!(
+            "--reset: group {group} consumes `{input}`, not `{}`; drop --reset to replay `{}` under a fresh group",
+            plan.topic,
+            plan.topic
+        );
+    }
+    let starts: Vec<(i32, i64)> = plan.ranges.iter().map(|r| (r.partition, r.start)).collect();
+    if let Some(saved) = move_group(config, group, &plan.topic, &starts, execute, save_to)? {
+        println!(
+            "group {group} now starts at the range start on {} partition(s) of {}; its processes reprocess from there to the live end",
+            plan.ranges.len(),
+            plan.topic
+        );
+        println!(
+            "previous offsets saved to {}: undo with `sluice replay --offsets-from {} --execute`",
+            saved.display(),
+            saved.display()
+        );
+    }
     Ok(())
 }
 

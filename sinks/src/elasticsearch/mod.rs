@@ -122,6 +122,23 @@ fn percent_decode(s: &str) -> String {
         .into_owned()
 }
 
+/// Ask the cluster who it is: its name and version, or why it refuses.
+pub async fn check(config: &ElasticsearchConfig) -> Result<String, EsError> {
+    let es = client(config)?;
+    let resp = es.info().send().await?;
+    if !resp.status_code().is_success() {
+        return Err(refused("GET /", resp).await);
+    }
+    let body: serde_json::Value = resp.json().await?;
+    Ok(format!(
+        "{} {}",
+        body["version"]["distribution"]
+            .as_str()
+            .unwrap_or("elasticsearch"),
+        body["version"]["number"].as_str().unwrap_or("?")
+    ))
+}
+
 /// Name of the index template for `prefix`.
 pub fn template_name(prefix: &str) -> String {
     format!("{prefix}-template")

@@ -58,6 +58,30 @@ impl DbError {
     }
 }
 
+/// Connect once and say what is there: the server version and whether TimescaleDB is
+/// (as `mode` requires).
+pub async fn check(config: &TimescaleConfig) -> Result<String, DbError> {
+    let pool = pool(config)?;
+    let client = pool.get().await.map_err(DbError::connect)?;
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    let timescale: Option<String> = client
+        .query_opt(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    drop(client);
+    pool.close();
+    match (timescale, config.mode) {
+        (None, config::DbMode::Timescale) => Err(DbError::NoTimescale),
+        (None, _) => Ok(format!(
+            "PostgreSQL {version}, no timescaledb (plain tables)"
+        )),
+        (Some(v), _) => Ok(format!("PostgreSQL {version}, timescaledb {v}")),
+    }
+}
+
 /// Connect a pool to the configured database.
 pub fn pool(config: &TimescaleConfig) -> Result<Pool, DbError> {
     let (pg, tls) = sluice_core::tls::postgres(&config.url, config.ca_file.as_deref())?;

@@ -57,6 +57,15 @@ impl TenantDirectory {
         s.last_error = None;
     }
 
+    /// The tenants listed, and the error of the last load if it failed.
+    pub fn status(&self) -> (usize, Option<String>) {
+        let s = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (s.entries.len(), s.last_error.clone())
+    }
+
     /// Record a failed load; the entries stay valid until their TTL runs out.
     pub fn failed(&self, error: String) {
         let mut s = self

@@ -333,7 +333,11 @@ fn drain_revoked(
             }
         }
     }
-    tracing::info!(partitions = parts.len(), drained_in = ?started.elapsed(), "revoked partitions drained");
+    tracing::info!(
+        partitions = parts.len(),
+        drained_in_ms = started.elapsed().as_millis() as u64,
+        "revoked partitions drained"
+    );
 }
 
 /// Enqueue one output of `record`, waiting while the producer queue is full; its

@@ -47,7 +47,16 @@ pub enum DbError {
 impl DbError {
     /// A failed connection, with what to do when the server's certificate is not trusted.
     pub fn connect(e: deadpool_postgres::PoolError) -> Self {
-        let text = e.to_string();
+        // The TLS failure's reason sits in the source chain, not in the top message.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let more = s.to_string();
+            if !text.contains(&more) {
+                text = format!("{text}: {more}");
+            }
+            source = s.source();
+        }
         let hint = if text.contains("certificate") {
             "; the server's TLS certificate is not trusted: set timescale.ca_file \
              (or sslrootcert in the URL) to the CA that signed it"

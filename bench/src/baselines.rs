@@ -20,11 +20,14 @@ use crate::{rate, timed};
 
 /// A raw event line as clients send them: about 300 bytes.
 pub fn raw_line(i: usize) -> String {
+    // Event times an hour before the run: inside parse's bounds around the receive time.
+    static BASE: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| sluice_core::now_ms() - 3_600_000);
     format!(
         r#"{{"user_id":"u{}","type":"{}","ts":{},"url":"/p/{}","user_agent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36","ip":"10.1.2.{}"}}"#,
         i % 5000,
         if i % 3 == 0 { "click" } else { "page_view" },
-        1_795_428_000_000u64 + i as u64,
+        base + i as i64,
         i % 40,
         i % 250
     )

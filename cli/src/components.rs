@@ -70,7 +70,11 @@ impl Config {
 
     /// Settings that parse but do not fit together.
     pub fn check(&self) -> Result<(), ConfigError> {
-        self.kafka.security.check()
+        self.kafka.security.check()?;
+        self.ingest.check().map_err(|reason| ConfigError::Setting {
+            key: "ingest",
+            reason,
+        })
     }
 
     /// Load from a file (if any) and the given variables, in order.

@@ -505,7 +505,7 @@ pub async fn run_pipeline(
     reset_sinks(&config).await?;
 
     let shutdown = CancellationToken::new();
-    let (addr, ingest) = start_ingest(&config, None, shutdown.clone()).await?;
+    let (addr, ingest) = start_ingest(&config, shutdown.clone()).await?;
     let stage_stop = CancellationToken::new();
     let sink_stop = CancellationToken::new();
     // The stages from the raw topic to the sinks of events, and those sinks.

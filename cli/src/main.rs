@@ -477,9 +477,10 @@ async fn main() -> Result<()> {
     telemetry::init_logging_as(config.log.format);
     match cli.command {
         Command::Ingest => {
-            let handle = serve_ops(&config, "ingest").await?;
+            // Metrics on the ops port only: the public port is the tenants'.
+            serve_ops(&config, "ingest").await?;
             let shutdown = pipeline::shutdown_on_signals();
-            let (_, task) = pipeline::start_ingest(&config, Some(handle), shutdown).await?;
+            let (_, task) = pipeline::start_ingest(&config, shutdown).await?;
             telemetry::process_readiness().set(true);
             task.await??;
         }

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use metrics_exporter_prometheus::PrometheusHandle;
 use sluice_ingest::Ingest;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,17 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::components::Config;
 
 /// Start the HTTP ingest server; returns its address and the task serving it.
+/// Its metrics are served on the ops port (`metrics.listen`), never on the public one.
 pub async fn start_ingest(
     config: &Config,
-    metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
-    let ingest = Ingest::new(
-        &config.kafka,
-        &config.topics.raw,
-        config.ingest.clone(),
-        metrics,
-    )?;
+    let ingest = Ingest::new(&config.kafka, &config.topics.raw, config.ingest.clone())?;
     let (listener, addr) = ingest
         .bind()
         .await

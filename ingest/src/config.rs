@@ -34,6 +34,17 @@ pub struct IngestConfig {
     pub rate_limit_per_sec: Option<u32>,
     /// Per-tenant burst, in events (the token bucket's size); defaults to one second's rate.
     pub rate_limit_burst: Option<u32>,
+    /// Requests handled at once; more are answered 503 with Retry-After at once (bounds
+    /// memory: each holds at most `max_body_bytes`).
+    pub max_concurrent_requests: usize,
+    /// A connection that has not sent a whole request head within this long is closed
+    /// (slowloris), in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// A body not received within this long is answered 408, in milliseconds.
+    pub body_read_timeout_ms: u64,
+    /// Longest `X-Source` and `Idempotency-Key` header values, in bytes: they are copied
+    /// onto every record of the request.
+    pub max_header_value_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -47,6 +58,33 @@ impl Default for IngestConfig {
             api_keys: Vec::new(),
             rate_limit_per_sec: None,
             rate_limit_burst: None,
+            max_concurrent_requests: 256,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_header_value_bytes: 256,
         }
+    }
+}
+
+impl IngestConfig {
+    /// Settings that cannot work, named.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(k) = self
+            .api_keys
+            .iter()
+            .find(|k| k.key.expose().trim().is_empty())
+        {
+            return Err(format!(
+                "ingest.api_keys: the key of tenant {:?} is empty (it would match `Bearer `)",
+                k.tenant
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.tenant.trim().is_empty()) {
+            return Err("ingest.api_keys: a key has an empty tenant".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("ingest.max_concurrent_requests: must be at least 1".into());
+        }
+        Ok(())
     }
 }

@@ -95,6 +95,18 @@ pub(crate) async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), Rejection> {
+    // Bounded work at once: a request beyond it is refused before its body is read.
+    let _permit = ingest.in_flight.clone().try_acquire_owned().map_err(|_| {
+        Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "{} requests in progress (ingest.max_concurrent_requests); retry later",
+                ingest.config.max_concurrent_requests
+            ),
+        )
+        .retry_after(1)
+    })?;
     let tenant = ingest.keys.tenant_of(&headers)?.to_string();
     if let Some(claimed) = headers.get("x-tenant").and_then(|v| v.to_str().ok()) {
         if claimed != tenant {
@@ -140,7 +152,28 @@ pub(crate) async fn post_events(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let max = ingest.config.max_header_value_bytes;
+    let source = bounded_header(&headers, "x-source", max)?
+        .unwrap_or("http")
+        .to_string();
+    let idempotency_key = bounded_header(&headers, "idempotency-key", max)?.map(str::to_string);
+    // A tenant over its rate is refused before its body is read (one event's worth is
+    // taken now, the rest once the lines are counted).
+    ingest.limits.admit(&tenant, 1)?;
+    let timeout = std::time::Duration::from_millis(ingest.config.body_read_timeout_ms.max(1));
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {} ms (ingest.body_read_timeout_ms)",
+                    timeout.as_millis()
+                ),
+            )
+        })?;
+    let body = read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             too_large()
@@ -152,12 +185,15 @@ pub(crate) async fn post_events(
             )
         }
     })?;
-    let source = headers
-        .get("x-source")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("http")
-        .to_string();
-    let accepted = ingest.write(&tenant, &source, &content_type, &body).await?;
+    let accepted = ingest
+        .write(
+            &tenant,
+            &source,
+            idempotency_key.as_deref(),
+            &content_type,
+            &body,
+        )
+        .await?;
     metrics::counter!("sluice_ingest_requests_total", "status" => "202").increment(1);
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
@@ -181,11 +217,27 @@ pub(crate) async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
     }
 }
 
-pub(crate) async fn render_metrics(State(ingest): State<Arc<Ingest>>) -> Response {
-    match &ingest.metrics {
-        Some(h) => h.render().into_response(),
-        None => {
-            Rejection::new(StatusCode::NOT_FOUND, "no_metrics", "metrics are off").into_response()
-        }
+/// A client-controlled header value copied onto records: at most `max` bytes of visible
+/// ASCII, or a 400 naming the header.
+fn bounded_header<'a>(
+    headers: &'a HeaderMap,
+    name: &str,
+    max: usize,
+) -> Result<Option<&'a str>, Rejection> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    let bad = |why: String| Rejection::new(StatusCode::BAD_REQUEST, "invalid_header", why);
+    if value.len() > max {
+        return Err(bad(format!(
+            "header {name}: at most {max} bytes (ingest.max_header_value_bytes), got {}",
+            value.len()
+        )));
     }
+    let text = value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+        .ok_or_else(|| bad(format!("header {name}: visible ASCII only")))?;
+    Ok(Some(text))
 }

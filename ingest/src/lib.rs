@@ -19,7 +19,6 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use sluice_core::config::KafkaConfig;
@@ -38,6 +37,15 @@ pub enum IngestError {
     /// The listen address could not be bound or serving failed.
     #[error("http server: {0}")]
     Io(#[from] std::io::Error),
+    /// The settings cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn config_permits(config: &IngestConfig) -> usize {
+    config
+        .max_concurrent_requests
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
 }
 
 /// Shared state of the ingest server.
@@ -51,7 +59,8 @@ pub struct Ingest {
     keys: auth::Keys,
     /// The per-tenant rate limit.
     limits: limits::RateLimit,
-    metrics: Option<PrometheusHandle>,
+    /// Requests being handled; a request that finds none free is answered 503.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingest {
@@ -60,13 +69,14 @@ impl Ingest {
         kafka: &KafkaConfig,
         topic: &str,
         config: IngestConfig,
-        metrics: Option<PrometheusHandle>,
     ) -> Result<Arc<Self>, IngestError> {
+        config.check().map_err(IngestError::Config)?;
         let producer = producer::new_producer(kafka, &config)?;
         // Exported at 0 from the start, so an alert on its increase has a series to watch.
         metrics::counter!("sluice_ingest_producer_replacements_total").increment(0);
         let keys = auth::Keys::new(&config.api_keys);
         let limits = limits::RateLimit::new(&config);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(config_permits(&config)));
         Ok(Arc::new(Self {
             producer: RwLock::new(producer),
             kafka: kafka.clone(),
@@ -74,7 +84,7 @@ impl Ingest {
             config,
             keys,
             limits,
-            metrics,
+            in_flight,
         }))
     }
 
@@ -87,7 +97,6 @@ impl Ingest {
                 get(|| async { Json(serde_json::json!({"status": "ok"})) }),
             )
             .route("/readyz", get(http::readyz))
-            .route("/metrics", get(http::render_metrics))
             // Limit enforced by us, with a JSON answer; axum's own limit is lifted to it.
             .layer(DefaultBodyLimit::max(
                 self.config.max_body_bytes.saturating_add(1),
@@ -95,15 +104,45 @@ impl Ingest {
             .with_state(self.clone())
     }
 
-    /// Serve on `listener` until `shutdown` resolves, then flush the producer.
+    /// Serve on `listener` until `shutdown` resolves, then let requests in progress
+    /// finish (10 s at most) and flush the producer. A connection that does not send a
+    /// whole request head within `header_read_timeout_ms` is closed.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), IngestError> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let service = hyper_util::service::TowerToHyperService::new(self.router());
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(
+                self.config.header_read_timeout_ms.max(1),
+            ));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(s) => s,
+                    // Out of file descriptors and the like: pause, keep serving the rest.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let conn = http.serve_connection(TokioIo::new(stream), service.clone());
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                // Timeouts and resets end here; they concern that client only.
+                let _ = conn.await;
+            });
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
         // Requests that got a 202 were already acked; this only drains stragglers.
         let producer = self.producer();
         tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10)))

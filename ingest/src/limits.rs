@@ -13,6 +13,7 @@ use crate::http::Rejection;
 pub(crate) struct RateLimit {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
     rate: u32,
+    burst: u32,
 }
 
 impl RateLimit {
@@ -28,10 +29,31 @@ impl RateLimit {
                     .unwrap_or(rate);
                 DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
             });
+        let rate = config.rate_limit_per_sec.unwrap_or(0);
         Self {
             limiter,
-            rate: config.rate_limit_per_sec.unwrap_or(0),
+            rate,
+            burst: config.rate_limit_burst.filter(|b| *b > 0).unwrap_or(rate),
         }
+    }
+
+    /// After [`RateLimit::admit`] took one event before the body was read: take the
+    /// rest of a request of `events`, refusing a batch larger than the burst for good.
+    pub(crate) fn admit_rest(&self, tenant: &str, events: usize) -> Result<(), Rejection> {
+        if self.limiter.is_none() || events <= 1 {
+            return Ok(());
+        }
+        if events > self.burst as usize {
+            return Err(Rejection::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "batch_over_burst",
+                format!(
+                    "{events} events in one request; the burst allows at most {}",
+                    self.burst
+                ),
+            ));
+        }
+        self.admit(tenant, events - 1)
     }
 
     /// Take `events` tokens from the tenant's bucket, or say when to retry.

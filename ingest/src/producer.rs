@@ -114,6 +114,7 @@ impl Ingest {
         &self,
         tenant: &str,
         source: &str,
+        idempotency_key: Option<&str>,
         content_type: &str,
         body: &[u8],
     ) -> Result<Accepted, Rejection> {
@@ -143,10 +144,18 @@ impl Ingest {
                 ),
             ));
         }
-        self.limits.admit(tenant, lines.len())?;
+        // One event was admitted before the body was read.
+        self.limits.admit_rest(tenant, lines.len())?;
         let producer = self.producer();
         let result = self
-            .send_lines(&producer, tenant, source, content_type, &lines)
+            .send_lines(
+                &producer,
+                tenant,
+                source,
+                idempotency_key,
+                content_type,
+                &lines,
+            )
             .await;
         if result.is_err() {
             self.replace_if_failed(&producer);
@@ -160,14 +169,20 @@ impl Ingest {
         producer: &FutureProducer,
         tenant: &str,
         source: &str,
+        idempotency_key: Option<&str>,
         content_type: &str,
         lines: &[&str],
     ) -> Result<Accepted, Rejection> {
         let ingest_id = uuid::Uuid::now_v7().to_string();
         let received_at = sluice_core::now_ms().to_string();
         let mut deliveries = Vec::with_capacity(lines.len());
-        for line in lines {
-            let event_id = uuid::Uuid::now_v7().to_string();
+        for (i, line) in lines.iter().enumerate() {
+            // With an Idempotency-Key a retried request stamps the same ids, which the
+            // sinks then store once (a 503 can come after part of a request was written).
+            let event_id = match idempotency_key {
+                Some(k) => format!("idem-{k}-{i}"),
+                None => uuid::Uuid::now_v7().to_string(),
+            };
             let key = self.record_key(tenant, line, &event_id);
             let hdrs = RawHeaders {
                 tenant,

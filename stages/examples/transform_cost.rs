@@ -17,7 +17,7 @@ fn main() {
             p.parse(
                 l.as_bytes(),
                 RawMeta {
-                    tenant: "acme",
+                    tenant: Some("acme"),
                     event_id: "e",
                     received_at: 1,
                 },

@@ -41,7 +41,7 @@ impl Running {
     /// Start ingest with `config` (listening where it says; port 0 picks one).
     pub async fn ingest(config: &Config) -> (SocketAddr, Self) {
         let stop = CancellationToken::new();
-        let (addr, task) = pipeline::start_ingest(config, None, stop.clone())
+        let (addr, task) = pipeline::start_ingest(config, stop.clone())
             .await
             .expect("ingest starts");
         let handle = tokio::spawn(async move { task.await? });

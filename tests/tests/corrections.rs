@@ -38,6 +38,9 @@ async fn namespace(name: &str) -> Config {
     config.timescale.linger_ms = 50;
     config.elasticsearch.bulk_max_docs = 500;
     config.elasticsearch.linger_ms = 50;
+    // These scenarios correct last week's data, ingested now: a backfill, beyond the
+    // default 7 days parse accepts.
+    config.parse.max_past_skew_s = 30 * 86_400;
     config
         .kafka
         .consumer

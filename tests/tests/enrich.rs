@@ -48,7 +48,7 @@ async fn produce_raw(config: &Config, n: usize) {
             r#"{{"user_id":"u{i}","type":"click","ts":{}}}"#,
             1_795_428_000_000u64 + i as u64
         );
-        let h = sluice_tests::raw_headers(tenant, &id, "1");
+        let h = sluice_tests::raw_headers(tenant, &id, "1795428000000");
         producer
             .send(
                 FutureRecord::to(&config.topics.raw)

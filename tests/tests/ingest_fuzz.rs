@@ -154,7 +154,7 @@ fn every_answer_is_a_202_or_a_clear_4xx() {
         )
         .await
         .unwrap();
-        let (addr, _task) = sluice::pipeline::start_ingest(&config, None, stop.clone())
+        let (addr, _task) = sluice::pipeline::start_ingest(&config, stop.clone())
             .await
             .unwrap();
         addr

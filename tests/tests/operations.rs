@@ -94,7 +94,7 @@ async fn lag_is_exported_by_the_owner_only_and_absent_fires_when_all_are_gone() 
                         .partition(i % 4)
                         .key(&id)
                         .payload(&line)
-                        .headers(sluice_tests::raw_headers("acme", &id, "1")),
+                        .headers(sluice_tests::raw_headers("acme", &id, "1795428000000")),
                     Duration::from_secs(10),
                 )
                 .await

@@ -72,7 +72,7 @@ async fn the_pipeline_runs_in_registry_mode() {
                 i % 7,
                 1_795_428_000_000u64 + i as u64
             );
-            let h = sluice_tests::raw_headers("acme", &id, "1");
+            let h = sluice_tests::raw_headers("acme", &id, "1795428000000");
             (id, line.into_bytes(), h)
         })
         .collect();
@@ -81,7 +81,7 @@ async fn the_pipeline_runs_in_registry_mode() {
     let poison = vec![(
         "poison".to_string(),
         frame(9999, &[2, 4, 6]),
-        sluice_tests::raw_headers("acme", "poison", "1"),
+        sluice_tests::raw_headers("acme", "poison", "1795428000000"),
     )];
     produce(&config, &config.topics.parsed, poison).await;
 

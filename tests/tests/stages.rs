@@ -104,7 +104,8 @@ async fn produce_raw(config: &Config, lines: &[String], seconds: f64) {
         let mut acks = Vec::new();
         for (j, line) in part.iter().enumerate() {
             let id = format!("ev-{}", c * chunk + j);
-            let h = sluice_tests::raw_headers("acme", &id, "1");
+            // Received when they happened: within parse's skew bounds.
+            let h = sluice_tests::raw_headers("acme", &id, "1795428000000");
             acks.push(
                 producer
                     .send_result(

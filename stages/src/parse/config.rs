@@ -23,6 +23,17 @@ pub struct ParseConfig {
     pub time_fields: Vec<String>,
     /// IANA time zone of times written without an offset (`2026-11-23 10:00:00`).
     pub timezone: String,
+    /// Records written by other producers (Logstash, Fluent Bit, Vector…) carry no
+    /// `sluice.tenant` header: their tenant is this JSON field's value…
+    pub tenant_field: Option<String>,
+    /// …or, failing that, this tenant. Without either such records are dead-lettered.
+    pub default_tenant: Option<String>,
+    /// Event times further than this before the ingest time are dead-lettered as
+    /// `out_of_range` (a broken client clock, a unit mix-up).
+    pub max_past_skew_s: u64,
+    /// Event times further than this after the ingest time are dead-lettered as
+    /// `out_of_range` (one event from the year 9999 would otherwise close every session).
+    pub max_future_skew_s: u64,
 }
 
 impl Default for ParseConfig {
@@ -34,8 +45,17 @@ impl Default for ParseConfig {
             exactly_once: false,
             transaction_max_records: 10_000,
             transaction_ms: 500,
-            time_fields: vec!["ts".into(), "timestamp".into(), "event_time".into()],
+            time_fields: vec![
+                "ts".into(),
+                "timestamp".into(),
+                "event_time".into(),
+                "@timestamp".into(),
+            ],
             timezone: "UTC".into(),
+            tenant_field: None,
+            default_tenant: None,
+            max_past_skew_s: 7 * 24 * 3600,
+            max_future_skew_s: 3600,
         }
     }
 }

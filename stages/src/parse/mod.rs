@@ -6,6 +6,12 @@
 //! Every other field is kept, as JSON text, in `extra`. The tenant and the event id
 //! come from the headers ingest stamped (a client may send its own `event_id` to make
 //! its retries idempotent).
+//!
+//! Records other producers wrote straight to the raw topic (no `sluice.*` headers) are
+//! parsed too: the tenant from `parse.tenant_field` or `parse.default_tenant`, the event
+//! id from the record's own `event_id` or else `kafka:<topic>:<partition>:<offset>`
+//! (the same on every replay, so the sinks stay idempotent), the receive time from the
+//! Kafka timestamp. Logstash's `json` codec output parses as it is (`@timestamp`).
 
 use std::collections::HashMap;
 
@@ -38,14 +44,27 @@ pub struct ParseRules {
     pub time_fields: Vec<String>,
     /// Time zone of times written without an offset.
     pub timezone: chrono_tz::Tz,
+    /// The JSON field naming the tenant of a record without a tenant header.
+    pub tenant_field: Option<String>,
+    /// The tenant of a record without a tenant header or tenant field.
+    pub default_tenant: Option<String>,
+    /// Most milliseconds an event time may lie before its receive time.
+    pub max_past_skew_ms: i64,
+    /// Most milliseconds an event time may lie after its receive time.
+    pub max_future_skew_ms: i64,
 }
 
 impl Default for ParseRules {
     fn default() -> Self {
+        let c = config::ParseConfig::default();
         Self {
-            max_event_bytes: 1024 * 1024,
-            time_fields: vec!["ts".into(), "timestamp".into(), "event_time".into()],
+            max_event_bytes: c.max_event_bytes,
+            time_fields: c.time_fields,
             timezone: chrono_tz::UTC,
+            tenant_field: None,
+            default_tenant: None,
+            max_past_skew_ms: c.max_past_skew_s as i64 * 1000,
+            max_future_skew_ms: c.max_future_skew_s as i64 * 1000,
         }
     }
 }
@@ -59,6 +78,9 @@ pub enum ParseConfigError {
     /// No time field is given.
     #[error("parse.time_fields: give at least one field name")]
     NoTimeFields,
+    /// An empty default tenant or tenant field.
+    #[error("parse.{0}: must not be empty")]
+    Empty(&'static str),
 }
 
 impl ParseRules {
@@ -67,6 +89,13 @@ impl ParseRules {
         if config.time_fields.is_empty() {
             return Err(ParseConfigError::NoTimeFields);
         }
+        if config.default_tenant.as_deref() == Some("") {
+            return Err(ParseConfigError::Empty("default_tenant"));
+        }
+        if config.tenant_field.as_deref() == Some("") {
+            return Err(ParseConfigError::Empty("tenant_field"));
+        }
+        let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
         Ok(Self {
             max_event_bytes: config.max_event_bytes,
             time_fields: config.time_fields.clone(),
@@ -74,6 +103,10 @@ impl ParseRules {
                 .timezone
                 .parse()
                 .map_err(|_| ParseConfigError::Timezone(config.timezone.clone()))?,
+            tenant_field: config.tenant_field.clone(),
+            default_tenant: config.default_tenant.clone(),
+            max_past_skew_ms: ms(config.max_past_skew_s),
+            max_future_skew_ms: ms(config.max_future_skew_s),
         })
     }
 }
@@ -94,9 +127,9 @@ impl Default for Parser {
 /// What the parser needs of a raw record besides its bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct RawMeta<'a> {
-    /// Tenant stamped by ingest.
-    pub tenant: &'a str,
-    /// Event id stamped by ingest.
+    /// Tenant stamped by ingest; none for a record another producer wrote.
+    pub tenant: Option<&'a str>,
+    /// Event id stamped by ingest (or derived from the record's position).
     pub event_id: &'a str,
     /// When ingest received it, Unix milliseconds.
     pub received_at: i64,
@@ -169,9 +202,26 @@ impl Parser {
                 "field `event_id`: expected a non-empty string, got \"\"",
             ));
         }
+        if meta.received_at > 0 {
+            let skew = event_time - meta.received_at;
+            if skew > self.rules.max_future_skew_ms || -skew > self.rules.max_past_skew_ms {
+                return Err(Failure::new(
+                    "out_of_range",
+                    format!(
+                        "event time {} is {} the receive time {}; allowed: {} s before, {} s after (parse.max_past_skew_s, parse.max_future_skew_s)",
+                        show_ms(event_time),
+                        if skew > 0 { "after" } else { "before" },
+                        show_ms(meta.received_at),
+                        self.rules.max_past_skew_ms / 1000,
+                        self.rules.max_future_skew_ms / 1000
+                    ),
+                ));
+            }
+        }
+        let tenant = self.tenant(meta.tenant, &obj)?;
         Ok(ClickEvent {
             event_id,
-            tenant: meta.tenant.to_string(),
+            tenant,
             user_id,
             session_id: take_id(&mut obj, "session_id")?,
             event_type,
@@ -187,6 +237,50 @@ impl Parser {
                 .collect::<HashMap<_, _>>(),
         })
     }
+}
+
+impl Parser {
+    /// The tenant: the header, else the configured field, else the default.
+    fn tenant(&self, header: Option<&str>, obj: &Map<String, Value>) -> Result<String, Failure> {
+        if let Some(t) = header {
+            return Ok(t.to_string());
+        }
+        if let Some(field) = &self.rules.tenant_field {
+            match obj.get(field) {
+                Some(Value::String(t)) if !t.is_empty() => return Ok(t.clone()),
+                None | Some(Value::Null) => {}
+                Some(other) => {
+                    return Err(Failure::new(
+                        "validation",
+                        format!(
+                        "field `{field}` (parse.tenant_field): expected a non-empty string, got {}",
+                        kind(other)
+                    ),
+                    ))
+                }
+            }
+        }
+        self.rules.default_tenant.clone().ok_or_else(|| {
+            Failure::new(
+                "validation",
+                format!(
+                    "no tenant: header `{}` missing (not written by ingest), and neither parse.tenant_field{} nor parse.default_tenant gives one",
+                    headers::TENANT,
+                    self.rules
+                        .tenant_field
+                        .as_deref()
+                        .map(|f| format!(" (`{f}`)"))
+                        .unwrap_or_default()
+                ),
+            )
+        })
+    }
+}
+
+fn show_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// Run the parse stage (raw → parsed) with `settings` until `shutdown`.
@@ -216,18 +310,17 @@ impl Transform for Parser {
 
     fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure> {
         let h = msg.headers();
-        let tenant = headers::get(h, headers::TENANT).ok_or_else(|| {
-            Failure::new(
-                "validation",
-                format!("header `{}`: required, missing", headers::TENANT),
-            )
-        })?;
-        let event_id = headers::get(h, headers::EVENT_ID).ok_or_else(|| {
-            Failure::new(
-                "validation",
-                format!("header `{}`: required, missing", headers::EVENT_ID),
-            )
-        })?;
+        let tenant = headers::get(h, headers::TENANT);
+        // A record another producer wrote: an id from its place in the log, the same on
+        // every replay of it.
+        let position;
+        let event_id = match headers::get(h, headers::EVENT_ID) {
+            Some(id) => id,
+            None => {
+                position = format!("kafka:{}:{}:{}", msg.topic(), msg.partition(), msg.offset());
+                position.as_str()
+            }
+        };
         let received_at = headers::get(h, headers::RECEIVED_AT_MS)
             .and_then(|v| v.parse().ok())
             .or_else(|| msg.timestamp().to_millis())
@@ -391,14 +484,95 @@ fn epoch_to_ms_f(f: f64) -> i64 {
 mod tests {
     use super::*;
 
+    /// A receive time of 0 is unknown, which skips the skew check (tested on its own).
     const META: RawMeta<'static> = RawMeta {
-        tenant: "acme",
+        tenant: Some("acme"),
         event_id: "ev-1",
-        received_at: 5,
+        received_at: 0,
     };
 
     fn parse(s: &str) -> Result<ClickEvent, Failure> {
         Parser::default().parse(s.as_bytes(), META)
+    }
+
+    #[test]
+    fn event_times_far_from_the_receive_time_are_out_of_range() {
+        let received = 1_795_428_000_000; // 2026-11-22T…
+        let at = |ts: &str| {
+            RawMeta {
+                received_at: received,
+                ..META
+            }
+            .then_parse(&format!(r#"{{"user_id":"u","type":"t","ts":{ts}}}"#))
+        };
+        assert!(
+            at(&(received - 3_600_000).to_string()).is_ok(),
+            "an hour old is fine"
+        );
+        assert!(
+            at(&(received + 60_000).to_string()).is_ok(),
+            "a minute ahead is fine"
+        );
+        let f = at("\"9999-01-01T00:00:00Z\"").unwrap_err();
+        assert_eq!(f.class, "out_of_range");
+        assert!(
+            f.to_string().contains("9999-01-01") && f.to_string().contains("max_future_skew_s"),
+            "{f}"
+        );
+        let f = at(&(received - 8 * 86_400_000).to_string()).unwrap_err();
+        assert_eq!(f.class, "out_of_range", "eight days old");
+    }
+
+    impl RawMeta<'static> {
+        fn then_parse(self, line: &str) -> Result<ClickEvent, Failure> {
+            Parser::default().parse(line.as_bytes(), self)
+        }
+    }
+
+    #[test]
+    fn a_record_without_headers_gets_its_tenant_from_a_field_or_the_default() {
+        let foreign = RawMeta {
+            tenant: None,
+            event_id: "kafka:raw:0:7",
+            received_at: 0,
+        };
+        let line = r#"{"user_id":"u","type":"t","ts":1,"org":"globex"}"#;
+        let f = Parser::default()
+            .parse(line.as_bytes(), foreign)
+            .unwrap_err();
+        assert!(
+            f.to_string().contains("no tenant") && f.to_string().contains("parse.default_tenant"),
+            "{f}"
+        );
+        let rules = |field: Option<&str>, default: Option<&str>| ParseRules {
+            tenant_field: field.map(String::from),
+            default_tenant: default.map(String::from),
+            ..ParseRules::default()
+        };
+        let e = Parser::new(rules(Some("org"), Some("fallback")))
+            .parse(line.as_bytes(), foreign)
+            .unwrap();
+        assert_eq!(
+            (e.tenant.as_str(), e.event_id.as_str()),
+            ("globex", "kafka:raw:0:7")
+        );
+        let e = Parser::new(rules(Some("tenant"), Some("fallback")))
+            .parse(line.as_bytes(), foreign)
+            .unwrap();
+        assert_eq!(e.tenant, "fallback");
+        // A header (written by ingest, authenticated) is never overridden by the body.
+        let e = Parser::new(rules(Some("org"), None))
+            .parse(line.as_bytes(), META)
+            .unwrap();
+        assert_eq!(e.tenant, "acme");
+        // Logstash's json codec: @timestamp, @version, host as an object.
+        let logstash = r#"{"@timestamp":"2026-11-30T10:00:00.000Z","@version":"1","host":{"name":"web-1"},"user_id":"u9","type":"click","event_id":"ls-1","org":"globex"}"#;
+        let e = Parser::new(rules(Some("org"), None))
+            .parse(logstash.as_bytes(), foreign)
+            .unwrap();
+        assert_eq!(e.event_id, "ls-1");
+        assert_eq!(e.event_time, 1_796_032_800_000);
+        assert!(e.extra.contains_key("host"));
     }
 
     #[test]
@@ -413,7 +587,7 @@ mod tests {
         assert_eq!(e.session_id.as_deref(), Some("7"));
         assert_eq!(e.event_id, "ev-1");
         assert_eq!(e.tenant, "acme");
-        assert_eq!(e.received_at, 5);
+        assert_eq!(e.received_at, 0);
         assert_eq!(e.extra["color"], "\"red\"");
         assert_eq!(e.extra["n"], "[1]");
     }
@@ -511,7 +685,7 @@ mod tests {
         );
         assert_eq!(
             reason(r#"{"user_id":"u","type":"x"}"#),
-            "validation: field `ts` or `timestamp` or `event_time`: required (RFC 3339 or epoch ms/s), missing"
+            "validation: field `ts` or `timestamp` or `event_time` or `@timestamp`: required (RFC 3339 or epoch ms/s), missing"
         );
         assert_eq!(
             reason(r#"{"user_id":"u","type":"x","ts":1,"url":5}"#),
@@ -528,10 +702,11 @@ mod properties {
     use super::*;
     use proptest::prelude::*;
 
+    /// A receive time of 0 is unknown, which skips the skew check (tested on its own).
     const META: RawMeta<'static> = RawMeta {
-        tenant: "acme",
+        tenant: Some("acme"),
         event_id: "ev-1",
-        received_at: 5,
+        received_at: 0,
     };
 
     fn json_value() -> impl Strategy<Value = Value> {

@@ -448,3 +448,154 @@ async fn producer_that_failed_for_good_is_replaced() {
     assert_eq!(on_topic, vec![line(0), line(2)]);
     server.shutdown().await;
 }
+
+/// Send raw bytes on a fresh connection; return what the server answers until it closes
+/// the connection or `wait` passes.
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(wait, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_time_out_while_others_are_served() {
+    let mut config = stack_config();
+    config.ingest.header_read_timeout_ms = 500;
+    config.ingest.body_read_timeout_ms = 500;
+    let server = Server::start(config).await;
+    let addr = server.addr;
+    // Slowloris: a request head that never ends. The server closes the connection...
+    let slow = tokio::spawn(async move {
+        raw_exchange(
+            addr,
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n",
+            Duration::from_secs(5),
+        )
+        .await
+    });
+    // ...and meanwhile answers others.
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", line).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let (_, closed) = slow.await.unwrap();
+    assert!(closed, "a connection stuck in its headers is closed");
+    // A body that stops half-way: 408 with a JSON reason.
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: 100\r\n\r\n{{\"user_id\""
+    );
+    let (answer, _) = raw_exchange(addr, head.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"),
+        "{answer}"
+    );
+    assert_eq!(server.records().await.len(), 1, "only the whole request");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_concurrency_limit_get_503_at_once() {
+    let mut config = stack_config();
+    config.ingest.max_concurrent_requests = 1;
+    config.ingest.body_read_timeout_ms = 3_000;
+    let server = Server::start(config).await;
+    let addr = server.addr;
+    // One request holds the only slot while its body trickles in.
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    let holder =
+        tokio::spawn(
+            async move { raw_exchange(addr, head.as_bytes(), Duration::from_secs(6)).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let (s, h, b) = server.post(Some(KEY_A), "application/x-ndjson", line).await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(h.get("retry-after").is_some());
+    let (answer, _) = holder.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The slot is free again.
+    let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", line).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_header_values_are_bounded_and_idempotency_keys_repeat_ids() {
+    let server = Server::start(stack_config()).await;
+    let lines = [r#"{"user_id":"u","type":"click","ts":1}"#; 3].join("\n");
+    // A 64 KB X-Source would be copied onto every record: refused, the reason says why.
+    let resp = reqwest::Client::new()
+        .post(server.url("/v1/events"))
+        .bearer_auth(KEY_A)
+        .header("content-type", "application/x-ndjson")
+        .header("x-source", "s".repeat(64 * 1024))
+        .body(lines.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_header");
+    assert!(
+        body["reason"].as_str().unwrap().contains("x-source"),
+        "{body}"
+    );
+    // The same request twice with an Idempotency-Key (a retry after a 503): same ids.
+    for _ in 0..2 {
+        let resp = reqwest::Client::new()
+            .post(server.url("/v1/events"))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/x-ndjson")
+            .header("idempotency-key", "batch-7")
+            .body(lines.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    }
+    let records = server.records().await;
+    assert_eq!(records.len(), 6, "both requests were written");
+    let ids: Vec<String> = records
+        .iter()
+        .map(|m| {
+            headers::get(m.headers(), headers::EVENT_ID)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    let want: HashSet<String> = (0..3).map(|i| format!("idem-batch-7-{i}")).collect();
+    assert_eq!(
+        distinct.into_iter().cloned().collect::<HashSet<_>>(),
+        want,
+        "the retry stamped the same three ids"
+    );
+    server.shutdown().await;
+}
+
+#[test]
+fn an_empty_api_key_is_refused_at_start() {
+    let mut config = stack_config();
+    config.ingest.api_keys = vec![ApiKey {
+        tenant: "ghost".into(),
+        key: "".into(),
+    }];
+    let e = Ingest::new(&config.kafka, "unused", config.ingest.clone())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("ghost") && e.contains("empty"), "{e}");
+}

@@ -1,0 +1,180 @@
+//! Input Sluice did not write or would rather not get: records other producers put on
+//! the raw topic (no `sluice.*` headers), and event times no clock could mean.
+#![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice::Config;
+use sluice_core::headers;
+use sluice_ingest::config::ApiKey;
+use sluice_tests::running::{post_lines, Running};
+use sluice_tests::{caught_up, create_topics, stack_config, unique};
+
+fn read(config: &Config, topic: &str) -> Vec<OwnedMessage> {
+    sluice_core::kafka::read_all(&config.kafka, topic, Duration::from_secs(30)).unwrap()
+}
+
+/// Event id → tenant of what the parse stage wrote.
+fn parsed(config: &Config) -> Vec<(String, String)> {
+    read(config, &config.topics.parsed)
+        .iter()
+        .map(|m| {
+            let e = sluice_schemas::CLICK_EVENTS
+                .decode(m.payload().unwrap())
+                .unwrap();
+            (e.event_id, e.tenant)
+        })
+        .collect()
+}
+
+async fn run_parse(config: &Config) {
+    let parse = Running::stage(config, "parse");
+    caught_up(config, &config.parse.group, &config.topics.raw).await;
+    parse.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_sluice_headers_are_parsed_with_ids_from_their_place() {
+    let name = unique("foreign");
+    let mut config = stack_config().namespaced(&format!("t-{name}"), &name);
+    config.parse.tenant_field = Some("org".into());
+    config.parse.default_tenant = Some("shared".into());
+    create_topics(&config).await;
+    let now = chrono::Utc::now() - chrono::Duration::minutes(1);
+    // What Filebeat or a plain client writes, and what Logstash's json codec writes.
+    let mut lines = Vec::new();
+    for i in 0..20 {
+        lines.push(format!(
+            r#"{{"user_id":"u{i}","type":"click","ts":{},"org":"globex"}}"#,
+            now.timestamp_millis()
+        ));
+        lines.push(format!(
+            r#"{{"user_id":"u{i}","type":"click","ts":{}}}"#,
+            now.timestamp_millis()
+        ));
+        let own_id = if i < 5 {
+            format!(r#","event_id":"ls-{i}""#)
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            r#"{{"@timestamp":"{}","@version":"1","host":{{"name":"web-1"}},"message":"GET /p/{i}","user_id":"u{i}","type":"page_view","org":"initech"{own_id}}}"#,
+            now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ));
+    }
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&config.topics.raw)
+                    .key(&format!("k{}", i % 7))
+                    .payload(line),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    // Expected from the raw records themselves: their own id, or their place in the log.
+    let raw = read(&config, &config.topics.raw);
+    assert_eq!(raw.len(), 60);
+    assert!(raw
+        .iter()
+        .all(|m| m.headers().is_none_or(|h| h.count() == 0)));
+    let expected: BTreeMap<String, String> =
+        raw.iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let id = v["event_id"].as_str().map(String::from).unwrap_or_else(|| {
+                    format!("kafka:{}:{}:{}", m.topic(), m.partition(), m.offset())
+                });
+                let tenant = v["org"].as_str().unwrap_or("shared").to_string();
+                (id, tenant)
+            })
+            .collect();
+
+    run_parse(&config).await;
+    let first: BTreeMap<String, String> = parsed(&config).into_iter().collect();
+    assert_eq!(
+        first, expected,
+        "every foreign record parsed, with its id and tenant"
+    );
+    assert!(
+        read(&config, &config.topics.dlq(&config.topics.raw)).is_empty(),
+        "nothing dead-lettered"
+    );
+
+    // A replay of the same raw records makes the same ids, so the sinks store them once.
+    let starts: Vec<(i32, i64)> = (0..config.topics.partitions).map(|p| (p, 0)).collect();
+    let (k, g, t) = (
+        config.kafka.clone(),
+        config.parse.group.clone(),
+        config.topics.raw.clone(),
+    );
+    tokio::task::spawn_blocking(move || sluice::replay::commit_group(&k, &g, &t, &starts))
+        .await
+        .unwrap()
+        .unwrap();
+    run_parse(&config).await;
+    let again = parsed(&config);
+    assert_eq!(again.len(), 120, "the replay wrote every record again");
+    let ids: BTreeMap<String, String> = again.into_iter().collect();
+    assert_eq!(ids, expected, "and with the same ids");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_times_no_clock_could_mean_are_dead_lettered_as_out_of_range() {
+    let name = unique("range");
+    let mut config = stack_config().namespaced(&format!("t-{name}"), &name);
+    config.ingest.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.ingest.api_keys = vec![ApiKey {
+        tenant: "acme".into(),
+        key: "k-acme".into(),
+    }];
+    create_topics(&config).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let lines: Vec<String> = [
+        ("now", now.to_string()),
+        ("future", "\"9999-12-31T23:59:59Z\"".to_string()),
+        ("past", (now - 30 * 86_400_000).to_string()),
+        ("soon", (now + 60_000).to_string()),
+    ]
+    .iter()
+    .map(|(id, ts)| format!(r#"{{"event_id":"{id}","user_id":"u","type":"click","ts":{ts}}}"#))
+    .collect();
+    let (addr, ingest) = Running::ingest(&config).await;
+    post_lines(addr, "k-acme", &lines).await;
+    ingest.stop().await;
+    run_parse(&config).await;
+    let mut ok: Vec<String> = parsed(&config).into_iter().map(|(id, _)| id).collect();
+    ok.sort();
+    assert_eq!(ok, vec!["now", "soon"]);
+    let dead = read(&config, &config.topics.dlq(&config.topics.raw));
+    let reasons: BTreeMap<String, (String, String)> = dead
+        .iter()
+        .map(|m| {
+            let h = m.headers();
+            let line: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            (
+                line["event_id"].as_str().unwrap().to_string(),
+                (
+                    headers::get(h, headers::DLQ_ERROR_CLASS)
+                        .unwrap()
+                        .to_string(),
+                    headers::get(h, headers::DLQ_REASON).unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons.keys().collect::<Vec<_>>(),
+        vec!["future", "past"],
+        "{reasons:?}"
+    );
+    for (class, reason) in reasons.values() {
+        assert_eq!(class, "out_of_range", "{reason}");
+    }
+    assert!(reasons["future"].1.contains("9999-12-31"), "{reasons:?}");
+}

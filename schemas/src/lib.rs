@@ -151,6 +151,37 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     const RELEASED: &'static [&'static str] = &[];
 }
 
+/// Whether a field's value holds a NUL character, raw or as JSON's `\u0000` escape (the
+/// extra fields are JSON text).
+trait HasNul {
+    fn has_nul(&self) -> bool;
+}
+
+impl HasNul for String {
+    fn has_nul(&self) -> bool {
+        self.contains('\0')
+    }
+}
+
+impl HasNul for Option<String> {
+    fn has_nul(&self) -> bool {
+        self.as_ref().is_some_and(HasNul::has_nul)
+    }
+}
+
+impl HasNul for i64 {
+    fn has_nul(&self) -> bool {
+        false
+    }
+}
+
+impl HasNul for HashMap<String, String> {
+    fn has_nul(&self) -> bool {
+        self.iter()
+            .any(|(k, v)| k.contains('\0') || v.contains('\0') || v.contains("\\u0000") || k.contains("\\u0000"))
+    }
+}
+
 /// Defines [`ClickEvent`] and [`EnrichedEvent`] from one list of their common fields
 /// (and the enriched one's own), so the shared part is written once.
 macro_rules! event_records {
@@ -171,7 +202,22 @@ macro_rules! event_records {
             $( $(#[$em])* pub $ef: $et, )*
         }
 
+        impl ClickEvent {
+            /// The first field holding a NUL character (PostgreSQL text and jsonb cannot).
+            pub fn field_with_nul(&self) -> Option<&'static str> {
+                $( if HasNul::has_nul(&self.$cf) { return Some(stringify!($cf)); } )*
+                None
+            }
+        }
+
         impl EnrichedEvent {
+            /// The first field holding a NUL character (PostgreSQL text and jsonb cannot).
+            pub fn field_with_nul(&self) -> Option<&'static str> {
+                $( if HasNul::has_nul(&self.$cf) { return Some(stringify!($cf)); } )*
+                $( if HasNul::has_nul(&self.$ef) { return Some(stringify!($ef)); } )*
+                None
+            }
+
             /// An enriched event with every enrichment empty.
             pub fn from_click(e: ClickEvent) -> Self {
                 Self {

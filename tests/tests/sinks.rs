@@ -484,3 +484,53 @@ async fn an_older_processing_arriving_later_does_not_overwrite() {
         );
     }
 }
+
+/// One event with a NUL character in a batch of 200: it alone is dead-lettered, with a
+/// reason naming the field (before, the database refused the whole batch, which was then
+/// written row by row and the reason was PostgreSQL's encoding error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_a_nul_character_is_dead_lettered_alone() {
+    let mut config = stack_config();
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    config.timescale.batch_size = 500;
+    let name = unique("nul");
+    sink_namespace(&mut config, &name).await;
+    let mut events: Vec<_> = (0..200)
+        .map(|i| enriched(i, "acme", "u1", "page_view", "/x", "2026-11-20T08:00:00Z"))
+        .collect();
+    events[77].url = Some("/a\u{0}b".into());
+    events[78]
+        .extra
+        .insert("note".into(), r#""nul \u0000 escaped""#.into());
+    let mut sink = RunningSink::start(&config, sluice_tests::sink("timescale"));
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    sink.caught_up(&config, &config.timescale.group, &config.topics.enriched)
+        .await;
+    sink.stop().await;
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    let client = pool.get().await.unwrap();
+    let stored: std::collections::BTreeSet<String> = client
+        .query(&format!("SELECT event_id FROM {name}.events"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: std::collections::BTreeSet<String> = (0..200)
+        .filter(|i| *i != 77 && *i != 78)
+        .map(|i| format!("ev-{i}"))
+        .collect();
+    assert_eq!(stored, want);
+    let dlq = dead_letters(&config, &config.topics.dlq(&config.topics.enriched)).await;
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|m| {
+            headers::get(m.headers(), headers::DLQ_REASON)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("field `url` holds a NUL"), "{reasons:?}");
+    assert!(reasons[1].contains("field `extra` holds a NUL"), "{reasons:?}");
+}

@@ -449,6 +449,17 @@ fn newest_per_event(
             ));
             continue;
         }
+        // Refused here, alone: sent to the database it would fail the whole batch.
+        if let Some(field) = e.field_with_nul() {
+            failures.push((
+                i,
+                Failure::new(
+                    "write",
+                    format!("field `{field}` holds a NUL character, which PostgreSQL cannot store"),
+                ),
+            ));
+            continue;
+        }
         newest
             .entry((e.tenant.as_str(), e.event_id.as_str()))
             .and_modify(|j| {

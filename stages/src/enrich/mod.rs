@@ -112,6 +112,10 @@ const UA_CACHE_ENTRIES: std::num::NonZeroUsize = match std::num::NonZeroUsize::n
     None => panic!("non-zero"),
 };
 
+/// Longer user agents are parsed every time, never cached: the cache's memory stays
+/// bounded (10,000 × 512 bytes) whatever clients send. Real ones are under 300 bytes.
+const UA_CACHE_MAX_BYTES: usize = 512;
+
 /// What a user agent says, as enrich stores it.
 #[derive(Debug, Clone, Default)]
 struct UserAgent {
@@ -165,12 +169,16 @@ impl Enricher {
 
     /// What `ua` says, from the cache or parsed.
     fn user_agent(&self, ua: &str) -> UserAgent {
-        let mut cache = self
-            .ua_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(hit) = cache.get(ua) {
-            return hit.clone();
+        let cacheable = ua.len() <= UA_CACHE_MAX_BYTES;
+        let cache = || {
+            self.ua_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if cacheable {
+            if let Some(hit) = cache().get(ua) {
+                return hit.clone();
+            }
         }
         let known = |s: &str| (s != woothee::woothee::VALUE_UNKNOWN).then(|| s.to_string());
         let parsed = self
@@ -183,7 +191,9 @@ impl Enricher {
                 device: known(p.category),
             })
             .unwrap_or_default();
-        cache.put(ua.to_string(), parsed.clone());
+        if cacheable {
+            cache().put(ua.to_string(), parsed.clone());
+        }
         parsed
     }
 
@@ -296,6 +306,19 @@ mod tests {
         )
         .unwrap();
         IpTable::load(&f).unwrap()
+    }
+
+    #[test]
+    fn only_user_agents_of_a_sane_length_are_cached() {
+        let e = Enricher::new(table());
+        let real = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36";
+        assert_eq!(e.user_agent(real).browser.as_deref(), Some("Chrome"));
+        for i in 0..3 {
+            let huge = format!("{real} {}", "x".repeat(100_000 + i));
+            assert_eq!(e.user_agent(&huge).browser.as_deref(), Some("Chrome"));
+        }
+        let cache = e.ua_cache.lock().unwrap();
+        assert_eq!(cache.len(), 1, "the 100 KB agents were parsed, not kept");
     }
 
     #[test]

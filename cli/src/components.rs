@@ -71,6 +71,7 @@ impl Config {
     /// Settings that parse but do not fit together.
     pub fn check(&self) -> Result<(), ConfigError> {
         self.kafka.security.check()?;
+        self.kafka.check_event_size(self.topics.max_event_bytes)?;
         self.ingest.check().map_err(|reason| ConfigError::Setting {
             key: "ingest",
             reason,

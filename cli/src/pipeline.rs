@@ -18,7 +18,12 @@ pub async fn start_ingest(
     config: &Config,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, JoinHandle<Result<()>>)> {
-    let ingest = Ingest::new(&config.kafka, &config.topics.raw, config.ingest.clone())?;
+    let ingest = Ingest::new(
+        &config.kafka,
+        &config.topics.raw,
+        config.topics.max_event_bytes,
+        config.ingest.clone(),
+    )?;
     let (listener, addr) = ingest
         .bind()
         .await

@@ -144,6 +144,36 @@ impl SaslMechanism {
     }
 }
 
+/// Room a record needs beside its event: key, Sluice's headers, a dead letter's headers
+/// and the protocol's framing.
+pub const RECORD_ROOM_BYTES: usize = 16 * 1024;
+
+impl KafkaConfig {
+    /// The producers' `message.max.bytes` (librdkafka's default 1,000,000 unless set).
+    pub fn max_message_bytes(&self) -> usize {
+        self.producer
+            .get("message.max.bytes")
+            .or_else(|| self.properties.get("message.max.bytes"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1_000_000)
+    }
+
+    /// Whether an event of `max_event_bytes` plus its headers fits a record.
+    pub fn check_event_size(&self, max_event_bytes: usize) -> Result<(), ConfigError> {
+        let max = self.max_message_bytes();
+        if max_event_bytes.saturating_add(RECORD_ROOM_BYTES) > max {
+            return Err(ConfigError::Setting {
+                key: "topics.max_event_bytes",
+                reason: format!(
+                    "{max_event_bytes} bytes plus {RECORD_ROOM_BYTES} for key and headers exceed the producers' message.max.bytes ({max}); lower it to at most {} or raise message.max.bytes (and the brokers' and topics' limits)",
+                    max.saturating_sub(RECORD_ROOM_BYTES)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl KafkaSecurity {
     /// The librdkafka properties these settings stand for.
     pub fn properties(&self) -> Vec<(&'static str, String)> {
@@ -241,6 +271,10 @@ pub struct TopicsConfig {
     pub raw_retention_ms: i64,
     /// Retention of every other topic, in milliseconds.
     pub retention_ms: i64,
+    /// Largest event, in bytes: ingest answers 413 for a longer line, parse dead-letters
+    /// a longer raw record (`oversized`). It must leave room for headers and key below
+    /// the producers' `message.max.bytes`, which is checked at start.
+    pub max_event_bytes: usize,
 }
 
 impl Default for TopicsConfig {
@@ -255,6 +289,7 @@ impl Default for TopicsConfig {
             replication_factor: 1,
             raw_retention_ms: 7 * 24 * 3600 * 1000,
             retention_ms: 3 * 24 * 3600 * 1000,
+            max_event_bytes: 960 * 1024,
         }
     }
 }
@@ -618,5 +653,22 @@ mod tests {
             [("SLUICE__KAFKA__SECURITY__PROTOCOL".into(), "tls".into())],
         );
         assert!(bad.is_err(), "an unknown protocol is refused");
+    }
+
+    #[test]
+    fn the_event_size_must_leave_room_below_message_max_bytes() {
+        let mut k = KafkaConfig::default();
+        assert_eq!(k.max_message_bytes(), 1_000_000);
+        assert!(k
+            .check_event_size(TopicsConfig::default().max_event_bytes)
+            .is_ok());
+        let e = k.check_event_size(1024 * 1024).unwrap_err().to_string();
+        assert!(
+            e.contains("topics.max_event_bytes") && e.contains("message.max.bytes"),
+            "{e}"
+        );
+        k.producer
+            .insert("message.max.bytes".into(), "4000000".into());
+        assert!(k.check_event_size(1024 * 1024).is_ok());
     }
 }

@@ -85,3 +85,100 @@ impl DeadLetter {
         }
     }
 }
+
+impl DeadLetter {
+    /// Bytes it takes as a record: key, payload and headers.
+    pub fn size(&self) -> usize {
+        use rdkafka::message::Headers;
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.len() + headers
+    }
+
+    /// The dead letter as it is, or, when it would not fit a record of `max_bytes`, a stub
+    /// that keeps the dead-letter headers (where the record is: topic, partition, offset;
+    /// why) and the tenant and event id, with the original's size in
+    /// `sluice.dlq.dropped_bytes`. Without it a too-large dead letter would be refused by
+    /// the producer for ever, and its partition would stall.
+    pub fn fit(self, max_bytes: usize) -> Self {
+        use rdkafka::message::Headers;
+        let room = max_bytes.saturating_sub(crate::config::RECORD_ROOM_BYTES / 2);
+        if self.size() <= room {
+            return self;
+        }
+        let dropped = self.size().to_string();
+        let mut h = OwnedHeaders::new();
+        for header in self.headers.iter() {
+            let keep = header.key.starts_with("sluice.dlq.")
+                || header.key == headers::TENANT
+                || header.key == headers::EVENT_ID;
+            if keep && header.value.map_or(0, <[u8]>::len) <= 4096 {
+                h = h.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        h = h.insert(Header {
+            key: headers::DLQ_DROPPED_BYTES,
+            value: Some(dropped.as_str()),
+        });
+        Self {
+            key: None,
+            payload: Vec::new(),
+            headers: h,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_too_large_becomes_a_stub_that_says_where_and_why() {
+        let small = DeadLetter {
+            key: Some(b"k".to_vec()),
+            payload: vec![b'x'; 100],
+            headers: OwnedHeaders::new().insert(Header {
+                key: headers::DLQ_REASON,
+                value: Some("oversized: …"),
+            }),
+        };
+        assert_eq!(
+            small.clone().fit(1_000_000).payload.len(),
+            100,
+            "fits: unchanged"
+        );
+        let big = DeadLetter {
+            payload: vec![b'x'; 2_000_000],
+            headers: small
+                .headers
+                .clone()
+                .insert(Header {
+                    key: headers::TENANT,
+                    value: Some("acme"),
+                })
+                .insert(Header {
+                    key: "x-client",
+                    value: Some("dropped"),
+                }),
+            ..small
+        };
+        let stub = big.fit(1_000_000);
+        assert!(stub.payload.is_empty() && stub.key.is_none());
+        assert_eq!(
+            headers::get(Some(&stub.headers), headers::DLQ_REASON),
+            Some("oversized: …")
+        );
+        assert_eq!(
+            headers::get(Some(&stub.headers), headers::TENANT),
+            Some("acme")
+        );
+        assert_eq!(headers::get(Some(&stub.headers), "x-client"), None);
+        assert!(headers::get(Some(&stub.headers), headers::DLQ_DROPPED_BYTES).is_some());
+    }
+}

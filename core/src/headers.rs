@@ -48,6 +48,9 @@ pub const DLQ_ATTEMPTS: &str = "sluice.dlq.attempts";
 pub const DLQ_FAILED_AT_MS: &str = "sluice.dlq.failed_at_ms";
 /// Dead letters: the original record's timestamp, Unix milliseconds.
 pub const DLQ_RECORD_TS_MS: &str = "sluice.dlq.record_ts_ms";
+/// Dead letter: set on a stub that replaced a record too large for the dead-letter
+/// topic; the original's size in bytes (the record itself stays at its origin).
+pub const DLQ_DROPPED_BYTES: &str = "sluice.dlq.dropped_bytes";
 
 /// Every dead-letter header: replaced when a dead letter fails again, dropped when a
 /// re-driven one succeeds.
@@ -61,6 +64,7 @@ pub const DEAD_LETTER: &[&str] = &[
     DLQ_ATTEMPTS,
     DLQ_FAILED_AT_MS,
     DLQ_RECORD_TS_MS,
+    DLQ_DROPPED_BYTES,
 ];
 
 /// The value of header `name` as UTF-8, if present and valid.

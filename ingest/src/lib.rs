@@ -55,6 +55,8 @@ pub struct Ingest {
     kafka: KafkaConfig,
     topic: String,
     config: IngestConfig,
+    /// Longest line (`topics.max_event_bytes`).
+    max_event_bytes: usize,
     /// The accepted API keys.
     keys: auth::Keys,
     /// The per-tenant rate limit.
@@ -64,13 +66,18 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Create the producer and the request handler state.
+    /// Create the producer and the request handler state. Lines longer than
+    /// `max_event_bytes` are refused (413), and that size must fit a record.
     pub fn new(
         kafka: &KafkaConfig,
         topic: &str,
+        max_event_bytes: usize,
         config: IngestConfig,
     ) -> Result<Arc<Self>, IngestError> {
         config.check().map_err(IngestError::Config)?;
+        kafka
+            .check_event_size(max_event_bytes)
+            .map_err(|e| IngestError::Config(e.to_string()))?;
         let producer = producer::new_producer(kafka, &config)?;
         // Exported at 0 from the start, so an alert on its increase has a series to watch.
         metrics::counter!("sluice_ingest_producer_replacements_total").increment(0);
@@ -82,6 +89,7 @@ impl Ingest {
             kafka: kafka.clone(),
             topic: topic.into(),
             config,
+            max_event_bytes,
             keys,
             limits,
             in_flight,

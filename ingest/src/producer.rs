@@ -144,6 +144,22 @@ impl Ingest {
                 ),
             ));
         }
+        if let Some((i, line)) = lines
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.len() > self.max_event_bytes)
+        {
+            return Err(Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event_too_large",
+                format!(
+                    "line {}: {} bytes; at most {} per event (topics.max_event_bytes)",
+                    i + 1,
+                    line.len(),
+                    self.max_event_bytes
+                ),
+            ));
+        }
         // One event was admitted before the body was read.
         self.limits.admit_rest(tenant, lines.len())?;
         let producer = self.producer();

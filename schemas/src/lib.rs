@@ -177,8 +177,9 @@ impl HasNul for i64 {
 
 impl HasNul for HashMap<String, String> {
     fn has_nul(&self) -> bool {
-        self.iter()
-            .any(|(k, v)| k.contains('\0') || v.contains('\0') || v.contains("\\u0000") || k.contains("\\u0000"))
+        self.iter().any(|(k, v)| {
+            k.contains('\0') || v.contains('\0') || v.contains("\\u0000") || k.contains("\\u0000")
+        })
     }
 }
 

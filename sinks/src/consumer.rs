@@ -345,6 +345,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     consumer.subscribe(&[&spec.input])?;
     let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     let producer: FutureProducer = kafka.producer_config().create()?;
+    let max_message_bytes = kafka.max_message_bytes();
     let mut stats = SinkStats::default();
     let batch_size = spec.batch_size.max(1);
     let slots = spec.write_concurrency.max(1);
@@ -426,7 +427,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                 for (i, failure) in &dead {
                     DeadLettered { component: Component::Sink(name), class: failure.class, reason: &failure.reason }.emit();
                     delivered = delivered
-                        && send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1), &shutdown).await;
+                        && send_dead_letter(&producer, &spec.dlq, DeadLetter::of(&batch[*i], name, failure, 1).fit(max_message_bytes), &shutdown).await;
                 }
                 if !delivered {
                     tracing::warn!(sink = name, "stopping with dead letters undelivered; their batch stays uncommitted");

@@ -24,6 +24,19 @@ pub struct Output {
     pub headers: OwnedHeaders,
 }
 
+impl Output {
+    /// Bytes it takes as a record: key, payload and headers (with a little framing).
+    pub fn size(&self) -> usize {
+        use rdkafka::message::Headers;
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 8)
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.len() + headers + 64
+    }
+}
+
 /// What a stage does to each record.
 pub trait Transform: Send + Sync + 'static {
     /// Name used in metrics, logs and dead-letter headers.
@@ -80,6 +93,9 @@ pub struct StageSpec {
     pub transaction_linger: Duration,
     /// How transient failures are retried before a record is dead-lettered.
     pub retry: crate::retry::RetryPolicy,
+    /// The producers' `message.max.bytes`: larger outputs are dead-lettered, larger dead
+    /// letters replaced by stubs. Set from the Kafka settings when the stage starts.
+    pub max_message_bytes: usize,
 }
 
 impl StageSpec {
@@ -105,6 +121,7 @@ impl StageSpec {
             transaction_max_records: 10_000,
             transaction_linger: Duration::from_millis(500),
             retry: Default::default(),
+            max_message_bytes: 1_000_000,
         }
     }
 }
@@ -193,6 +210,23 @@ pub(crate) async fn process<'a, 's, T: Transform>(
         }
         _ => Held::Borrowed(msg),
     };
+    // An output the producer would refuse for its size is a defect of the record: it is
+    // dead-lettered instead of retried for ever (which would stall the partition).
+    if let Ok(outputs) = &result {
+        if let Some(size) = outputs
+            .iter()
+            .map(Output::size)
+            .find(|s| *s > spec.max_message_bytes)
+        {
+            result = Err(Failure::new(
+                "oversized",
+                format!(
+                    "output of {size} bytes exceeds the producers' message.max.bytes ({})",
+                    spec.max_message_bytes
+                ),
+            ));
+        }
+    }
     match result {
         Ok(outputs) => {
             stats.published += outputs.len() as u64;
@@ -214,7 +248,8 @@ pub(crate) async fn process<'a, 's, T: Transform>(
             let dl = match &held {
                 Held::Borrowed(m) => DeadLetter::of(m, name, &failure, attempts),
                 Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
-            };
+            }
+            .fit(spec.max_message_bytes);
             Processed {
                 held,
                 outputs: vec![Output {

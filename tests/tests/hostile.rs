@@ -178,3 +178,62 @@ async fn event_times_no_clock_could_mean_are_dead_lettered_as_out_of_range() {
     }
     assert!(reasons["future"].1.contains("9999-12-31"), "{reasons:?}");
 }
+
+/// A raw record another producer wrote, far above `topics.max_event_bytes`: its dead
+/// letter cannot fit a record either, so a stub takes its place (where it is, why, how
+/// big), and the stage goes on with the next records instead of retrying for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_even_to_dead_letter_leaves_a_stub_and_no_stall() {
+    let name = unique("huge");
+    let config = stack_config().namespaced(&format!("t-{name}"), &name);
+    create_topics(&config).await;
+    // The other producer allows 3 MB records (so does the broker).
+    let mut big_config = config.kafka.clone();
+    big_config
+        .producer
+        .insert("message.max.bytes".into(), "3000000".into());
+    let producer: FutureProducer = big_config.producer_config().create().unwrap();
+    let huge = format!(
+        r#"{{"user_id":"u","type":"click","ts":1,"pad":"{}"}}"#,
+        "x".repeat(2_000_000)
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut sent = Vec::new();
+    for (i, line) in std::iter::once(huge.clone())
+        .chain((0..10).map(|i| format!(r#"{{"user_id":"u{i}","type":"click","ts":{now}}}"#)))
+        .enumerate()
+    {
+        let id = format!("ev-{i}");
+        let delivery = producer
+            .send(
+                FutureRecord::to(&config.topics.raw)
+                    .key("same-partition")
+                    .payload(&line)
+                    .headers(sluice_tests::raw_headers("acme", &id, &now.to_string())),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        sent.push((id, delivery.partition, delivery.offset));
+    }
+    let started = std::time::Instant::now();
+    run_parse(&config).await;
+    println!("parse caught up and stopped in {:?}", started.elapsed());
+    let mut ok: Vec<String> = parsed(&config).into_iter().map(|(id, _)| id).collect();
+    ok.sort();
+    let mut want: Vec<String> = (1..=10).map(|i| format!("ev-{i}")).collect();
+    want.sort();
+    assert_eq!(ok, want, "the records after the huge one were parsed");
+    let dead = read(&config, &config.topics.dlq(&config.topics.raw));
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].headers();
+    let get = |k| headers::get(h, k).unwrap_or_default().to_string();
+    assert!(dead[0].payload().is_none_or(<[u8]>::is_empty), "a stub");
+    assert_eq!(get(headers::DLQ_ERROR_CLASS), "oversized");
+    assert_eq!(get(headers::EVENT_ID), "ev-0");
+    assert_eq!(get(headers::DLQ_TOPIC), config.topics.raw);
+    assert_eq!(get(headers::DLQ_PARTITION), sent[0].1.to_string());
+    assert_eq!(get(headers::DLQ_OFFSET), sent[0].2.to_string());
+    let dropped: usize = get(headers::DLQ_DROPPED_BYTES).parse().unwrap();
+    assert!(dropped > 2_000_000, "{dropped}");
+}

@@ -61,7 +61,13 @@ impl Server {
             .unwrap();
         // The recorder first, so that the first request's counters land in it.
         let _ = metrics_handle();
-        let ingest = Ingest::new(&config.kafka, &topic, config.ingest.clone()).unwrap();
+        let ingest = Ingest::new(
+            &config.kafka,
+            &topic,
+            config.topics.max_event_bytes,
+            config.ingest.clone(),
+        )
+        .unwrap();
         let (listener, addr) = ingest.bind().await.unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
@@ -593,9 +599,30 @@ fn an_empty_api_key_is_refused_at_start() {
         tenant: "ghost".into(),
         key: "".into(),
     }];
-    let e = Ingest::new(&config.kafka, "unused", config.ingest.clone())
+    let e = Ingest::new(&config.kafka, "unused", 1024, config.ingest.clone())
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(e.contains("ghost") && e.contains("empty"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_over_the_event_size_is_refused_naming_it() {
+    let mut config = stack_config();
+    config.topics.max_event_bytes = 1_000;
+    let server = Server::start(config).await;
+    let small = r#"{"user_id":"u","type":"click","ts":1}"#.to_string();
+    let big = format!(
+        r#"{{"user_id":"u","type":"click","ts":1,"pad":"{}"}}"#,
+        "x".repeat(2_000)
+    );
+    let body = [small.clone(), small, big].join("\n");
+    let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", body).await;
+    assert_error(s, &b, StatusCode::PAYLOAD_TOO_LARGE, "event_too_large");
+    assert!(b["reason"].as_str().unwrap().starts_with("line 3:"), "{b}");
+    assert!(
+        server.records().await.is_empty(),
+        "nothing of the request is written"
+    );
+    server.shutdown().await;
 }

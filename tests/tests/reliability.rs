@@ -487,7 +487,7 @@ async fn poison_records_interleaved_with_good_ones() {
     let _serial = SERIAL.lock().await;
     let from = Utc::now() - chrono::Duration::seconds(5);
     let mut config = pipeline_config(&unique("rx")).await;
-    config.parse.max_event_bytes = 4096;
+    config.topics.max_event_bytes = 4096;
     create_topics(&config).await;
     let (addr, tasks) = start_all(&config, true).await;
 
@@ -515,7 +515,6 @@ async fn poison_records_interleaved_with_good_ones() {
         ),
         ("validation", r#"{"type":"click","ts":1}"#.to_string()),
         ("validation", "[1,2,3]".to_string()),
-        ("oversized", oversized),
     ];
     let mut mixed: Vec<(usize, String, String)> = Vec::new();
     let mut expected: HashMap<&str, usize> = HashMap::new();
@@ -527,8 +526,29 @@ async fn poison_records_interleaved_with_good_ones() {
             mixed.push((i % 2, format!("poison-{i}"), line.clone()));
         }
     }
-    // Unknown schema fingerprint on the parsed topic: enrich dead-letters them.
+    // Oversized events: ingest refuses them (413), so they come from another producer
+    // straight to the raw topic, where parse dead-letters them.
     let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    let too_big = 40;
+    for i in 0..too_big {
+        let id = format!("big-{i}");
+        producer
+            .send(
+                FutureRecord::to(&config.topics.raw)
+                    .key(&id)
+                    .payload(&oversized)
+                    .headers(sluice_tests::raw_headers(
+                        "acme",
+                        &id,
+                        &Utc::now().timestamp_millis().to_string(),
+                    )),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    expected.insert("oversized", too_big);
+    // Unknown schema fingerprint on the parsed topic: enrich dead-letters them.
     let unknown_schema = 50;
     for i in 0..unknown_schema {
         let mut payload = vec![0xC3, 0x01];

@@ -531,6 +531,12 @@ async fn a_row_with_a_nul_character_is_dead_lettered_alone() {
         })
         .collect();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
-    assert!(reasons[0].contains("field `url` holds a NUL"), "{reasons:?}");
-    assert!(reasons[1].contains("field `extra` holds a NUL"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("field `url` holds a NUL"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("field `extra` holds a NUL"),
+        "{reasons:?}"
+    );
 }

@@ -151,7 +151,12 @@ async fn run(args: Args) -> Result<()> {
         key: "bench-key".into(),
     }];
     config.ingest.max_lines = args.batch;
-    let ingest = Ingest::new(&config.kafka, &http_topic, config.ingest.clone())?;
+    let ingest = Ingest::new(
+        &config.kafka,
+        &http_topic,
+        config.topics.max_event_bytes,
+        config.ingest.clone(),
+    )?;
     let stop = CancellationToken::new();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let server_stop = stop.clone();

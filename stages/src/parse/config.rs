@@ -10,8 +10,6 @@ pub struct ParseConfig {
     pub group: String,
     /// Records processed concurrently (awaiting broker acks).
     pub max_in_flight: usize,
-    /// Longer raw events are dead-lettered (class `oversized`) instead of parsed.
-    pub max_event_bytes: usize,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
     pub exactly_once: bool,
     /// Exactly-once: most records in one transaction.
@@ -41,7 +39,6 @@ impl Default for ParseConfig {
         Self {
             group: "sluice-parse".into(),
             max_in_flight: 10_000,
-            max_event_bytes: 1024 * 1024,
             exactly_once: false,
             transaction_max_records: 10_000,
             transaction_ms: 500,

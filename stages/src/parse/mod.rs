@@ -38,7 +38,7 @@ const SECONDS_BELOW: i64 = 100_000_000_000;
 /// How the parse stage reads events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParseRules {
-    /// Longer raw events are dead-lettered as `oversized`.
+    /// Longer raw events are dead-lettered as `oversized` (`topics.max_event_bytes`).
     pub max_event_bytes: usize,
     /// Fields holding the event time, tried in order.
     pub time_fields: Vec<String>,
@@ -58,7 +58,7 @@ impl Default for ParseRules {
     fn default() -> Self {
         let c = config::ParseConfig::default();
         Self {
-            max_event_bytes: c.max_event_bytes,
+            max_event_bytes: sluice_core::config::TopicsConfig::default().max_event_bytes,
             time_fields: c.time_fields,
             timezone: chrono_tz::UTC,
             tenant_field: None,
@@ -84,8 +84,11 @@ pub enum ParseConfigError {
 }
 
 impl ParseRules {
-    /// The rules of the `[parse]` settings.
-    pub fn of(config: &config::ParseConfig) -> Result<Self, ParseConfigError> {
+    /// The rules of the `[parse]` settings, with the shared event size limit.
+    pub fn of(
+        config: &config::ParseConfig,
+        max_event_bytes: usize,
+    ) -> Result<Self, ParseConfigError> {
         if config.time_fields.is_empty() {
             return Err(ParseConfigError::NoTimeFields);
         }
@@ -97,7 +100,7 @@ impl ParseRules {
         }
         let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
         Ok(Self {
-            max_event_bytes: config.max_event_bytes,
+            max_event_bytes,
             time_fields: config.time_fields.clone(),
             timezone: config
                 .timezone
@@ -156,7 +159,7 @@ impl Parser {
             return Err(Failure::new(
                 "oversized",
                 format!(
-                    "event: at most {} bytes (parse.max_event_bytes), got {}",
+                    "event: at most {} bytes (topics.max_event_bytes), got {}",
                     self.rules.max_event_bytes,
                     line.len()
                 ),
@@ -296,7 +299,12 @@ pub async fn run(
     spec.exactly_once = settings.exactly_once;
     spec.transaction_max_records = settings.transaction_max_records;
     spec.transaction_linger = std::time::Duration::from_millis(settings.transaction_ms);
-    let rules = ParseRules::of(settings).map_err(|e| StageError::Settings(e.to_string()))?;
+    shared
+        .kafka
+        .check_event_size(t.max_event_bytes)
+        .map_err(|e| StageError::Settings(e.to_string()))?;
+    let rules = ParseRules::of(settings, t.max_event_bytes)
+        .map_err(|e| StageError::Settings(e.to_string()))?;
     // The registry subject is the usual output's, also when a --diff writes elsewhere.
     let parser = Parser::new(rules).with_codec(writing_codec(&shared.schemas, &t.parsed).await?);
     telemetry::process_readiness().set(true);
@@ -631,7 +639,7 @@ mod tests {
             timezone: "Europe/Berlin".into(),
             ..Default::default()
         };
-        let p = Parser::new(ParseRules::of(&c).unwrap());
+        let p = Parser::new(ParseRules::of(&c, 1024).unwrap());
         let e = p
             .parse(
                 br#"{"user_id":"u","type":"t","when":1795428000,"ts":"x"}"#,
@@ -646,7 +654,7 @@ mod tests {
         let f = p.parse(br#"{"user_id":"u","type":"t"}"#, META).unwrap_err();
         assert!(f.reason.starts_with("field `when`: required"), "{f}");
         c.timezone = "Mars/Olympus".into();
-        let err = ParseRules::of(&c).unwrap_err().to_string();
+        let err = ParseRules::of(&c, 1024).unwrap_err().to_string();
         assert!(
             err.contains("parse.timezone") && err.contains("Mars/Olympus"),
             "{err}"

@@ -25,9 +25,11 @@ pub async fn run_stage<T: Transform>(
     transform: Arc<T>,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
+    let mut spec = spec.clone();
+    spec.max_message_bytes = kafka.max_message_bytes();
     if spec.exactly_once {
-        exactly_once::run(kafka, spec, transform, shutdown).await
+        exactly_once::run(kafka, &spec, transform, shutdown).await
     } else {
-        at_least_once::run(kafka, spec, transform, shutdown).await
+        at_least_once::run(kafka, &spec, transform, shutdown).await
     }
 }

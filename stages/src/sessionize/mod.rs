@@ -159,7 +159,7 @@ pub async fn run_sessionize(
                 if let Some(f) = failure {
                     stats.dead_lettered += 1;
                     DeadLettered { component: Component::Stage(NAME), class: f.class, reason: &f.reason }.emit();
-                    let dl = DeadLetter::of(&msg, NAME, &f, 1);
+                    let dl = DeadLetter::of(&msg, NAME, &f, 1).fit(kafka.max_message_bytes());
                     if !deliver(&producer, &spec.dlq, dl.key.as_deref(), &dl.payload, &dl.headers, &shutdown).await {
                         // Nothing more is committed: a restart reads this record again.
                         return Err(StageError::Undelivered(spec.dlq.clone()));

@@ -402,3 +402,44 @@ async fn a_replay_with_a_changed_gap_splits_and_merges_sessions() {
     sink.stop().await;
     assert_eq!(session_rows(&config, &schema, t0).await, merged);
 }
+
+/// A partition that goes quiet closes its open sessions after the gap plus the lateness
+/// of processing time: before, only a newer event could move the watermark, and the
+/// last session of a quiet partition stayed open (and pinned the commit point) for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_partition_closes_its_sessions() {
+    let mut config = stack_config();
+    let schema = unique("idle");
+    config = config.namespaced(&format!("t-{schema}"), &schema);
+    config.sessionize.gap_s = 2;
+    config.sessionize.allowed_lateness_s = 1;
+    sluice_tests::create_topics(&config).await;
+    let now = chrono::Utc::now();
+    let events: Vec<EnrichedEvent> = (0..3)
+        .map(|i| {
+            let t = (now + chrono::Duration::milliseconds(i * 500)).to_rfc3339();
+            enriched(i as usize, "acme", "quiet-user", "page_view", "/", &t)
+        })
+        .collect();
+    produce(&config, &events, Some(0)).await;
+    let (stop, task) = start(&config);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let got = sessions(&config).await;
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the quiet partition's session was never emitted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].user_id.as_str(), got[0].events, got[0].page_views),
+        ("quiet-user", 3, 3)
+    );
+}

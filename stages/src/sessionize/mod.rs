@@ -10,7 +10,13 @@
 //! through a session that is still open, nor through an emitted one whose events reach
 //! past it. A restart therefore re-reads every such session whole, rebuilds the open ones,
 //! and re-emits closed ones identically (same events, same `session_id`), which the
-//! sessions table absorbs. Nothing is lost or counted twice.
+//! sessions table absorbs. Nothing is lost or counted twice. A partition re-assigned
+//! after a rebalance is rebuilt the same way (reading from before the offset expected
+//! next drops its state).
+//!
+//! The watermark never passes the wall clock by more than a minute, so one event from a
+//! clock far ahead cannot make everyone else's late; and a partition without events for
+//! longer than the gap plus the lateness (processing time) closes its open sessions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,7 +42,7 @@ pub mod config;
 mod windows;
 
 use tokio_util::sync::CancellationToken;
-pub use windows::{sessions_of, Click, Late, Sessionizer, Windows};
+pub use windows::{sessions_of, Click, Late, Sessionizer, Windows, CLOCK_SLACK_MS};
 
 use crate::transform::{StageError, StageStats};
 use sluice_core::failure::{DeadLetter, Failure};
@@ -108,7 +114,11 @@ pub async fn run_sessionize(
     consumer.subscribe(&[&spec.input])?;
     let receiver = Receiver::new(&consumer, None, NAME);
     let producer: FutureProducer = kafka.producer_config().create()?;
-    let mut partitions: HashMap<i32, (Sessionizer, i64)> = HashMap::new();
+    let mut partitions: HashMap<i32, PartitionState> = HashMap::new();
+    // A partition without events for this long closes its sessions (processing time).
+    let idle_after = Duration::from_millis(
+        (spec.windows.gap_ms + spec.windows.allowed_lateness_ms).max(0) as u64,
+    );
     let mut stats = StageStats::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => NAME, "topic" => spec.input.clone());
@@ -119,21 +129,34 @@ pub async fn run_sessionize(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => commit(&consumer, &spec.input, &mut partitions),
+            _ = tick.tick() => {
+                let now = sluice_core::now_ms();
+                for (p, state) in partitions.iter_mut() {
+                    if state.idle_for() >= idle_after && state.sessions.has_open() {
+                        let closed = state.sessions.close_all();
+                        tracing::debug!(partition = *p, sessions = closed.len(), "idle partition: sessions closed");
+                        for s in closed {
+                            emit(&producer, &spec.output, &spec.output_codec, &s, now, None, &shutdown).await?;
+                            stats.published += 1;
+                        }
+                    }
+                }
+                commit(&consumer, &spec.input, &mut partitions)
+            }
             (msg, _) = receiver.next() => {
                 stats.consumed += 1;
                 records_in.increment(1);
                 let (p, offset) = (msg.partition(), msg.offset());
                 let entry = partitions
                     .entry(p)
-                    .or_insert_with(|| (Sessionizer::new(spec.windows), offset));
-                entry.1 = offset + 1;
+                    .or_insert_with(|| PartitionState::new(spec.windows, offset));
+                entry.at(p, offset, spec.windows);
                 let failure = match spec.input_codec.decode(msg.payload().unwrap_or_default()) {
                     Err(e) => Some(Failure::from(e)),
-                    Ok(e) => match entry.0.add(&Click::of(&e, headers::processed_at(&msg)), offset) {
+                    Ok(e) => match entry.sessions.add(&Click::of(&e, headers::processed_at(&msg)), offset) {
                         Ok(closed) => {
                             let mut out: Vec<SessionSummary> = closed.into_iter().collect();
-                            out.extend(entry.0.close_due());
+                            out.extend(entry.sessions.close_due());
                             let now = sluice_core::now_ms();
                             for s in out {
                                 emit(&producer, &spec.output, &spec.output_codec, &s, now, None, &shutdown).await?;
@@ -322,18 +345,58 @@ pub async fn replay_sessions(
     Ok(out)
 }
 
+/// One partition's sessions, the offset expected next, and when it last had an event.
+struct PartitionState {
+    sessions: Sessionizer,
+    next: i64,
+    last_event: std::time::Instant,
+}
+
+impl PartitionState {
+    fn new(windows: Windows, offset: i64) -> Self {
+        Self {
+            sessions: Sessionizer::new(windows),
+            next: offset,
+            last_event: std::time::Instant::now(),
+        }
+    }
+
+    /// A record at `offset` arrives. Reading from before the expected offset means the
+    /// partition was re-assigned (or sought) and is re-read from its commit point: its
+    /// sessions are rebuilt from the records, as after a restart, instead of counting
+    /// the re-read events a second time.
+    fn at(&mut self, partition: i32, offset: i64, windows: Windows) {
+        if offset < self.next {
+            tracing::info!(
+                partition,
+                from = offset,
+                expected = self.next,
+                "partition re-read from an earlier offset; its sessions are rebuilt"
+            );
+            self.sessions = Sessionizer::new(windows);
+        }
+        self.next = offset + 1;
+        self.last_event = std::time::Instant::now();
+        self.sessions.set_clock(sluice_core::now_ms());
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_event.elapsed()
+    }
+}
+
 fn commit(
     consumer: &StreamConsumer<MeteredConsumer>,
     topic: &str,
-    partitions: &mut HashMap<i32, (Sessionizer, i64)>,
+    partitions: &mut HashMap<i32, PartitionState>,
 ) {
     let Ok(assigned) = consumer.assignment() else {
         return;
     };
     let mut tpl = TopicPartitionList::new();
     for e in assigned.elements() {
-        if let Some((s, next)) = partitions.get_mut(&e.partition()) {
-            let point = s.commit_point(*next);
+        if let Some(state) = partitions.get_mut(&e.partition()) {
+            let point = state.sessions.commit_point(state.next);
             let _ = tpl.add_partition_offset(topic, e.partition(), Offset::Offset(point));
         }
     }
@@ -343,5 +406,77 @@ fn commit(
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "sessionize commit");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn click(user: &str, offset: i64, at: i64) -> Click {
+        Click {
+            tenant: "t".into(),
+            user: user.into(),
+            event_id: format!("e{offset}"),
+            at,
+            page_view: true,
+            version: 1,
+        }
+    }
+
+    /// A partition re-assigned to this process is re-read from its commit point: its
+    /// sessions are rebuilt, the re-read events are neither late nor counted twice, and
+    /// the emitted session comes out again identical (which the sessions table absorbs).
+    #[test]
+    fn a_partition_read_again_from_its_commit_point_is_rebuilt() {
+        let w = Windows {
+            gap_ms: 30 * MIN,
+            allowed_lateness_ms: 5 * MIN,
+        };
+        // a's first session closes when a comes back at minute 45; b's (minute 12) is
+        // still open then, and holds the commit point before a's emitted events.
+        let events = [
+            ("a", 10 * MIN),
+            ("b", 12 * MIN),
+            ("a", 11 * MIN),
+            ("a", 45 * MIN),
+        ];
+        // Feed the events from offset `from`; returns (sessions emitted, late events).
+        let feed = |state: &mut PartitionState, from: usize| {
+            let (mut emitted, mut late) = (Vec::new(), 0);
+            for (offset, (user, at)) in events.iter().enumerate().skip(from) {
+                state.at(0, offset as i64, w);
+                match state
+                    .sessions
+                    .add(&click(user, offset as i64, *at), offset as i64)
+                {
+                    Ok(closed) => emitted.extend(closed),
+                    Err(_) => late += 1,
+                }
+                emitted.extend(state.sessions.close_due());
+            }
+            let sessions: Vec<(String, i32)> = emitted
+                .iter()
+                .map(|s: &SessionSummary| (s.session_id.clone(), s.events))
+                .collect();
+            (sessions, late)
+        };
+        let mut state = PartitionState::new(w, 0);
+        let (first, late) = feed(&mut state, 0);
+        assert_eq!(
+            (first.clone(), late),
+            (vec![("a-600000".to_string(), 2)], 0)
+        );
+        let point = state.sessions.commit_point(state.next);
+        assert_eq!(
+            point, 0,
+            "b's open session (and a's emitted one) hold the point"
+        );
+        // Revoked and assigned again: the consumer resumes at the commit point.
+        let (again, late) = feed(&mut state, point as usize);
+        assert_eq!(late, 0, "no re-read event is late");
+        assert_eq!(again, first, "the same session, counted once");
     }
 }

@@ -96,6 +96,10 @@ impl Open {
 /// A user of a tenant.
 type UserKey = (String, String);
 
+/// How far past the wall clock an event time may still move the watermark (clients'
+/// clocks run a little ahead).
+pub const CLOCK_SLACK_MS: i64 = 60_000;
+
 /// The sessions of one partition.
 #[derive(Debug)]
 pub struct Sessionizer {
@@ -104,6 +108,9 @@ pub struct Sessionizer {
     /// Which open session holds each event, by (tenant, event id).
     holder: HashMap<(String, String), UserKey>,
     newest: Option<i64>,
+    /// Event times beyond this (the wall clock plus a little) do not move the watermark:
+    /// one event from a clock far ahead would otherwise make every other one late.
+    ceiling: Option<i64>,
     /// Offset ranges of emitted sessions that may still straddle the commit point.
     closed: Vec<(i64, i64)>,
     /// Events already in an open session at the same or a newer version (repeats).
@@ -125,9 +132,31 @@ impl Sessionizer {
             open: HashMap::new(),
             holder: HashMap::new(),
             newest: None,
+            ceiling: None,
             closed: Vec::new(),
             repeats: 0,
         }
+    }
+
+    /// The wall clock now, in Unix milliseconds: from here on the watermark does not
+    /// pass it by more than [`CLOCK_SLACK_MS`].
+    pub fn set_clock(&mut self, now_ms: i64) {
+        self.ceiling = Some(now_ms.saturating_add(CLOCK_SLACK_MS));
+    }
+
+    /// Whether any session is open.
+    pub fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// Close and return every open session, oldest first: the partition has been idle
+    /// for longer than the gap and the lateness, so no event is coming to extend them.
+    pub fn close_all(&mut self) -> Vec<SessionSummary> {
+        let mut keys: Vec<UserKey> = self.open.keys().cloned().collect();
+        keys.sort_by_key(|k| self.open.get(k).map_or(0, |s| s.start));
+        keys.into_iter()
+            .filter_map(|k| self.open.remove(&k).map(|s| self.emit(&k, s)))
+            .collect()
     }
 
     /// The newest event time minus the allowed lateness.
@@ -193,7 +222,8 @@ impl Sessionizer {
             }
         }
         self.holder.insert(id, key);
-        self.newest = Some(self.newest.map_or(at, |n| n.max(at)));
+        let capped = self.ceiling.map_or(at, |c| at.min(c));
+        self.newest = Some(self.newest.map_or(capped, |n| n.max(capped)));
         Ok(closed)
     }
 
@@ -398,6 +428,38 @@ mod tests {
         assert_eq!(out[0].duration_ms, 25 * MIN);
         // b's second session is still open: the commit point stays at its first event.
         assert_eq!(s.commit_point(6), 5);
+    }
+
+    #[test]
+    fn an_event_from_a_clock_far_ahead_does_not_move_the_watermark_past_now() {
+        let now = 1_000 * MIN;
+        let mut s = Sessionizer::new(windows());
+        s.set_clock(now);
+        add(&mut s, "a", true, now - MIN, 0).unwrap();
+        // One client's clock is a day ahead (parse lets an hour through; this is the
+        // window's own defence).
+        add(&mut s, "x", true, now + 24 * 60 * MIN, 1).unwrap();
+        assert_eq!(s.watermark(), Some(now + CLOCK_SLACK_MS - 5 * MIN));
+        // Everyone else's events keep their sessions: not late, and a's is still open.
+        assert!(add(&mut s, "b", true, now - 2 * MIN, 2).is_ok());
+        assert!(add(&mut s, "a", true, now, 3).is_ok());
+        assert!(s.close_due().is_empty(), "no session closed by the outlier");
+    }
+
+    #[test]
+    fn close_all_emits_every_open_session() {
+        let mut s = Sessionizer::new(windows());
+        add(&mut s, "a", true, 10 * MIN, 0).unwrap();
+        add(&mut s, "b", false, 5 * MIN, 1).unwrap();
+        let closed = s.close_all();
+        let users: Vec<&str> = closed.iter().map(|x| x.user_id.as_str()).collect();
+        assert_eq!(users, vec!["b", "a"], "oldest first");
+        assert!(!s.has_open());
+        assert_eq!(
+            s.commit_point(2),
+            2,
+            "nothing open holds the commit point back"
+        );
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub struct Codec<T> {
     registered: Option<Registered>,
 }
 
+/// Most bytes one decoded value may claim. A record is at most a Kafka message (about
+/// 1 MB), so a length prefix beyond this is a corrupt or hostile record: refused before
+/// anything is allocated (apache-avro's own default lets one record claim 512 MB).
+pub const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
+
 impl<T: AvroRecord> Codec<T> {
     /// The embedded mode: single-object encoding, no registry.
     pub fn embedded() -> Result<Self, CodecError> {
@@ -61,6 +66,8 @@ impl<T: AvroRecord> Codec<T> {
         single: SingleObjectCodec<T>,
         registered: Option<Registered>,
     ) -> Result<Self, CodecError> {
+        // Process-wide and set once: before the first decode, by whichever codec is first.
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
         let direct = GenericDatumReader::builder(single.schema())
             .build()
             .map_err(|e| CodecError::Schema {

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 const KEY: &str = "fuzz-key";
 const MAX_BODY: usize = 16 * 1024;
 const MAX_LINES: usize = 40;
+/// Lines longer than this get 413 (`topics.max_event_bytes`).
+const MAX_EVENT: usize = 2048;
 
 /// One generated request.
 #[derive(Debug, Clone)]
@@ -23,6 +25,8 @@ struct Case {
     auth: Option<String>,
     tenant: Option<String>,
     content_type: Option<String>,
+    /// Client headers copied onto records: `x-source`, `idempotency-key`.
+    copied: Vec<(&'static str, String)>,
     body: Vec<u8>,
 }
 
@@ -77,13 +81,37 @@ fn case() -> impl Strategy<Value = Case> {
         prop::collection::vec(json_line(), MAX_LINES + 1..MAX_LINES + 5)
             .prop_map(|l| l.join("\n").into_bytes()),
         (MAX_BODY + 1..MAX_BODY + 2048).prop_map(|n| vec![b'a'; n]),
+        // A line over the event size among good ones.
+        (0..3usize, MAX_EVENT..MAX_EVENT * 3).prop_map(|(before, n)| {
+            let mut lines = vec![r#"{"user_id":"u","type":"t","ts":1}"#.to_string(); before];
+            lines.push(format!(
+                r#"{{"user_id":"u","type":"t","ts":1,"p":"{}"}}"#,
+                "x".repeat(n)
+            ));
+            lines.join("\n").into_bytes()
+        }),
     ];
-    (auth, tenant, content_type, body).prop_map(|(auth, tenant, content_type, body)| Case {
-        auth,
-        tenant,
-        content_type,
-        body,
-    })
+    let header_value = prop_oneof![
+        "[ -~]{1,40}",
+        (200..4000usize).prop_map(|n| "s".repeat(n)),
+        "\\PC{1,20}",
+    ];
+    let copied = prop::collection::vec(
+        (
+            prop_oneof![Just("x-source"), Just("idempotency-key")],
+            header_value,
+        ),
+        0..3,
+    );
+    (auth, tenant, content_type, copied, body).prop_map(
+        |(auth, tenant, content_type, copied, body)| Case {
+            auth,
+            tenant,
+            content_type,
+            copied,
+            body,
+        },
+    )
 }
 
 async fn send(
@@ -102,6 +130,9 @@ async fn send(
     }
     if let Some(c) = &case.content_type {
         req = req.header("content-type", c);
+    }
+    for (name, value) in &case.copied {
+        req = req.header(*name, value);
     }
     let resp = match req.send().await {
         Ok(r) => r,
@@ -142,6 +173,7 @@ fn every_answer_is_a_202_or_a_clear_4xx() {
         config.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.ingest.max_body_bytes = MAX_BODY;
         config.ingest.max_lines = MAX_LINES;
+        config.topics.max_event_bytes = MAX_EVENT;
         config.ingest.api_keys = vec![ApiKey {
             tenant: "fuzz".into(),
             key: KEY.into(),
@@ -173,9 +205,23 @@ fn every_answer_is_a_202_or_a_clear_4xx() {
     for status in [202, 400, 401, 413, 415] {
         assert!(seen.contains_key(&status), "no {status} among {seen:?}");
     }
+    let rss_mb = procfs_rss_mb();
+    println!("resident memory after the fuzzing: {rss_mb} MB");
     let health = rt
         .block_on(reqwest::get(format!("http://{addr}/healthz")))
         .unwrap();
     assert_eq!(health.status(), 200, "still serving after the fuzzing");
     stop.cancel();
+}
+
+/// This process's resident memory (the ingest server runs in it), in MB.
+fn procfs_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }

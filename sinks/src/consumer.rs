@@ -115,6 +115,13 @@ pub enum SinkError {
     Setup(String),
 }
 
+/// Default [`SinkSpec::max_batch_bytes`]: 8 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+fn record_bytes(m: &OwnedMessage) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + 64
+}
+
 impl SinkSpec {
     /// A sink in `group` reading `input`, its dead letters to `<input>.dlq`, as
     /// `rewiring` changes it (a replayed record's dead letters still go to the usual DLQ).
@@ -132,6 +139,7 @@ impl SinkSpec {
             batch_size: 2_000,
             linger: Duration::from_millis(200),
             write_concurrency: 1,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             scope: rewiring.scope.clone(),
         }
     }
@@ -152,6 +160,9 @@ pub struct SinkSpec {
     pub linger: Duration,
     /// Batches written at once (committed in order all the same).
     pub write_concurrency: usize,
+    /// Most bytes of records in one batch: with large records, memory is bounded by
+    /// bytes, not counts (received records wait for at most four batches' worth).
+    pub max_batch_bytes: usize,
     /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
     pub scope: Option<std::sync::Arc<ReplayScope>>,
 }
@@ -351,6 +362,8 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     let slots = spec.write_concurrency.max(1);
     // Received records not yet in a batch, and when the oldest of them must be sent.
     let mut pending: Vec<OwnedMessage> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let max_batch_bytes = spec.max_batch_bytes.max(1);
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut in_flight = FuturesOrdered::new();
     let mut paused = false;
@@ -374,7 +387,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
         // partitions paused, which keeps the consumer polling (in its group) without
         // fetching. Pausing at once would cost every busy moment a re-fetch, which
         // librdkafka spaces by a second.
-        let full = pending.len() >= 4 * batch_size;
+        let full = pending.len() >= 4 * batch_size || pending_bytes >= 4 * max_batch_bytes;
         let now = tokio::time::Instant::now();
         full_since = if full { full_since.or(Some(now)) } else { None };
         let stalled = full_since.is_some_and(|t| now >= t + STALLED_AFTER);
@@ -385,10 +398,20 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
         let due = deadline.is_some_and(|d| d <= tokio::time::Instant::now());
         if consuming
             && !pending.is_empty()
-            && (pending.len() >= batch_size || due)
+            && (pending.len() >= batch_size || pending_bytes >= max_batch_bytes || due)
             && in_flight.len() < slots
         {
-            let rest = pending.split_off(batch_size.min(pending.len()));
+            // As many records as fit the batch's count and bytes (one at least).
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < pending.len().min(batch_size)
+                && (take == 0 || bytes + record_bytes(&pending[take]) <= max_batch_bytes)
+            {
+                bytes += record_bytes(&pending[take]);
+                take += 1;
+            }
+            pending_bytes -= bytes;
+            let rest = pending.split_off(take);
             let batch = std::mem::replace(&mut pending, rest);
             deadline = (!pending.is_empty()).then(|| tokio::time::Instant::now() + spec.linger);
             stats.consumed += batch.len() as u64;
@@ -458,7 +481,9 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
                     .first_record_at
                     .get_or_insert_with(std::time::Instant::now);
                 // Skipped records (other tenants) are committed with their batch, unwritten.
-                pending.push(m.detach());
+                let m = m.detach();
+                pending_bytes += record_bytes(&m);
+                pending.push(m);
                 deadline.get_or_insert_with(|| tokio::time::Instant::now() + spec.linger);
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if consuming && wake.is_some() => {}

@@ -81,6 +81,9 @@ pub struct StageSpec {
     pub dlq: String,
     /// Most records awaiting broker acks at once.
     pub max_in_flight: usize,
+    /// Most bytes of outputs awaiting broker acks (with `max_in_flight`, whichever is
+    /// reached first).
+    pub max_in_flight_bytes: usize,
     /// Longest wait for in-flight records when partitions are revoked or at shutdown.
     pub drain_timeout: Duration,
     /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
@@ -115,6 +118,7 @@ impl StageSpec {
             output: Rewiring::or(&rewiring.output, output),
             dlq: Rewiring::or(&rewiring.dlq, &topics.dlq(input)),
             max_in_flight: 10_000,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
             scope: rewiring.scope.clone(),
             exactly_once: false,

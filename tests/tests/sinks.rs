@@ -540,3 +540,70 @@ async fn a_row_with_a_nul_character_is_dead_lettered_alone() {
         "{reasons:?}"
     );
 }
+
+/// Records the sizes of the batches the sink loop hands it (a destination that stores
+/// nothing: this is about the loop's batching).
+struct BatchSizes(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+impl sluice_sinks::BatchWriter for BatchSizes {
+    type Record = sluice_schemas::EnrichedEvent;
+
+    fn name(&self) -> &'static str {
+        "batch-sizes"
+    }
+
+    async fn write(
+        &self,
+        records: &[sluice_sinks::Versioned<sluice_schemas::EnrichedEvent>],
+    ) -> sluice_sinks::WriteResult {
+        self.0.lock().unwrap().push(records.len());
+        sluice_core::retry::RetryAction::Successful(Vec::new())
+    }
+}
+
+/// Batches are bounded by bytes as well as by count: 40 events of about 20 KB each in
+/// batches of at most 100 KB, so a flood of large records cannot fill memory
+/// `batch_size` records at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_bounded_by_bytes_as_well_as_by_count() {
+    let mut config = stack_config();
+    let name = unique("bytes");
+    sink_namespace(&mut config, &name).await;
+    let events: Vec<_> = (0..40)
+        .map(|i| {
+            let mut e = enriched(i, "acme", "u1", "page_view", "/x", "2026-11-20T08:00:00Z");
+            e.user_agent = Some("a".repeat(20_000));
+            e
+        })
+        .collect();
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    let mut spec = sluice_sinks::SinkSpec::new(
+        &config.topics,
+        &config.timescale.group,
+        &config.topics.enriched,
+        &Default::default(),
+    );
+    spec.batch_size = 2_000;
+    spec.max_batch_bytes = 100_000;
+    spec.linger = std::time::Duration::from_millis(500);
+    let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (k, s, w, st) = (
+        config.kafka.clone(),
+        spec.clone(),
+        BatchSizes(sizes.clone()),
+        stop.clone(),
+    );
+    let task = tokio::spawn(async move {
+        sluice_sinks::run_sink(&k, &s, w, sluice_schemas::ENRICHED_EVENTS.clone(), st).await
+    });
+    caught_up(&config, &config.timescale.group, &config.topics.enriched).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let sizes = sizes.lock().unwrap().clone();
+    assert_eq!(sizes.iter().sum::<usize>(), 40, "{sizes:?}");
+    assert!(
+        sizes.iter().all(|n| *n <= 5),
+        "at most 5 records of 20 KB in 100 KB: {sizes:?}"
+    );
+}

@@ -195,6 +195,7 @@ async fn keyed_rate(config: &Config) -> Result<f64> {
         batch_size: c.batch_size,
         linger: std::time::Duration::from_millis(c.linger_ms),
         write_concurrency: c.pool_size,
+        max_batch_bytes: sluice_sinks::consumer::DEFAULT_MAX_BATCH_BYTES,
         scope: None,
     };
     let writer = EventsWriter::with_layout(pool.clone(), c, Layout::Keyed, None);

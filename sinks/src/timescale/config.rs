@@ -35,6 +35,8 @@ pub struct TimescaleConfig {
     pub pool_size: usize,
     /// Most rows in one INSERT.
     pub batch_size: usize,
+    /// Most bytes of records in one batch (large events make smaller batches).
+    pub max_batch_bytes: usize,
     /// Longest wait for a batch to fill, in milliseconds.
     pub linger_ms: u64,
     /// Add refresh policies to the continuous aggregates (TimescaleDB).
@@ -56,6 +58,7 @@ impl Default for TimescaleConfig {
             sessions_group: "sluice-sink-sessions".into(),
             pool_size: 1,
             batch_size: 2_000,
+            max_batch_bytes: 8 * 1024 * 1024,
             linger_ms: 200,
             refresh_policies: true,
             retention_days: None,

@@ -127,6 +127,7 @@ async fn run_database_sink<W: crate::BatchWriter + Sync + 'static>(
     tracing::info!(timescale, schema = %settings.schema, "database ready");
     let mut spec = crate::SinkSpec::new(&shared.topics, group, topic, rewiring);
     spec.batch_size = settings.batch_size;
+    spec.max_batch_bytes = settings.max_batch_bytes;
     spec.linger = std::time::Duration::from_millis(settings.linger_ms);
     // One batch per pooled connection.
     spec.write_concurrency = settings.pool_size;

@@ -12,6 +12,8 @@ pub struct EnrichConfig {
     pub group: String,
     /// Records processed concurrently (awaiting broker acks).
     pub max_in_flight: usize,
+    /// Most bytes of outputs awaiting broker acks.
+    pub max_in_flight_bytes: usize,
     /// CSV of `cidr,network,country` rows for IP lookups; none means no IP enrichment.
     pub geo_csv: Option<PathBuf>,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
@@ -33,6 +35,7 @@ impl Default for EnrichConfig {
         Self {
             group: "sluice-enrich".into(),
             max_in_flight: 10_000,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             geo_csv: None,
             exactly_once: false,
             transaction_max_records: 10_000,

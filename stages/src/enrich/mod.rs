@@ -234,6 +234,7 @@ pub async fn run(
     };
     let mut spec = StageSpec::new(t, &settings.group, &t.parsed, &t.enriched, rewiring);
     spec.max_in_flight = settings.max_in_flight;
+    spec.max_in_flight_bytes = settings.max_in_flight_bytes;
     spec.exactly_once = settings.exactly_once;
     spec.transaction_max_records = settings.transaction_max_records;
     spec.transaction_linger = std::time::Duration::from_millis(settings.transaction_ms);

@@ -10,6 +10,8 @@ pub struct ParseConfig {
     pub group: String,
     /// Records processed concurrently (awaiting broker acks).
     pub max_in_flight: usize,
+    /// Most bytes of outputs awaiting broker acks.
+    pub max_in_flight_bytes: usize,
     /// Kafka transactions: outputs, dead letters and offsets commit together.
     pub exactly_once: bool,
     /// Exactly-once: most records in one transaction.
@@ -39,6 +41,7 @@ impl Default for ParseConfig {
         Self {
             group: "sluice-parse".into(),
             max_in_flight: 10_000,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             exactly_once: false,
             transaction_max_records: 10_000,
             transaction_ms: 500,

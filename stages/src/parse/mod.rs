@@ -296,6 +296,7 @@ pub async fn run(
     let t = &shared.topics;
     let mut spec = StageSpec::new(t, &settings.group, &t.raw, &t.parsed, rewiring);
     spec.max_in_flight = settings.max_in_flight;
+    spec.max_in_flight_bytes = settings.max_in_flight_bytes;
     spec.exactly_once = settings.exactly_once;
     spec.transaction_max_records = settings.transaction_max_records;
     spec.transaction_linger = std::time::Duration::from_millis(settings.transaction_ms);

@@ -35,6 +35,8 @@ struct InFlight {
     offset: i64,
     /// Outputs not acked yet.
     outputs: AtomicUsize,
+    /// Bytes of its outputs, for the `max_in_flight_bytes` bound.
+    bytes: usize,
 }
 
 /// An output whose delivery failed, kept to be sent again.
@@ -53,6 +55,8 @@ struct AckState {
     tracker: Arc<Mutex<OffsetTracker>>,
     /// Records in flight, for the `max_in_flight` bound.
     in_flight: AtomicUsize,
+    /// Bytes of their outputs, for the `max_in_flight_bytes` bound.
+    in_flight_bytes: AtomicUsize,
     /// Committable positions that moved since the loop last stored them.
     moved: Mutex<HashMap<i32, i64>>,
     /// Outputs whose delivery failed, for the loop to re-send.
@@ -66,6 +70,8 @@ impl AckState {
             let through =
                 lock(&self.tracker).complete(&self.input, record.partition, record.offset);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.in_flight_bytes
+                .fetch_sub(record.bytes, Ordering::AcqRel);
             if let Some(through) = through {
                 lock(&self.moved).insert(record.partition, through);
             }
@@ -116,7 +122,12 @@ struct Stage<'a, T: Transform> {
 impl<T: Transform> Stage<'_, T> {
     /// Process one record and enqueue its outputs (or dead letter).
     async fn handle(&mut self, msg: BorrowedMessage<'_>, admit: Admit) {
-        while self.acks.in_flight.load(Ordering::Acquire) >= self.spec.max_in_flight.max(1) {
+        // Bounded in records and in bytes: a burst of large records must not queue
+        // max_in_flight of them.
+        while self.acks.in_flight.load(Ordering::Acquire) >= self.spec.max_in_flight.max(1)
+            || self.acks.in_flight_bytes.load(Ordering::Acquire)
+                >= self.spec.max_in_flight_bytes.max(1)
+        {
             self.settle().await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -136,10 +147,17 @@ impl<T: Transform> Stage<'_, T> {
         .await;
         let (partition, offset) = done.held.position();
         drop(done.held);
+        let bytes: usize = done
+            .outputs
+            .iter()
+            .map(crate::transform::Output::size)
+            .sum();
+        self.acks.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
         let record = Arc::new(InFlight {
             partition,
             offset,
             outputs: AtomicUsize::new(done.outputs.len().max(1)),
+            bytes,
         });
         // Nothing to wait for (e.g. filtered out by a replay): completed at once.
         if done.outputs.is_empty() {
@@ -199,6 +217,7 @@ pub async fn run<T: Transform>(
         input: spec.input.clone(),
         tracker,
         in_flight: AtomicUsize::new(0),
+        in_flight_bytes: AtomicUsize::new(0),
         moved: Mutex::new(HashMap::new()),
         failed: Mutex::new(Vec::new()),
     });

@@ -34,9 +34,13 @@ pub struct IngestConfig {
     pub rate_limit_per_sec: Option<u32>,
     /// Per-tenant burst, in events (the token bucket's size); defaults to one second's rate.
     pub rate_limit_burst: Option<u32>,
-    /// Requests handled at once; more are answered 503 with Retry-After at once (bounds
-    /// memory: each holds at most `max_body_bytes`).
+    /// Requests handled at once; more are answered 503 with Retry-After at once.
     pub max_concurrent_requests: usize,
+    /// Most bytes of request bodies held at once (a body counts its Content-Length, or
+    /// `max_body_bytes` without one); a request beyond it is answered 503 before its body
+    /// is read. With the producer's queue (`queue.buffering.max.kbytes`, 128 MiB unless
+    /// set) this bounds ingest's memory by bytes, whatever clients send.
+    pub max_in_flight_bytes: usize,
     /// A connection that has not sent a whole request head within this long is closed
     /// (slowloris), in milliseconds.
     pub header_read_timeout_ms: u64,
@@ -59,6 +63,7 @@ impl Default for IngestConfig {
             rate_limit_per_sec: None,
             rate_limit_burst: None,
             max_concurrent_requests: 256,
+            max_in_flight_bytes: 128 * 1024 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_header_value_bytes: 256,
@@ -84,6 +89,12 @@ impl IngestConfig {
         }
         if self.max_concurrent_requests == 0 {
             return Err("ingest.max_concurrent_requests: must be at least 1".into());
+        }
+        if self.max_in_flight_bytes < self.max_body_bytes {
+            return Err(format!(
+                "ingest.max_in_flight_bytes ({}) is below ingest.max_body_bytes ({}): no request of the largest size could ever be taken",
+                self.max_in_flight_bytes, self.max_body_bytes
+            ));
         }
         Ok(())
     }

@@ -152,6 +152,23 @@ pub(crate) async fn post_events(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    // Memory bounded by bytes: the body's size is reserved before it is read.
+    let need = declared.map_or(limit, |n| n as usize).min(limit);
+    let _budget = ingest
+        .body_budget
+        .clone()
+        .try_acquire_many_owned(u32::try_from(crate::kib(need)).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                format!(
+                    "{} bytes of requests in progress (ingest.max_in_flight_bytes); retry later",
+                    ingest.config.max_in_flight_bytes
+                ),
+            )
+            .retry_after(1)
+        })?;
     let max = ingest.config.max_header_value_bytes;
     let source = bounded_header(&headers, "x-source", max)?
         .unwrap_or("http")

@@ -42,6 +42,13 @@ pub enum IngestError {
     Config(String),
 }
 
+/// `bytes` in KiB permits (rounded up), within what a semaphore holds.
+pub(crate) fn kib(bytes: usize) -> usize {
+    bytes
+        .div_ceil(1024)
+        .clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+}
+
 fn config_permits(config: &IngestConfig) -> usize {
     config
         .max_concurrent_requests
@@ -63,6 +70,8 @@ pub struct Ingest {
     limits: limits::RateLimit,
     /// Requests being handled; a request that finds none free is answered 503.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of bodies being handled, in KiB permits.
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingest {
@@ -84,6 +93,7 @@ impl Ingest {
         let keys = auth::Keys::new(&config.api_keys);
         let limits = limits::RateLimit::new(&config);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config_permits(&config)));
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(kib(config.max_in_flight_bytes)));
         Ok(Arc::new(Self {
             producer: RwLock::new(producer),
             kafka: kafka.clone(),
@@ -93,6 +103,7 @@ impl Ingest {
             keys,
             limits,
             in_flight,
+            body_budget,
         }))
     }
 

@@ -261,5 +261,12 @@ pub(crate) fn new_producer(
 ) -> Result<FutureProducer, KafkaError> {
     let mut pc = kafka.producer_config();
     pc.set("message.timeout.ms", config.ack_timeout_ms.to_string());
+    // librdkafka queues up to 1 GiB by default; ingest's pods have 512 MiB. A full queue
+    // answers 503 (Retry-After) instead.
+    if !kafka.producer.contains_key("queue.buffering.max.kbytes")
+        && !kafka.properties.contains_key("queue.buffering.max.kbytes")
+    {
+        pc.set("queue.buffering.max.kbytes", "131072");
+    }
     pc.create()
 }

@@ -626,3 +626,53 @@ async fn a_line_over_the_event_size_is_refused_naming_it() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_flight_are_bounded_by_bytes() {
+    let mut config = stack_config();
+    config.ingest.max_body_bytes = 64 * 1024;
+    config.ingest.max_in_flight_bytes = 96 * 1024;
+    config.ingest.body_read_timeout_ms = 3_000;
+    let server = Server::start(config).await;
+    let addr = server.addr;
+    // A request declaring 60 KiB holds that much of the budget while its body trickles.
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: 61440\r\n\r\n{{"
+    );
+    let holder =
+        tokio::spawn(
+            async move { raw_exchange(addr, head.as_bytes(), Duration::from_secs(6)).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 40 KiB more does not fit the 96 KiB: refused before its body is read.
+    let line = format!(
+        r#"{{"user_id":"u","type":"click","ts":1,"p":"{}"}}"#,
+        "x".repeat(400)
+    );
+    let body = vec![line.as_str(); 90].join("\n");
+    assert!(body.len() > 36 * 1024);
+    let (s, h, b) = server
+        .post(Some(KEY_A), "application/x-ndjson", body.clone())
+        .await;
+    assert_error(s, &b, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    assert!(
+        b["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_in_flight_bytes"),
+        "{b}"
+    );
+    assert!(h.get("retry-after").is_some());
+    // A small one still fits.
+    let (s, _, b) = server
+        .post(Some(KEY_A), "application/x-ndjson", line.clone())
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let (answer, _) = holder.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // The budget is back once the stalled body gave up.
+    let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    server.shutdown().await;
+}

@@ -12,6 +12,7 @@
 pub mod baselines;
 pub mod lag;
 pub mod latency;
+pub mod processes;
 pub mod procstat;
 
 use std::time::{Duration, Instant};

@@ -550,6 +550,10 @@ pub fn topics(config: &Config) -> Vec<(String, i64)> {
             add(out.to_string(), t.retention_ms);
         }
     }
+    // Other producers' raw topics are theirs; their dead letters are Sluice's.
+    for extra in &t.raw_extra {
+        add(t.dlq(extra), t.raw_retention_ms);
+    }
     out
 }
 

@@ -255,6 +255,9 @@ impl Default for KafkaConfig {
 pub struct TopicsConfig {
     /// Raw events as received by ingest.
     pub raw: String,
+    /// More raw topics parse reads, written by other producers (Logstash, Fluent Bit…);
+    /// each has its own dead-letter topic. Sluice does not create them.
+    pub raw_extra: Vec<String>,
     /// Parsed events (Avro).
     pub parsed: String,
     /// Enriched events (Avro).
@@ -281,6 +284,7 @@ impl Default for TopicsConfig {
     fn default() -> Self {
         Self {
             raw: "sluice.raw".into(),
+            raw_extra: Vec::new(),
             parsed: "sluice.parsed".into(),
             enriched: "sluice.enriched".into(),
             sessions: "sluice.sessions".into(),

@@ -237,3 +237,75 @@ async fn a_record_too_large_even_to_dead_letter_leaves_a_stub_and_no_stall() {
     let dropped: usize = get(headers::DLQ_DROPPED_BYTES).parse().unwrap();
     assert!(dropped > 2_000_000, "{dropped}");
 }
+
+/// Parse reads other producers' topics beside the raw one (`topics.raw_extra`), in the
+/// same group; their bad records go to their own dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_producers_topics_feed_parse_beside_the_raw_one() {
+    let name = unique("extra");
+    let mut config = stack_config().namespaced(&format!("t-{name}"), &name);
+    let extra = format!("t-{name}.logstash");
+    config.topics.raw_extra = vec![extra.clone()];
+    config.parse.default_tenant = Some("shipped".into());
+    // The other producer's topic exists already; Sluice creates its dead-letter topic.
+    sluice_core::kafka::create_topics(&config.kafka, 2, 1, &[(extra.clone(), "3600000".into())])
+        .await
+        .unwrap();
+    create_topics(&config).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    for i in 0..10 {
+        let line = format!(r#"{{"user_id":"l{i}","type":"click","ts":{now}}}"#);
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&extra).payload(&line),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let id = format!("ingested-{i}");
+        producer
+            .send(
+                FutureRecord::to(&config.topics.raw)
+                    .key(&id)
+                    .payload(&format!(
+                        r#"{{"user_id":"r{i}","type":"click","ts":{now}}}"#
+                    ))
+                    .headers(sluice_tests::raw_headers("acme", &id, &now.to_string())),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    producer
+        .send(
+            FutureRecord::<str, str>::to(&extra).payload("not json"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let parse = Running::stage(&config, "parse");
+    caught_up(&config, &config.parse.group, &config.topics.raw).await;
+    caught_up(&config, &config.parse.group, &extra).await;
+    parse.stop().await;
+    let got = parsed(&config);
+    let from_extra: Vec<&(String, String)> = got
+        .iter()
+        .filter(|(id, _)| id.starts_with(&format!("kafka:{extra}:")))
+        .collect();
+    assert_eq!(from_extra.len(), 10, "{got:?}");
+    assert!(from_extra.iter().all(|(_, tenant)| tenant == "shipped"));
+    assert_eq!(
+        got.iter()
+            .filter(|(id, _)| id.starts_with("ingested-"))
+            .count(),
+        10
+    );
+    let dead = read(&config, &config.topics.dlq(&extra));
+    assert_eq!(
+        dead.len(),
+        1,
+        "the bad record of the other topic, in its own DLQ"
+    );
+    assert!(read(&config, &config.topics.dlq(&config.topics.raw)).is_empty());
+}

@@ -308,8 +308,30 @@ pub async fn run(
         .map_err(|e| StageError::Settings(e.to_string()))?;
     // The registry subject is the usual output's, also when a --diff writes elsewhere.
     let parser = Parser::new(rules).with_codec(writing_codec(&shared.schemas, &t.parsed).await?);
+    let parser = Arc::new(parser);
+    // Other producers' topics feed parse too: a runtime each, in the same group, with
+    // dead letters to `<topic>.dlq`. A replay reads only the topic it names.
+    let mut specs = vec![spec];
+    if rewiring.input.is_none() {
+        for extra in &t.raw_extra {
+            let mut s = specs[0].clone();
+            s.input = extra.clone();
+            s.dlq = t.dlq(extra);
+            specs.push(s);
+        }
+    }
     telemetry::process_readiness().set(true);
-    run_stage(&shared.kafka, &spec, Arc::new(parser), shutdown).await
+    let runs = specs
+        .iter()
+        .map(|s| run_stage(&shared.kafka, s, parser.clone(), shutdown.clone()));
+    let all = futures::future::try_join_all(runs).await?;
+    Ok(all
+        .into_iter()
+        .fold(StageStats::default(), |a, b| StageStats {
+            consumed: a.consumed + b.consumed,
+            published: a.published + b.published,
+            dead_lettered: a.dead_lettered + b.dead_lettered,
+        }))
 }
 
 impl Transform for Parser {

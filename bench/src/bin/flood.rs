@@ -1,0 +1,255 @@
+//! Memory under a flood of the worst requests a client can send: the whole pipeline
+//! (ingest → parse → enrich → the TimescaleDB and Elasticsearch sinks, each its own
+//! `sluice` process, as deployed) while clients send, as fast as they are answered,
+//! requests of the largest allowed shapes: 10,000 tiny lines with the longest
+//! `X-Source`, bodies of lines at the largest event size, and bodies over the limits.
+//!
+//! Reports each component's peak resident memory against the Helm chart's default
+//! limit (512 MiB) as a ratio, and the answers by status. The claim it checks: memory is
+//! bounded by bytes (ingest's body budget and producer queue, the stages' in-flight
+//! bytes, the sinks' batch bytes), not by what clients choose to send.
+//!
+//! `cargo build --release -p sluice -p sluice-bench && target/release/flood --seconds 300`
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Serialize;
+use sluice::components::{self, Kind};
+use sluice_bench::baselines::{drop_indices, drop_namespace, drop_schema};
+use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn, Process};
+use sluice_bench::procstat::rss_bytes;
+use sluice_bench::write_json;
+
+/// The chart's default memory limit of every component.
+const HELM_LIMIT_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Memory under hostile load.
+#[derive(Debug, Parser)]
+struct Args {
+    /// How long the flood lasts, in seconds.
+    #[arg(long, default_value_t = 300)]
+    seconds: u64,
+    /// Clients sending at once.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Where to write the results as JSON (default: target/bench-results/flood-<time>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One component's memory.
+#[derive(Debug, Clone, Serialize)]
+struct Peak {
+    component: &'static str,
+    peak_rss_mib: f64,
+    ratio_to_helm_limit: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    bench: &'static str,
+    seconds: u64,
+    clients: usize,
+    answers: BTreeMap<u16, u64>,
+    events_accepted: u64,
+    peaks: Vec<Peak>,
+}
+
+/// The request shapes, taken in turn by each client.
+fn bodies(max_lines: usize, max_event: usize, max_body: usize) -> Vec<(&'static str, Vec<u8>)> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let tiny = format!(r#"{{"user_id":"u1","type":"click","ts":{now}}}"#);
+    let many = vec![tiny.as_str(); max_lines].join("\n").into_bytes();
+    // Lines just under the event size, as many as the body allows.
+    let pad = max_event - 200;
+    let long = format!(
+        r#"{{"user_id":"u2","type":"click","ts":{now},"pad":"{}"}}"#,
+        "x".repeat(pad)
+    );
+    let per_body = (max_body / (long.len() + 1)).max(1);
+    let longs = vec![long.as_str(); per_body].join("\n").into_bytes();
+    let over = vec![b'a'; max_body + 1];
+    vec![
+        ("many tiny lines", many.clone()),
+        ("many tiny lines", many.clone()),
+        ("many tiny lines", many),
+        ("lines at the event size", longs),
+        ("over the body limit", over),
+    ]
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    sluice_core::telemetry::init_logging();
+    sluice_bin()?;
+    let (config, key) = pipeline_config()?;
+    sluice_tests::create_topics(&config).await;
+    let logs = std::env::temp_dir().join(sluice_tests::unique("bench-flood-"));
+    std::fs::create_dir_all(&logs)?;
+    let config_file = logs.join("sluice.toml");
+    std::fs::write(&config_file, toml::to_string(&config)?)?;
+    let mut procs: Vec<Process> = vec![spawn("ingest", &["ingest"], &config_file, &logs)?];
+    for (kind, name) in [
+        (Kind::Stage, "parse"),
+        (Kind::Stage, "enrich"),
+        (Kind::Sink, "timescale"),
+        (Kind::Sink, "elasticsearch"),
+    ] {
+        let c = components::find(kind, name).context("component in the registry")?;
+        let verb = if kind == Kind::Stage { "stage" } else { "sink" };
+        procs.push(spawn(c.name, &[verb, name], &config_file, &logs)?);
+    }
+    let http = reqwest::Client::new();
+    let outcome = flood(&args, &config, &key, &http, &mut procs, &logs).await;
+    for p in procs {
+        p.stop();
+    }
+    drop_namespace(&config, &[]).await;
+    drop_schema(&config, &config.timescale.schema).await;
+    drop_indices(&config, &config.elasticsearch.index_prefix).await;
+    let results = outcome?;
+    println!("\n| component | peak RSS | of the Helm limit (512 MiB) |");
+    println!("| --- | ---: | ---: |");
+    for p in &results.peaks {
+        println!(
+            "| {} | {:.0} MiB | {:.2} |",
+            p.component, p.peak_rss_mib, p.ratio_to_helm_limit
+        );
+    }
+    println!(
+        "answers by status: {:?}; events accepted: {}",
+        results.answers, results.events_accepted
+    );
+    let path = args.json.unwrap_or_else(|| {
+        let dir = PathBuf::from("target/bench-results");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!(
+            "flood-{}.json",
+            chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+        ))
+    });
+    write_json(&path, &serde_json::to_value(&results)?)?;
+    println!("process logs: {}", logs.display());
+    Ok(())
+}
+
+async fn flood(
+    args: &Args,
+    config: &sluice::Config,
+    key: &str,
+    http: &reqwest::Client,
+    procs: &mut [Process],
+    logs: &std::path::Path,
+) -> Result<Results> {
+    ready(http, procs, logs).await?;
+    let shapes = Arc::new(bodies(
+        config.ingest.max_lines,
+        config.topics.max_event_bytes,
+        config.ingest.max_body_bytes,
+    ));
+    let source = "s".repeat(config.ingest.max_header_value_bytes);
+    let url = format!("http://{}/v1/events", config.ingest.listen);
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    println!(
+        "flooding for {} s with {} clients: {}",
+        args.seconds,
+        args.clients,
+        shapes
+            .iter()
+            .map(|(name, b)| format!("{name} ({} KiB)", b.len() / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut clients = Vec::new();
+    for c in 0..args.clients {
+        let (http, url, key, source, shapes) = (
+            http.clone(),
+            url.clone(),
+            key.to_string(),
+            source.clone(),
+            shapes.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut answers: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut accepted = 0u64;
+            let mut i = c;
+            while Instant::now() < until {
+                let (_, body) = &shapes[i % shapes.len()];
+                i += 1;
+                let sent = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "application/x-ndjson")
+                    .header("x-source", &source)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        *answers.entry(status).or_default() += 1;
+                        if status == 202 {
+                            let v: serde_json::Value = r.json().await.unwrap_or_default();
+                            accepted += v["accepted"].as_u64().unwrap_or(0);
+                        } else if status == 503 {
+                            // As a client does: after Retry-After (1 s), but no longer.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    Err(_) => *answers.entry(0).or_default() += 1,
+                }
+            }
+            (answers, accepted)
+        }));
+    }
+    // Sample every process's memory while the flood lasts.
+    let mut peaks: BTreeMap<&'static str, u64> = BTreeMap::new();
+    while Instant::now() < until {
+        for p in procs.iter() {
+            if let Ok((now, high)) = rss_bytes(p.pid()) {
+                let peak = peaks.entry(p.name).or_default();
+                *peak = (*peak).max(now).max(high);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut answers: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut events_accepted = 0;
+    for c in clients {
+        let (a, n) = c.await?;
+        for (k, v) in a {
+            *answers.entry(k).or_default() += v;
+        }
+        events_accepted += n;
+    }
+    for p in procs.iter() {
+        if let Ok((_, high)) = rss_bytes(p.pid()) {
+            let peak = peaks.entry(p.name).or_default();
+            *peak = (*peak).max(high);
+        }
+    }
+    Ok(Results {
+        bench: "flood",
+        seconds: args.seconds,
+        clients: args.clients,
+        answers,
+        events_accepted,
+        peaks: procs
+            .iter()
+            .map(|p| {
+                let bytes = peaks.get(p.name).copied().unwrap_or(0);
+                Peak {
+                    component: p.name,
+                    peak_rss_mib: bytes as f64 / (1024.0 * 1024.0),
+                    ratio_to_helm_limit: bytes as f64 / HELM_LIMIT_BYTES as f64,
+                }
+            })
+            .collect(),
+    })
+}

@@ -503,6 +503,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
         written = stats.written,
         dead_lettered = stats.dead_lettered,
         batches = stats.batches,
+        records_per_s = stats.throughput().unwrap_or(0.0).round(),
         "sink stopped"
     );
     Ok(stats)

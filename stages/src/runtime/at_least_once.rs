@@ -199,6 +199,7 @@ pub async fn run<T: Transform>(
     transform: Arc<T>,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
+    let run_started = std::time::Instant::now();
     let name = transform.name();
     // Shared with the delivery callbacks (which complete offsets) and the revoke hook
     // (which drains revoked partitions and commits them before they move on).
@@ -288,6 +289,8 @@ pub async fn run<T: Transform>(
         consumed = stats.consumed,
         published = stats.published,
         dead_lettered = stats.dead_lettered,
+        records_per_s =
+            (stats.consumed as f64 / run_started.elapsed().as_secs_f64().max(1e-3)).round(),
         "stage stopped"
     );
     Ok(stats)

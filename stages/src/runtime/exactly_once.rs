@@ -57,6 +57,7 @@ pub async fn run<T: Transform>(
     transform: Arc<T>,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
+    let run_started = std::time::Instant::now();
     let name = transform.name();
     let mut consumer_config = kafka.consumer_config(&spec.group);
     consumer_config
@@ -137,6 +138,8 @@ pub async fn run<T: Transform>(
         consumed = stats.consumed,
         published = stats.published,
         dead_lettered = stats.dead_lettered,
+        records_per_s =
+            (stats.consumed as f64 / run_started.elapsed().as_secs_f64().max(1e-3)).round(),
         "exactly-once stage stopped"
     );
     Ok(stats)

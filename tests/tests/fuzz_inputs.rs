@@ -118,3 +118,76 @@ proptest! {
         }
     }
 }
+
+/// Header keys a record may carry: Sluice's own, the dead-letter ones, and others.
+fn header_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(sluice_core::headers::TENANT.to_string()),
+        Just(sluice_core::headers::EVENT_ID.to_string()),
+        Just(sluice_core::headers::DLQ_REASON.to_string()),
+        Just(sluice_core::headers::DLQ_TOPIC.to_string()),
+        Just(sluice_core::headers::DLQ_ATTEMPTS.to_string()),
+        Just(sluice_core::headers::PROCESSED_AT_MS.to_string()),
+        "x-[a-z]{1,8}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A dead letter re-driven (read again as a stage's input) forwards the original's
+    /// headers, none of the dead-letter ones; failing again, it carries one set of
+    /// dead-letter headers, not two; and one too large becomes a stub that fits.
+    #[test]
+    fn dead_letters_re_drive_cleanly(
+        headers in prop::collection::vec((header_key(), prop::option::of(prop::collection::vec(any::<u8>(), 0..64))), 0..12),
+        payload in prop::collection::vec(any::<u8>(), 0..2048),
+        max in 256usize..4096,
+    ) {
+        use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp};
+        use sluice_core::failure::{DeadLetter, Failure};
+        use sluice_core::headers as h;
+        let mut original = OwnedHeaders::new();
+        for (k, v) in &headers {
+            original = original.insert(Header { key: k.as_str(), value: v.as_deref() });
+        }
+        let msg = OwnedMessage::new(
+            Some(payload.clone()), Some(b"k".to_vec()), "t.raw".into(),
+            Timestamp::CreateTime(1), 0, 7, Some(original.clone()),
+        );
+        let failure = Failure::new("validation", "bad");
+        let dl = DeadLetter::of(&msg, "parse", &failure, 1);
+        prop_assert_eq!(&dl.payload, &payload);
+        let redriven = OwnedMessage::new(
+            Some(dl.payload.clone()), dl.key.clone(), "t.raw.dlq".into(),
+            Timestamp::CreateTime(2), 0, 0, Some(dl.headers.clone()),
+        );
+        let forwarded = h::forward(redriven.headers(), &[]);
+        for header in forwarded.iter() {
+            prop_assert!(!h::DEAD_LETTER.contains(&header.key), "{} forwarded", header.key);
+        }
+        let kept = |k: &str| !h::DEAD_LETTER.contains(&k) && !h::STAGE_STAMPS.contains(&k);
+        prop_assert_eq!(
+            forwarded.count(),
+            headers.iter().filter(|(k, _)| kept(k)).count()
+        );
+        let again = DeadLetter::of(&redriven, "parse", &failure, 2);
+        prop_assert_eq!(
+            again.headers.iter().filter(|x| x.key == h::DLQ_REASON).count(),
+            1
+        );
+        let fitted = DeadLetter::of(&msg, "parse", &failure, 1).fit(max + 8 * 1024);
+        prop_assert!(fitted.size() <= max + 8 * 1024);
+    }
+
+    #[test]
+    fn any_config_file_loads_or_names_the_problem(text in "([a-z_\\[\\]=\" .0-9\n]{0,200})") {
+        let dir = std::env::temp_dir().join(format!("sluice-fuzz-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, &text).unwrap();
+        if let Err(e) = Config::load_with(Some(&file), Vec::<(String, String)>::new()) {
+            prop_assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -42,8 +42,12 @@ struct Server {
 }
 
 impl Server {
-    async fn start(mut config: Config) -> Self {
-        let topic = unique("t-ingest-");
+    async fn start(config: Config) -> Self {
+        Self::start_on(config, unique("t-ingest-")).await
+    }
+
+    /// A server writing to `topic` (which a server before it may have written to).
+    async fn start_on(mut config: Config, topic: String) -> Self {
         config.topics.raw = topic.clone();
         config.ingest.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.ingest.api_keys = vec![
@@ -675,4 +679,53 @@ async fn bodies_in_flight_are_bounded_by_bytes() {
     let (s, _, b) = server.post(Some(KEY_A), "application/x-ndjson", body).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     server.shutdown().await;
+}
+
+/// A 503 can come after part of a request was queued (here: a producer queue of five
+/// records); the client's retry with the same Idempotency-Key (here on another ingest
+/// replica) stamps the same ids, so the sinks, keyed by (tenant, event id), store each
+/// event once: no new event ids appear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_partial_503_adds_no_new_event_ids() {
+    let mut small = stack_config();
+    small
+        .kafka
+        .producer
+        .insert("queue.buffering.max.messages".into(), "5".into());
+    let topic = unique("t-ingest-");
+    let a = Server::start_on(small, topic.clone()).await;
+    let lines = [r#"{"user_id":"u","type":"click","ts":1}"#; 50].join("\n");
+    let post = |server: &Server| {
+        reqwest::Client::new()
+            .post(server.url("/v1/events"))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/x-ndjson")
+            .header("idempotency-key", "order-42")
+            .body(lines.clone())
+            .send()
+    };
+    let first = post(&a).await.unwrap();
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // What was queued before the 503 is written all the same.
+    a.shutdown().await;
+    let b = Server::start_on(stack_config(), topic).await;
+    let retry = post(&b).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let records = b.records().await;
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|m| {
+            headers::get(m.headers(), headers::EVENT_ID)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        records.len() > 50,
+        "part of the first request was written: {}",
+        records.len()
+    );
+    let want: HashSet<String> = (0..50).map(|i| format!("idem-order-42-{i}")).collect();
+    assert_eq!(ids, want, "the retry repeated ids, it made no new ones");
+    b.shutdown().await;
 }

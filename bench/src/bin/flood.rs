@@ -37,6 +37,10 @@ struct Args {
     /// Clients sending at once.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Pause of each client after each answer, in milliseconds (0: as fast as answered).
+    /// A pause the consumers keep up with measures the shapes without a backlog.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
     /// Where to write the results as JSON (default: target/bench-results/flood-<time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -55,8 +59,11 @@ struct Results {
     bench: &'static str,
     seconds: u64,
     clients: usize,
+    pause_ms: u64,
     answers: BTreeMap<u16, u64>,
     events_accepted: u64,
+    /// Each consumer group's lag when the flood ended: its backlog.
+    lag_at_end: BTreeMap<String, i64>,
     peaks: Vec<Peak>,
 }
 
@@ -123,8 +130,8 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "answers by status: {:?}; events accepted: {}",
-        results.answers, results.events_accepted
+        "answers by status: {:?}; events accepted: {}; lag at the end: {:?}",
+        results.answers, results.events_accepted, results.lag_at_end
     );
     let path = args.json.unwrap_or_else(|| {
         let dir = PathBuf::from("target/bench-results");
@@ -175,6 +182,7 @@ async fn flood(
             source.clone(),
             shapes.clone(),
         );
+        let pause = Duration::from_millis(args.pause_ms);
         clients.push(tokio::spawn(async move {
             let mut answers: BTreeMap<u16, u64> = BTreeMap::new();
             let mut accepted = 0u64;
@@ -204,6 +212,7 @@ async fn flood(
                     }
                     Err(_) => *answers.entry(0).or_default() += 1,
                 }
+                tokio::time::sleep(pause).await;
             }
             (answers, accepted)
         }));
@@ -234,12 +243,27 @@ async fn flood(
             *peak = (*peak).max(high);
         }
     }
+    let mut lag_at_end = BTreeMap::new();
+    for c in components::COMPONENTS {
+        if procs.iter().any(|p| p.name == c.name) {
+            let (k, g, t) = (
+                config.kafka.clone(),
+                c.group(config).to_string(),
+                c.input(config).to_string(),
+            );
+            let lag =
+                tokio::task::spawn_blocking(move || sluice_core::kafka::lag(&k, &g, &t)).await??;
+            lag_at_end.insert(c.name.to_string(), lag);
+        }
+    }
     Ok(Results {
         bench: "flood",
         seconds: args.seconds,
         clients: args.clients,
+        pause_ms: args.pause_ms,
         answers,
         events_accepted,
+        lag_at_end,
         peaks: procs
             .iter()
             .map(|p| {

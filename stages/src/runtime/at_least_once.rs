@@ -61,6 +61,9 @@ struct AckState {
     moved: Mutex<HashMap<i32, i64>>,
     /// Outputs whose delivery failed, for the loop to re-send.
     failed: Mutex<Vec<Resend>>,
+    /// Ends the waits for the producer's queue, so shutdown is never stuck behind a
+    /// broker that does not answer.
+    shutdown: CancellationToken,
 }
 
 impl AckState {
@@ -117,6 +120,9 @@ struct Stage<'a, T: Transform> {
     retry: crate::retry::Retry,
     stats: StageStats,
     meters: Meters,
+    /// Ends the wait for room, so shutdown is never stuck behind a broker that does
+    /// not acknowledge.
+    shutdown: CancellationToken,
 }
 
 impl<T: Transform> Stage<'_, T> {
@@ -128,6 +134,10 @@ impl<T: Transform> Stage<'_, T> {
             || self.acks.in_flight_bytes.load(Ordering::Acquire)
                 >= self.spec.max_in_flight_bytes.max(1)
         {
+            // Not taken yet: nothing is tracked for it, a restart reads it again.
+            if self.shutdown.is_cancelled() {
+                return;
+            }
             self.settle().await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -221,6 +231,7 @@ pub async fn run<T: Transform>(
         in_flight_bytes: AtomicUsize::new(0),
         moved: Mutex::new(HashMap::new()),
         failed: Mutex::new(Vec::new()),
+        shutdown: shutdown.clone(),
     });
     let producer: ThreadedProducer<Acks> = kafka
         .producer_config()
@@ -235,6 +246,7 @@ pub async fn run<T: Transform>(
         retry: crate::retry::Retry::new(spec.retry.clone(), name),
         stats: StageStats::default(),
         meters: Meters::of(name, spec),
+        shutdown: shutdown.clone(),
     };
     // Exported at 0 from the start, so an alert on its increase has a series to watch.
     metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name).increment(0);
@@ -392,6 +404,10 @@ async fn enqueue(
                         headers: back.headers.unwrap_or_default(),
                         record: record.clone(),
                     });
+                    return;
+                }
+                // Left unacked: its offset is not committed, a restart processes it again.
+                if acks.shutdown.is_cancelled() {
                     return;
                 }
                 r = back;

@@ -352,13 +352,31 @@ async fn per_tenant_rate_limit_answers_429_with_retry_after() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_producer_queue_answers_503() {
+/// The `sluice.event_id` of each record.
+fn event_ids(records: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
+    records
+        .iter()
+        .map(|m| {
+            headers::get(m.headers(), headers::EVENT_ID)
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The stack's settings with a producer queue of five records, to make it full.
+fn small_producer_queue() -> Config {
     let mut config = stack_config();
     config
         .kafka
         .producer
         .insert("queue.buffering.max.messages".into(), "5".into());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_producer_queue_answers_503() {
+    let mut config = small_producer_queue();
     config
         .kafka
         .producer
@@ -578,14 +596,7 @@ async fn client_header_values_are_bounded_and_idempotency_keys_repeat_ids() {
     }
     let records = server.records().await;
     assert_eq!(records.len(), 6, "both requests were written");
-    let ids: Vec<String> = records
-        .iter()
-        .map(|m| {
-            headers::get(m.headers(), headers::EVENT_ID)
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = event_ids(&records);
     let distinct: HashSet<&String> = ids.iter().collect();
     let want: HashSet<String> = (0..3).map(|i| format!("idem-batch-7-{i}")).collect();
     assert_eq!(
@@ -687,13 +698,8 @@ async fn bodies_in_flight_are_bounded_by_bytes() {
 /// event once: no new event ids appear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_partial_503_adds_no_new_event_ids() {
-    let mut small = stack_config();
-    small
-        .kafka
-        .producer
-        .insert("queue.buffering.max.messages".into(), "5".into());
     let topic = unique("t-ingest-");
-    let a = Server::start_on(small, topic.clone()).await;
+    let a = Server::start_on(small_producer_queue(), topic.clone()).await;
     let lines = [r#"{"user_id":"u","type":"click","ts":1}"#; 50].join("\n");
     let post = |server: &Server| {
         reqwest::Client::new()
@@ -712,14 +718,7 @@ async fn a_retry_after_a_partial_503_adds_no_new_event_ids() {
     let retry = post(&b).await.unwrap();
     assert_eq!(retry.status(), StatusCode::ACCEPTED);
     let records = b.records().await;
-    let ids: HashSet<String> = records
-        .iter()
-        .map(|m| {
-            headers::get(m.headers(), headers::EVENT_ID)
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids: HashSet<String> = event_ids(&records).into_iter().collect();
     assert!(
         records.len() > 50,
         "part of the first request was written: {}",

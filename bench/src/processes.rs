@@ -144,3 +144,29 @@ pub fn pipeline_config() -> Result<(Config, String)> {
     config.ingest.listen = free_port()?;
     Ok((config, key))
 }
+
+/// Each consumer's consumer group and input topic.
+pub type Groups = Vec<(String, String)>;
+
+/// Start the deployed chain with `config` (written to `logs/sluice.toml`): ingest, parse,
+/// enrich and both event sinks, each its own process. Returns them and each consumer's
+/// `(group, input topic)`.
+pub fn spawn_pipeline(config: &Config, logs: &Path) -> Result<(Vec<Process>, Groups)> {
+    use sluice::components::{self, Kind};
+    let config_file = logs.join("sluice.toml");
+    std::fs::write(&config_file, toml::to_string(config)?)?;
+    let mut procs = vec![spawn("ingest", &["ingest"], &config_file, logs)?];
+    let mut groups = Vec::new();
+    for (kind, name) in [
+        (Kind::Stage, "parse"),
+        (Kind::Stage, "enrich"),
+        (Kind::Sink, "timescale"),
+        (Kind::Sink, "elasticsearch"),
+    ] {
+        let c = components::find(kind, name).context("component in the registry")?;
+        let verb = if kind == Kind::Stage { "stage" } else { "sink" };
+        procs.push(spawn(c.name, &[verb, name], &config_file, logs)?);
+        groups.push((c.group(config).to_string(), c.input(config).to_string()));
+    }
+    Ok((procs, groups))
+}

@@ -16,12 +16,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use serde::Serialize;
-use sluice::components::{self, Kind};
+use sluice::components;
 use sluice_bench::baselines::{drop_indices, drop_namespace, drop_schema};
-use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn, Process};
+use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
 use sluice_bench::procstat::rss_bytes;
 use sluice_bench::write_json;
 
@@ -99,19 +99,7 @@ async fn main() -> Result<()> {
     sluice_tests::create_topics(&config).await;
     let logs = std::env::temp_dir().join(sluice_tests::unique("bench-flood-"));
     std::fs::create_dir_all(&logs)?;
-    let config_file = logs.join("sluice.toml");
-    std::fs::write(&config_file, toml::to_string(&config)?)?;
-    let mut procs: Vec<Process> = vec![spawn("ingest", &["ingest"], &config_file, &logs)?];
-    for (kind, name) in [
-        (Kind::Stage, "parse"),
-        (Kind::Stage, "enrich"),
-        (Kind::Sink, "timescale"),
-        (Kind::Sink, "elasticsearch"),
-    ] {
-        let c = components::find(kind, name).context("component in the registry")?;
-        let verb = if kind == Kind::Stage { "stage" } else { "sink" };
-        procs.push(spawn(c.name, &[verb, name], &config_file, &logs)?);
-    }
+    let (mut procs, _) = spawn_pipeline(&config, &logs)?;
     let http = reqwest::Client::new();
     let outcome = flood(&args, &config, &key, &http, &mut procs, &logs).await;
     for p in procs {

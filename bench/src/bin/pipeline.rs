@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
 use serde::Serialize;
 use sluice::components::{self, Kind};
@@ -41,7 +41,7 @@ use sluice_bench::baselines::{
 };
 use sluice_bench::lag::LagWatch;
 use sluice_bench::latency::Buckets;
-use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn, Process};
+use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
 use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes};
 use sluice_bench::write_json;
 
@@ -501,22 +501,7 @@ async fn main() -> Result<()> {
     sluice_tests::create_topics(&config).await;
     let logs = std::env::temp_dir().join(sluice_tests::unique("bench-pipeline-"));
     std::fs::create_dir_all(&logs)?;
-    let config_file = logs.join("sluice.toml");
-    std::fs::write(&config_file, toml::to_string(&config)?)?;
-    let mut procs = Vec::new();
-    procs.push(spawn("ingest", &["ingest"], &config_file, &logs)?);
-    let mut groups = Vec::new();
-    for (kind, name) in [
-        (Kind::Stage, "parse"),
-        (Kind::Stage, "enrich"),
-        (Kind::Sink, "timescale"),
-        (Kind::Sink, "elasticsearch"),
-    ] {
-        let c = components::find(kind, name).context("component in the registry")?;
-        let verb = if kind == Kind::Stage { "stage" } else { "sink" };
-        procs.push(spawn(c.name, &[verb, name], &config_file, &logs)?);
-        groups.push(((c.group)(&config).to_string(), c.input(&config).to_string()));
-    }
+    let (mut procs, groups) = spawn_pipeline(&config, &logs)?;
     let http = reqwest::Client::new();
     let outcome = run(
         &args, &config, &key, &http, &mut procs, &groups, &logs, hold, base,

@@ -61,9 +61,10 @@ struct AckState {
     moved: Mutex<HashMap<i32, i64>>,
     /// Outputs whose delivery failed, for the loop to re-send.
     failed: Mutex<Vec<Resend>>,
-    /// Ends the waits for the producer's queue, so shutdown is never stuck behind a
-    /// broker that does not answer.
-    shutdown: CancellationToken,
+    /// Cancelled once a shutdown's drain time is over: ends the waits for the producer's
+    /// queue, so shutdown is never stuck behind a broker that does not answer (but the
+    /// drain still gets its time to deliver what it can).
+    give_up: CancellationToken,
 }
 
 impl AckState {
@@ -231,7 +232,7 @@ pub async fn run<T: Transform>(
         in_flight_bytes: AtomicUsize::new(0),
         moved: Mutex::new(HashMap::new()),
         failed: Mutex::new(Vec::new()),
-        shutdown: shutdown.clone(),
+        give_up: CancellationToken::new(),
     });
     let producer: ThreadedProducer<Acks> = kafka
         .producer_config()
@@ -275,6 +276,11 @@ pub async fn run<T: Transform>(
 
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
     let deadline = tokio::time::Instant::now() + spec.drain_timeout;
+    let give_up = stage.acks.give_up.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        give_up.cancel();
+    });
     while stage.acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
     {
         stage.settle().await;
@@ -407,7 +413,7 @@ async fn enqueue(
                     return;
                 }
                 // Left unacked: its offset is not committed, a restart processes it again.
-                if acks.shutdown.is_cancelled() {
+                if acks.give_up.is_cancelled() {
                     return;
                 }
                 r = back;

@@ -42,6 +42,22 @@ pub fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::
     Ok(())
 }
 
+/// Where a benchmark's results go: `given`, or `target/bench-results/<bench>-<time>.json`.
+pub fn results_path(
+    bench: &str,
+    given: Option<std::path::PathBuf>,
+) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let dir = std::path::PathBuf::from("target/bench-results");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(format!(
+        "{bench}-{}.json",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    )))
+}
+
 /// Paired rounds of one comparison: a baseline and a measured rate per round.
 #[derive(Debug, Clone, Default)]
 pub struct Rounds {

@@ -23,7 +23,7 @@ use sluice::components;
 use sluice_bench::baselines::{drop_indices, drop_namespace, drop_schema};
 use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
 use sluice_bench::procstat::rss_bytes;
-use sluice_bench::write_json;
+use sluice_bench::{results_path, write_json};
 
 /// The chart's default memory limit of every component.
 const HELM_LIMIT_BYTES: u64 = 512 * 1024 * 1024;
@@ -121,14 +121,7 @@ async fn main() -> Result<()> {
         "answers by status: {:?}; events accepted: {}; lag at the end: {:?}",
         results.answers, results.events_accepted, results.lag_at_end
     );
-    let path = args.json.unwrap_or_else(|| {
-        let dir = PathBuf::from("target/bench-results");
-        let _ = std::fs::create_dir_all(&dir);
-        dir.join(format!(
-            "flood-{}.json",
-            chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-        ))
-    });
+    let path = results_path("flood", args.json)?;
     write_json(&path, &serde_json::to_value(&results)?)?;
     println!("process logs: {}", logs.display());
     Ok(())

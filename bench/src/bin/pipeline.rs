@@ -43,7 +43,7 @@ use sluice_bench::lag::LagWatch;
 use sluice_bench::latency::Buckets;
 use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
 use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes};
-use sluice_bench::write_json;
+use sluice_bench::{results_path, write_json};
 
 /// Whole-pipeline benchmark.
 #[derive(Debug, Parser)]
@@ -516,17 +516,7 @@ async fn main() -> Result<()> {
     drop_indices(&config, &config.elasticsearch.index_prefix).await;
     let results = outcome?;
     print_table(&results);
-    let path = match args.json {
-        Some(p) => p,
-        None => {
-            let dir = PathBuf::from("target/bench-results");
-            std::fs::create_dir_all(&dir)?;
-            dir.join(format!(
-                "pipeline-{}.json",
-                chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-            ))
-        }
-    };
+    let path = results_path("pipeline", args.json)?;
     write_json(&path, &serde_json::to_value(&results)?)?;
     println!("process logs: {}", logs.display());
     Ok(())

@@ -215,3 +215,86 @@ impl RejectingProxy {
         Self { addr, rejected }
     }
 }
+
+/// An HTTP proxy in front of the real ES-API server that answers 413 to any request
+/// body over `limit` bytes, as a cluster with `http.max_content_length` does.
+pub struct SizeLimitProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Requests refused as too large so far.
+    pub refused: Arc<AtomicU64>,
+}
+
+impl SizeLimitProxy {
+    /// A proxy to `upstream` refusing bodies over `limit` bytes.
+    pub async fn start(upstream: String, limit: usize) -> Self {
+        use axum::body::Bytes;
+        use axum::extract::State;
+        use axum::http::{Method, Uri};
+        use axum::response::IntoResponse;
+        #[derive(Clone)]
+        struct Ctx {
+            upstream: String,
+            client: reqwest::Client,
+            refused: Arc<AtomicU64>,
+            limit: usize,
+        }
+        async fn forward(
+            State(ctx): State<Ctx>,
+            method: Method,
+            uri: Uri,
+            headers: axum::http::HeaderMap,
+            body: Bytes,
+        ) -> axum::response::Response {
+            if body.len() > ctx.limit {
+                ctx.refused.fetch_add(1, Ordering::Relaxed);
+                return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
+            }
+            let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+            let mut req = ctx
+                .client
+                .request(method, format!("{}{path}", ctx.upstream))
+                .body(body);
+            for (k, v) in headers.iter() {
+                if k != "host" && k != "content-length" {
+                    req = req.header(k, v);
+                }
+            }
+            let Ok(resp) = req.send().await else {
+                return axum::http::StatusCode::BAD_GATEWAY.into_response();
+            };
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
+            *out.status_mut() =
+                axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK);
+            for (name, value) in [
+                ("content-type", "application/json"),
+                ("x-elastic-product", "Elasticsearch"),
+            ] {
+                out.headers_mut()
+                    .insert(name, axum::http::HeaderValue::from_static(value));
+            }
+            out
+        }
+        let refused = Arc::new(AtomicU64::new(0));
+        let ctx = Ctx {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+            refused: refused.clone(),
+            limit,
+        };
+        let app = axum::Router::new()
+            .fallback(forward)
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(ctx);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, refused }
+    }
+}

@@ -608,3 +608,63 @@ async fn batches_are_bounded_by_bytes_as_well_as_by_count() {
         "at most 5 records of 20 KB in 100 KB: {sizes:?}"
     );
 }
+
+/// A cluster refusing request bodies over 20 KB (413): the sink halves the bulk requests
+/// until they pass, and dead-letters the one document that alone is too large, instead of
+/// failing the batch for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_from_elasticsearch_splits_the_bulk_request() {
+    let mut config = stack_config();
+    let name = unique("split");
+    sink_namespace(&mut config, &name).await;
+    let proxy = sluice_tests::faults::SizeLimitProxy::start(
+        stack_var("SLUICE__ELASTICSEARCH__URL"),
+        20_000,
+    )
+    .await;
+    config.elasticsearch.url = format!("http://{}", proxy.addr);
+    config.elasticsearch.bulk_max_bytes = 5 * 1024 * 1024;
+    let mut events: Vec<_> = (0..60)
+        .map(|i| {
+            let mut e = enriched(i, "acme", "u1", "page_view", "/x", "2026-11-20T08:00:00Z");
+            e.user_agent = Some("a".repeat(900));
+            e
+        })
+        .collect();
+    events[30].user_agent = Some("b".repeat(30_000));
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    let mut sink = RunningSink::start(&config, sluice_tests::sink("elasticsearch"));
+    sink.caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    sink.stop().await;
+    assert!(proxy.refused.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let all = sluice_sinks::Selection::Received {
+        from: 0,
+        to: i64::MAX,
+        tenant: None,
+    };
+    let read = sluice_tests::sink("elasticsearch").read_stored.unwrap();
+    let stored: std::collections::BTreeSet<String> = read(config.clone(), all, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.event_id)
+        .collect();
+    let want: std::collections::BTreeSet<String> = (0..60)
+        .filter(|i| *i != 30)
+        .map(|i| format!("ev-{i}"))
+        .collect();
+    assert_eq!(stored, want);
+    let dlq = dead_letters(&config, &config.topics.dlq(&config.topics.enriched)).await;
+    assert_eq!(dlq.len(), 1);
+    let h = dlq[0].headers();
+    assert_eq!(headers::get(h, headers::DLQ_ERROR_CLASS), Some("oversized"));
+    let refused = sluice_schemas::ENRICHED_EVENTS
+        .decode(dlq[0].payload().unwrap())
+        .unwrap();
+    assert_eq!(refused.event_id, "ev-30");
+}

@@ -241,13 +241,19 @@ pub fn restore(config: &Config, file: &Path, execute: bool) -> Result<()> {
             file.display()
         )
     })?;
+    // The offsets it replaces are saved beside the file restored from.
+    let beside = file.with_file_name(format!(
+        "{}.offsets-{}.json",
+        saved.group,
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
     let before = move_group(
         config,
         &saved.group,
         &saved.topic,
         &saved.offsets,
         execute,
-        None,
+        Some(&beside),
     )?;
     if let Some(before) = before {
         println!(

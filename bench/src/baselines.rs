@@ -383,3 +383,10 @@ fn curl_all(url: &str, files: &[impl AsRef<Path>]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Delete what a whole-pipeline run made: its topics, database schema and indices.
+pub async fn drop_pipeline(config: &Config) {
+    drop_namespace(config, &[]).await;
+    drop_schema(config, &config.timescale.schema).await;
+    drop_indices(config, &config.elasticsearch.index_prefix).await;
+}

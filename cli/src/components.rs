@@ -272,7 +272,8 @@ impl Component {
             .with_context(|| format!("{} {}", self.kind_name(), self.name))
     }
 
-    fn kind_name(&self) -> &'static str {
+    /// `stage` or `sink`.
+    pub fn kind_name(&self) -> &'static str {
         match self.kind {
             Kind::Stage => "stage",
             Kind::Sink => "sink",

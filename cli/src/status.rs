@@ -105,7 +105,7 @@ fn one(config: &Config, c: &Component, list: &rdkafka::groups::GroupList) -> Res
         .filter(|m| !m.is_empty())
         .map(|m| m.iter().map(|(_, low, high)| high - low).sum());
     Ok(GroupStatus {
-        component: format!("{:?} {}", c.kind, c.name).to_lowercase(),
+        component: format!("{} {}", c.kind_name(), c.name),
         group,
         state,
         members,

@@ -147,6 +147,22 @@ pub struct StageStats {
     pub dead_lettered: u64,
 }
 
+impl StageStats {
+    /// Log the line a runtime ends with (`what`: "stage stopped" and the like): the
+    /// counts and the rate since `started`.
+    pub(crate) fn log_stopped(&self, stage: &str, started: std::time::Instant, what: &str) {
+        tracing::info!(
+            stage,
+            consumed = self.consumed,
+            published = self.published,
+            dead_lettered = self.dead_lettered,
+            records_per_s =
+                (self.consumed as f64 / started.elapsed().as_secs_f64().max(1e-3)).round(),
+            "{what}"
+        );
+    }
+}
+
 impl Held<'_> {
     /// The record's partition and offset.
     pub(crate) fn position(&self) -> (i32, i64) {

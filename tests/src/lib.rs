@@ -274,6 +274,21 @@ impl RunningSink {
     }
 }
 
+/// The offsets `group` committed on `topic`, by partition (0 where none).
+pub async fn committed(
+    config: &Config,
+    group: &str,
+    topic: &str,
+) -> std::collections::HashMap<i32, i64> {
+    let (k, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || sluice_core::kafka::committed_offsets(&k, &g, &t))
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 /// Wait until `group` committed everything on `topic` (two minutes at most).
 pub async fn caught_up(config: &Config, group: &str, topic: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);

@@ -190,15 +190,8 @@ async fn archive_lag(config: &Config) -> i64 {
 }
 
 async fn committed(config: &Config) -> BTreeMap<i32, i64> {
-    let (k, g, t) = (
-        config.kafka.clone(),
-        config.archive.group.clone(),
-        config.topics.raw.clone(),
-    );
-    tokio::task::spawn_blocking(move || kafka::committed_offsets(&k, &g, &t))
+    sluice_tests::committed(config, &config.archive.group, &config.topics.raw)
         .await
-        .unwrap()
-        .unwrap()
         .into_iter()
         .collect()
 }

@@ -3,7 +3,6 @@
 //! active group, idempotent replays into both sinks, and an audit that finds a deleted row.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +15,9 @@ use sluice::demo::{self, DemoOptions};
 use sluice::replay::{self, Filters, Mode, OffsetRange, Plan, Range, Target};
 use sluice::Config;
 use sluice_core::{headers, kafka};
-use sluice_tests::{sink, sluice_bin, stack_config, stack_env_path, stack_var, stage, unique};
+use sluice_tests::{
+    committed, sink, sluice_bin, stack_config, stack_env_path, stack_var, stage, unique,
+};
 use tokio_util::sync::CancellationToken;
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
@@ -70,16 +71,6 @@ async fn records(config: &Config, topic: &str) -> Vec<rdkafka::message::OwnedMes
         .await
         .unwrap()
         .unwrap()
-}
-
-async fn committed(config: &Config, group: &str, topic: &str) -> HashMap<i32, i64> {
-    let (k, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || kafka::committed_offsets(&k, &g, &t))
-        .await
-        .unwrap()
-        .unwrap()
-        .into_iter()
-        .collect()
 }
 
 fn ms(t: i64) -> DateTime<Utc> {

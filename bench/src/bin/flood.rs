@@ -20,7 +20,7 @@ use anyhow::Result;
 use clap::Parser;
 use serde::Serialize;
 use sluice::components;
-use sluice_bench::baselines::{drop_indices, drop_namespace, drop_schema};
+use sluice_bench::baselines::drop_pipeline;
 use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
 use sluice_bench::procstat::rss_bytes;
 use sluice_bench::{results_path, write_json};
@@ -105,9 +105,7 @@ async fn main() -> Result<()> {
     for p in procs {
         p.stop();
     }
-    drop_namespace(&config, &[]).await;
-    drop_schema(&config, &config.timescale.schema).await;
-    drop_indices(&config, &config.elasticsearch.index_prefix).await;
+    drop_pipeline(&config).await;
     let results = outcome?;
     println!("\n| component | peak RSS | of the Helm limit (512 MiB) |");
     println!("| --- | ---: | ---: |");

@@ -36,8 +36,8 @@ use serde::Serialize;
 use sluice::components::{self, Kind};
 use sluice::Config;
 use sluice_bench::baselines::{
-    curl_bulk, drop_indices, drop_namespace, drop_schema, events, pass_through, produce_raw,
-    psql_copy, raw_line,
+    curl_bulk, drop_namespace, drop_pipeline, events, pass_through, produce_raw, psql_copy,
+    raw_line,
 };
 use sluice_bench::lag::LagWatch;
 use sluice_bench::latency::Buckets;
@@ -511,9 +511,7 @@ async fn main() -> Result<()> {
         p.stop();
     }
     // Leave the servers as they were found: they slow as they fill.
-    drop_namespace(&config, &[]).await;
-    drop_schema(&config, &config.timescale.schema).await;
-    drop_indices(&config, &config.elasticsearch.index_prefix).await;
+    drop_pipeline(&config).await;
     let results = outcome?;
     print_table(&results);
     let path = results_path("pipeline", args.json)?;

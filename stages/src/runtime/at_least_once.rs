@@ -302,15 +302,7 @@ pub async fn run<T: Transform>(
         }
     }
     let stats = stage.stats;
-    tracing::info!(
-        stage = name,
-        consumed = stats.consumed,
-        published = stats.published,
-        dead_lettered = stats.dead_lettered,
-        records_per_s =
-            (stats.consumed as f64 / run_started.elapsed().as_secs_f64().max(1e-3)).round(),
-        "stage stopped"
-    );
+    stats.log_stopped(name, run_started, "stage stopped");
     Ok(stats)
 }
 

@@ -114,6 +114,7 @@ pub async fn run_sessionize(
     consumer.subscribe(&[&spec.input])?;
     let receiver = Receiver::new(&consumer, None, NAME);
     let producer: FutureProducer = kafka.producer_config().create()?;
+    let max_message_bytes = kafka.max_message_bytes();
     let mut partitions: HashMap<i32, PartitionState> = HashMap::new();
     // A partition without events for this long closes its sessions (processing time).
     let idle_after = Duration::from_millis(
@@ -182,7 +183,7 @@ pub async fn run_sessionize(
                 if let Some(f) = failure {
                     stats.dead_lettered += 1;
                     DeadLettered { component: Component::Stage(NAME), class: f.class, reason: &f.reason }.emit();
-                    let dl = DeadLetter::of(&msg, NAME, &f, 1).fit(kafka.max_message_bytes());
+                    let dl = DeadLetter::of(&msg, NAME, &f, 1).fit(max_message_bytes);
                     if !deliver(&producer, &spec.dlq, dl.key.as_deref(), &dl.payload, &dl.headers, &shutdown).await {
                         // Nothing more is committed: a restart reads this record again.
                         return Err(StageError::Undelivered(spec.dlq.clone()));

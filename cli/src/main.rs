@@ -335,11 +335,29 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
         println!("dry run: nothing was read or written");
         return Ok(());
     }
+    // A replay into a stage reads the scratch topic while the archived records are put
+    // back on it (it takes about as long as the slower of the two); a diff or a copy
+    // reads it once it is complete.
+    let mut filling = None;
     if let Some(part) = archive_part.filter(|p| !p.is_empty()) {
-        let plan =
-            replay::archive::restore(config, &part, &pipeline::shutdown_on_signals()).await?;
-        scratch.push(plan.topic.clone());
-        plans.insert(0, plan);
+        let topic = replay::archive::scratch_topic(config).await?;
+        scratch.push(topic.topic.clone());
+        if matches!(target, Target::Component(_)) && !args.diff {
+            plans.insert(0, replay::archive::open_plan(&topic));
+            filling = Some((part, topic));
+        } else {
+            let plan =
+                replay::archive::fill(config, &part, &topic, &pipeline::shutdown_on_signals())
+                    .await;
+            let plan = match plan {
+                Ok(plan) => plan,
+                Err(e) => {
+                    drop_scratch(config, &scratch).await;
+                    return Err(e);
+                }
+            };
+            plans.insert(0, plan);
+        }
     }
     if plans.iter().all(|p| p.records() == 0) {
         println!("nothing to replay in that range");
@@ -408,15 +426,40 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
                 println!("consumer group {g}");
             }
         }
-        let outcome = replay::run(
-            config,
-            plan,
-            &target,
-            &mode,
-            &filters,
-            pipeline::shutdown_on_signals(),
-        )
-        .await?;
+        let outcome = match (&mode, filling.as_ref().filter(|_| restored)) {
+            (Mode::FreshGroup(g), Some((part, topic))) => {
+                let stop = pipeline::shutdown_on_signals();
+                let fill = Box::pin(replay::archive::fill(config, part, topic, &stop));
+                let outcome = replay::run_while_filling(
+                    config,
+                    plan,
+                    &target,
+                    g,
+                    &filters,
+                    fill,
+                    stop.clone(),
+                )
+                .await;
+                match outcome {
+                    Ok(o) => o,
+                    Err(e) => {
+                        drop_scratch(config, &scratch).await;
+                        return Err(e);
+                    }
+                }
+            }
+            _ => {
+                replay::run(
+                    config,
+                    plan,
+                    &target,
+                    &mode,
+                    &filters,
+                    pipeline::shutdown_on_signals(),
+                )
+                .await?
+            }
+        };
         if !args.reset {
             println!("{}", outcome.summary());
         }

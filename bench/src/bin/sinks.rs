@@ -405,14 +405,29 @@ async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
             let started = std::time::Instant::now();
             let part =
                 sluice::replay::archive::plan(&config, &everything, None, None, None).await?;
-            let plan = sluice::replay::archive::restore(
+            // As `sluice replay --source archive` does it: the stage reads the scratch
+            // topic while the archived records are put back on it.
+            let scratch = sluice::replay::archive::scratch_topic(&config).await?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let fill = Box::pin(sluice::replay::archive::fill(
+                &config, &part, &scratch, &stop,
+            ));
+            let outcome = sluice::replay::run_while_filling(
                 &config,
-                &part,
-                &tokio_util::sync::CancellationToken::new(),
+                &sluice::replay::archive::open_plan(&scratch),
+                &sluice::replay::Target::Component(parse),
+                &format!("{name}-a{round}"),
+                &sluice::replay::Filters::default(),
+                fill,
+                stop.clone(),
             )
             .await?;
-            replay_into(&config, &plan, parse, &format!("{name}-a{round}")).await?;
-            drop_topics(&config, &[&plan.topic]).await;
+            anyhow::ensure!(
+                outcome.read == n as u64,
+                "the replay from the archive read {} of {n} records",
+                outcome.read
+            );
+            drop_topics(&config, &[&scratch.topic]).await;
             anyhow::Ok(rate(n, started.elapsed()))
         };
         let (k, a) = alternate(round, from_kafka, from_archive).await?;

@@ -8,8 +8,12 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sluice_sinks::archive::{self, Archive, ArchiveRange, ArchivedFile, ArchivedRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -159,13 +163,17 @@ pub async fn plan(
     })
 }
 
-/// Put the part's records on a new scratch topic `<raw>.restore-<time>` with the raw
-/// topic's partitions; the plan that replays all of it.
-pub async fn restore(
-    config: &Config,
-    part: &ArchivePart,
-    stop: &CancellationToken,
-) -> Result<Plan> {
+/// The new topic archived records are put back on for a replay to read.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    /// `<raw>.restore-<time>`.
+    pub topic: String,
+    /// The raw topic's partitions.
+    pub partitions: usize,
+}
+
+/// Create the scratch topic `<raw>.restore-<time>`, with the raw topic's partitions.
+pub async fn scratch_topic(config: &Config) -> Result<Scratch> {
     let raw = config.topics.raw.clone();
     let (kafka, r) = (config.kafka.clone(), raw.clone());
     let partitions = blocking(move || Ok(sluice_core::kafka::watermarks(&kafka, &r)?.len()))?;
@@ -183,7 +191,50 @@ pub async fn restore(
         &[(topic.clone(), "86400000".into())],
     )
     .await?;
-    let producer: FutureProducer = config.kafka.producer_config().create()?;
+    Ok(Scratch { topic, partitions })
+}
+
+/// The plan of `scratch` while it is being filled: every partition from its start, with
+/// open ends.
+pub fn open_plan(scratch: &Scratch) -> Plan {
+    Plan {
+        topic: scratch.topic.clone(),
+        partitions_total: scratch.partitions,
+        ranges: (0..scratch.partitions as i32)
+            .map(|partition| super::PartitionPlan {
+                partition,
+                start: 0,
+                end: i64::MAX,
+            })
+            .collect(),
+    }
+}
+
+/// Put the part's records on a new scratch topic; the plan that replays all of it.
+pub async fn restore(
+    config: &Config,
+    part: &ArchivePart,
+    stop: &CancellationToken,
+) -> Result<Plan> {
+    let scratch = scratch_topic(config).await?;
+    fill(config, part, &scratch, stop).await
+}
+
+/// Put the part's records on `scratch` (each on its partition, with its key, headers and
+/// timestamp, plus where it came from); the plan that replays all of them.
+pub async fn fill(
+    config: &Config,
+    part: &ArchivePart,
+    scratch: &Scratch,
+    stop: &CancellationToken,
+) -> Result<Plan> {
+    let (topic, partitions) = (scratch.topic.clone(), scratch.partitions);
+    let started = std::time::Instant::now();
+    let acks = Arc::new(PutBackAcks::default());
+    let producer: ThreadedProducer<PutBack> = config
+        .kafka
+        .producer_config()
+        .create_with_context(PutBack(acks.clone()))?;
     let spans: Vec<Vec<ArchivedFile>> = archive::spans(&part.files)
         .into_iter()
         .filter(|s| {
@@ -198,25 +249,48 @@ pub async fn restore(
             .map(|s| s[0].span.last - s[0].span.first + 1)
             .sum(),
     );
-    let mut restored = 0u64;
-    // One span at a time, in partition and offset order: memory holds one span.
-    for span in &spans {
-        let records = archive::read_span(&part.archive, span, &part.range, |r| part.keeps(r))
-            .await
-            .with_context(|| format!("reading the archive {}", part.archive.url))?;
-        let mut deliveries = Vec::with_capacity(records.len());
+    // The next spans are fetched and decoded (each its own task, so on another core)
+    // while this one is produced: a restore is as fast as the slower of the two, not
+    // their sum. Memory holds READ_AHEAD + 1 spans; records are put back in partition
+    // and offset order.
+    let shared = Arc::new(part.clone());
+    let mut reads = futures::stream::iter(spans.into_iter().map(|span| {
+        let part = shared.clone();
+        tokio::spawn(async move {
+            let records =
+                archive::read_span(&part.archive, &span, &part.range, |r| part.keeps(r)).await;
+            (span, records)
+        })
+    }))
+    .buffered(READ_AHEAD);
+    let mut sent = 0u64;
+    while let Some(read) = reads.next().await {
+        let (span, records) = read.context("reading the archive: task failed")?;
+        let records =
+            records.with_context(|| format!("reading the archive {}", part.archive.url))?;
         for r in &records {
             if stop.is_cancelled() {
                 bail!("interrupted while putting archived records back on {topic}");
             }
-            deliveries.push(put_back(&producer, &topic, partitions, r)?);
+            put_back(&producer, &topic, partitions, r).await?;
         }
-        wait(deliveries).await?;
-        restored += records.len() as u64;
+        acks.check()?;
+        sent += records.len() as u64;
         bar.inc((span[0].span.last - span[0].span.first + 1) as u64);
     }
+    tokio::task::block_in_place(|| producer.flush(std::time::Duration::from_secs(300)))
+        .context("putting records back: not all were delivered within 5 minutes")?;
+    acks.check()?;
+    let restored = acks.delivered.load(Ordering::Acquire);
+    if restored != sent {
+        bail!("putting records back: {restored} of {sent} delivered");
+    }
     bar.finish_and_clear();
-    println!("{restored} archived record(s) put back on scratch topic {topic}");
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "{restored} archived record(s) put back on scratch topic {topic} in {took:.1} s ({:.0} records/s)",
+        restored as f64 / took.max(1e-3)
+    );
     let (kafka, t) = (config.kafka.clone(), topic.clone());
     blocking(move || {
         resolve(
@@ -231,14 +305,66 @@ pub async fn restore(
     })
 }
 
+/// Spans fetched and decoded ahead of the one being put back.
+const READ_AHEAD: usize = 2;
+
+/// What the scratch topic's deliveries came to: how many were delivered, and the first
+/// failure.
+#[derive(Default)]
+struct PutBackAcks {
+    delivered: AtomicU64,
+    failed: Mutex<Option<String>>,
+}
+
+impl PutBackAcks {
+    /// The first delivery failure, as an error.
+    fn check(&self) -> Result<()> {
+        match self
+            .failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            Some(e) => bail!("putting a record back: {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The scratch producer's delivery callbacks: counting them costs no task wake-up or
+/// future per record (a `FutureProducer` allocates both).
+struct PutBack(Arc<PutBackAcks>);
+
+impl rdkafka::ClientContext for PutBack {}
+
+impl ProducerContext for PutBack {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.0.delivered.fetch_add(1, Ordering::AcqRel);
+            }
+            Err((e, _)) => {
+                let mut failed = self
+                    .0
+                    .failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
 /// Send one archived record to its partition of the scratch topic, as it was, with the
-/// place it came from.
-fn put_back(
-    producer: &FutureProducer,
+/// place it came from; waits while the producer's queue is full.
+async fn put_back(
+    producer: &ThreadedProducer<PutBack>,
     topic: &str,
     partitions: usize,
     r: &ArchivedRecord,
-) -> Result<rdkafka::producer::DeliveryFuture> {
+) -> Result<()> {
     let origin = format!("{}/{}/{}", r.topic, r.partition, r.offset);
     let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
     for (k, v) in r.headers.iter().filter(|(k, _)| k != REPLAYED_FROM) {
@@ -253,9 +379,7 @@ fn put_back(
     });
     // The raw topic may have fewer partitions now than when the record was archived.
     let partition = r.partition.rem_euclid(partitions as i32);
-    let mut record = FutureRecord::to(topic)
-        .partition(partition)
-        .headers(headers);
+    let mut record = BaseRecord::to(topic).partition(partition).headers(headers);
     if let Some(v) = &r.value {
         record = record.payload(v);
     }
@@ -266,8 +390,8 @@ fn put_back(
         record = record.timestamp(ts);
     }
     loop {
-        match producer.send_result(record) {
-            Ok(d) => return Ok(d),
+        match producer.send::<Vec<u8>, Vec<u8>>(record) {
+            Ok(()) => return Ok(()),
             Err((
                 rdkafka::error::KafkaError::MessageProduction(
                     rdkafka::error::RDKafkaErrorCode::QueueFull,
@@ -275,20 +399,11 @@ fn put_back(
                 back,
             )) => {
                 record = back;
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             Err((e, _)) => return Err(e).context("putting a record back"),
         }
     }
-}
-
-async fn wait(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Result<()> {
-    for d in futures::future::join_all(deliveries).await {
-        d.context("putting a record back: delivery cancelled")?
-            .map_err(|(e, _)| e)
-            .context("putting a record back")?;
-    }
-    Ok(())
 }
 
 /// The Kafka part of an `auto` replay: `range` on the raw topic from the first offset

@@ -90,5 +90,5 @@ impl Outcome {
 pub use plan::{
     parse_duration, parse_offsets, parse_time, resolve, OffsetRange, PartitionPlan, Plan, Range,
 };
-pub use run::{active_members, commit_group, restore, run, SavedOffsets};
+pub use run::{active_members, commit_group, restore, run, run_while_filling, Fill, SavedOffsets};
 pub(crate) use run::{blocking, fresh_rewired};

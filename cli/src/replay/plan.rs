@@ -99,7 +99,10 @@ pub struct Plan {
 impl Plan {
     /// Records in the plan (before any tenant filter).
     pub fn records(&self) -> i64 {
-        self.ranges.iter().map(|r| r.end - r.start).sum()
+        // Saturating: a plan of a topic still being filled has open (i64::MAX) ends.
+        self.ranges
+            .iter()
+            .fold(0i64, |n, r| n.saturating_add(r.end - r.start))
     }
 
     /// End offset per replayed partition.

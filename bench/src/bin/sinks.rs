@@ -384,7 +384,7 @@ async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
     config.archive.url = format!("{base_url}/{name}-sink{}", rounds - 1);
     let parse = sluice_tests::stage("parse");
     let mut vs_kafka = Rounds::new("replay from the archive", "replay from Kafka");
-    for round in 0..rounds.min(3) {
+    for round in 0..rounds {
         let everything = sluice::replay::Range::Times {
             from: None,
             to: None,

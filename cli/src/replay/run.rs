@@ -89,7 +89,16 @@ pub async fn run(
                 .map(|()| Outcome::default())
         }
         Mode::FreshGroup(fresh_group) => {
-            fresh(config, plan, target, fresh_group, filters, stop).await
+            fresh_rewired(
+                config,
+                plan,
+                target,
+                fresh_group,
+                filters,
+                Rewiring::default(),
+                stop,
+            )
+            .await
         }
     }
 }
@@ -308,28 +317,7 @@ pub(crate) fn progress(total: i64) -> ProgressBar {
 }
 
 /// Run the target stage or sink here under a fresh group until its commits reach the
-/// plan's end offsets.
-async fn fresh(
-    config: &Config,
-    plan: &Plan,
-    target: &Target,
-    group: &str,
-    filters: &Filters,
-    stop: CancellationToken,
-) -> Result<Outcome> {
-    fresh_rewired(
-        config,
-        plan,
-        target,
-        group,
-        filters,
-        Rewiring::default(),
-        stop,
-    )
-    .await
-}
-
-/// [`fresh`], with a stage's outputs and dead letters sent where `outputs` says.
+/// plan's end offsets, a stage's outputs and dead letters sent where `outputs` says.
 pub(crate) async fn fresh_rewired(
     config: &Config,
     plan: &Plan,

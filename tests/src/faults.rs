@@ -163,20 +163,10 @@ impl RejectingProxy {
                     body = forwarded.into_bytes();
                 }
             }
-            let mut req = ctx.client.request(method, &url).body(body);
-            for (k, v) in headers.iter() {
-                if k != "host" && k != "content-length" {
-                    req = req.header(k, v);
-                }
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    return (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response()
-                }
+            let (status, bytes) = match relay(&ctx.client, &url, method, &headers, body).await {
+                Ok(answer) => answer,
+                Err(e) => return (axum::http::StatusCode::BAD_GATEWAY, e).into_response(),
             };
-            let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.unwrap_or_default();
             if is_bulk && !kept_back.is_empty() && status == 200 {
                 let mut answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
                 let mut items = answer["items"].as_array().cloned().unwrap_or_default();
@@ -187,17 +177,7 @@ impl RejectingProxy {
                 answer["errors"] = serde_json::Value::Bool(true);
                 return axum::Json(answer).into_response();
             }
-            let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
-            *out.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
-            out.headers_mut().insert(
-                "content-type",
-                axum::http::HeaderValue::from_static("application/json"),
-            );
-            out.headers_mut().insert(
-                "x-elastic-product",
-                axum::http::HeaderValue::from_static("Elasticsearch"),
-            );
-            out
+            es_answer(status, bytes)
         }
         let rejected = Arc::new(AtomicU64::new(0));
         let ctx = Ctx {
@@ -208,10 +188,7 @@ impl RejectingProxy {
             counter: Default::default(),
             every,
         };
-        let app = axum::Router::new().fallback(forward).with_state(ctx);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let addr = serve(axum::Router::new().fallback(forward).with_state(ctx)).await;
         Self { addr, rejected }
     }
 }
@@ -251,31 +228,11 @@ impl SizeLimitProxy {
                 return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
             }
             let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-            let mut req = ctx
-                .client
-                .request(method, format!("{}{path}", ctx.upstream))
-                .body(body);
-            for (k, v) in headers.iter() {
-                if k != "host" && k != "content-length" {
-                    req = req.header(k, v);
-                }
+            let url = format!("{}{path}", ctx.upstream);
+            match relay(&ctx.client, &url, method, &headers, body.to_vec()).await {
+                Ok((status, bytes)) => es_answer(status, bytes),
+                Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e).into_response(),
             }
-            let Ok(resp) = req.send().await else {
-                return axum::http::StatusCode::BAD_GATEWAY.into_response();
-            };
-            let status = resp.status().as_u16();
-            let bytes = resp.bytes().await.unwrap_or_default();
-            let mut out = axum::response::Response::new(axum::body::Body::from(bytes));
-            *out.status_mut() =
-                axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK);
-            for (name, value) in [
-                ("content-type", "application/json"),
-                ("x-elastic-product", "Elasticsearch"),
-            ] {
-                out.headers_mut()
-                    .insert(name, axum::http::HeaderValue::from_static(value));
-            }
-            out
         }
         let refused = Arc::new(AtomicU64::new(0));
         let ctx = Ctx {
@@ -284,17 +241,61 @@ impl SizeLimitProxy {
             refused: refused.clone(),
             limit,
         };
-        let app = axum::Router::new()
-            .fallback(forward)
-            .layer(axum::extract::DefaultBodyLimit::disable())
-            .with_state(ctx);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding");
-        let addr = listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(
+            axum::Router::new()
+                .fallback(forward)
+                .layer(axum::extract::DefaultBodyLimit::disable())
+                .with_state(ctx),
+        )
+        .await;
         Self { addr, refused }
     }
+}
+
+/// Send a request on to the ES-API server at `url` with the client's headers (but its
+/// host and length); the answer's status and body.
+async fn relay(
+    client: &reqwest::Client,
+    url: &str,
+    method: axum::http::Method,
+    headers: &axum::http::HeaderMap,
+    body: Vec<u8>,
+) -> Result<(u16, axum::body::Bytes), String> {
+    let mut req = client.request(method, url).body(body);
+    for (k, v) in headers.iter() {
+        if k != "host" && k != "content-length" {
+            req = req.header(k, v);
+        }
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.bytes().await.unwrap_or_default()))
+}
+
+/// An answer as the ES-API server gives it: its status and body, JSON, with the product
+/// header the `elasticsearch` client checks.
+fn es_answer(status: u16, body: axum::body::Bytes) -> axum::response::Response {
+    let mut out = axum::response::Response::new(axum::body::Body::from(body));
+    *out.status_mut() =
+        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+    for (name, value) in [
+        ("content-type", "application/json"),
+        ("x-elastic-product", "Elasticsearch"),
+    ] {
+        out.headers_mut()
+            .insert(name, axum::http::HeaderValue::from_static(value));
+    }
+    out
+}
+
+/// Serve `app` on a free loopback port; its address.
+async fn serve(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
 }

@@ -25,7 +25,8 @@ pub enum Admit {
 /// Bounds of a replay run: end offsets per partition, a tenant filter and a rate limit.
 pub struct ReplayScope {
     /// Exclusive end offset per partition. A topic still being filled (an archive
-    /// restore) is read with open ends until its final ones are known ([`Self::set_ends`]).
+    /// restore) is read with open (`i64::MAX`) ends until its final ones are known
+    /// ([`Self::set_ends`]).
     ends: RwLock<HashMap<i32, i64>>,
     tenant: Option<String>,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -54,16 +55,6 @@ impl ReplayScope {
             admitted: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
         }
-    }
-
-    /// A scope over `partitions` partitions that a producer is still filling: every
-    /// record is within it until [`Self::set_ends`] gives the final ends.
-    pub fn open_ended(partitions: i32, tenant: Option<String>, rate: Option<NonZeroU32>) -> Self {
-        Self::new(
-            (0..partitions).map(|p| (p, i64::MAX)).collect(),
-            tenant,
-            rate,
-        )
     }
 
     /// The final end offsets, once the topic is complete.
@@ -145,7 +136,7 @@ mod tests {
 
     #[test]
     fn open_ends_admit_everything_until_set() {
-        let scope = ReplayScope::open_ended(2, None, None);
+        let scope = ReplayScope::new(HashMap::from([(0, i64::MAX), (1, i64::MAX)]), None, None);
         let none = None::<&OwnedHeaders>;
         assert_eq!(scope.admit(1, 1_000_000, none), Admit::Process);
         assert_eq!(scope.admit(2, 0, none), Admit::PastEnd);

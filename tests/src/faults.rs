@@ -120,8 +120,6 @@ impl RejectingProxy {
             body: Bytes,
         ) -> axum::response::Response {
             use axum::response::IntoResponse;
-            let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-            let url = format!("{}{path}", ctx.upstream);
             let is_bulk = uri.path().ends_with("/_bulk");
             let mut body = body.to_vec();
             // (position in the request, rejected item) of the items kept back.
@@ -163,7 +161,8 @@ impl RejectingProxy {
                     body = forwarded.into_bytes();
                 }
             }
-            let (status, bytes) = match relay(&ctx.client, &url, method, &headers, body).await {
+            let sent = relay(&ctx.client, &ctx.upstream, &uri, method, &headers, body).await;
+            let (status, bytes) = match sent {
                 Ok(answer) => answer,
                 Err(e) => return (axum::http::StatusCode::BAD_GATEWAY, e).into_response(),
             };
@@ -227,9 +226,16 @@ impl SizeLimitProxy {
                 ctx.refused.fetch_add(1, Ordering::Relaxed);
                 return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, "").into_response();
             }
-            let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-            let url = format!("{}{path}", ctx.upstream);
-            match relay(&ctx.client, &url, method, &headers, body.to_vec()).await {
+            match relay(
+                &ctx.client,
+                &ctx.upstream,
+                &uri,
+                method,
+                &headers,
+                body.to_vec(),
+            )
+            .await
+            {
                 Ok((status, bytes)) => es_answer(status, bytes),
                 Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e).into_response(),
             }
@@ -252,16 +258,20 @@ impl SizeLimitProxy {
     }
 }
 
-/// Send a request on to the ES-API server at `url` with the client's headers (but its
-/// host and length); the answer's status and body.
+/// Send a request for `uri` on to the ES-API server at `upstream` with the client's
+/// headers (but its host and length); the answer's status and body.
 async fn relay(
     client: &reqwest::Client,
-    url: &str,
+    upstream: &str,
+    uri: &axum::http::Uri,
     method: axum::http::Method,
     headers: &axum::http::HeaderMap,
     body: Vec<u8>,
 ) -> Result<(u16, axum::body::Bytes), String> {
-    let mut req = client.request(method, url).body(body);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut req = client
+        .request(method, format!("{upstream}{path}"))
+        .body(body);
     for (k, v) in headers.iter() {
         if k != "host" && k != "content-length" {
             req = req.header(k, v);

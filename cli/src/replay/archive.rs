@@ -210,16 +210,6 @@ pub fn open_plan(scratch: &Scratch) -> Plan {
     }
 }
 
-/// Put the part's records on a new scratch topic; the plan that replays all of it.
-pub async fn restore(
-    config: &Config,
-    part: &ArchivePart,
-    stop: &CancellationToken,
-) -> Result<Plan> {
-    let scratch = scratch_topic(config).await?;
-    fill(config, part, &scratch, stop).await
-}
-
 /// Put the part's records on `scratch` (each on its partition, with its key, headers and
 /// timestamp, plus where it came from); the plan that replays all of them.
 pub async fn fill(

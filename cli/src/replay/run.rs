@@ -367,7 +367,7 @@ pub async fn run_while_filling(
 async fn drive(
     config: &Config,
     plan: &Plan,
-    fill: Option<Fill<'_>>,
+    mut fill: Option<Fill<'_>>,
     target: &Target,
     group: &str,
     filters: &Filters,
@@ -396,10 +396,12 @@ async fn drive(
     let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
     blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
 
-    let scope = Arc::new(match fill {
-        Some(_) => ReplayScope::open_ended(total, filters.tenant.clone(), filters.rate),
-        None => ReplayScope::new(plan.ends(), filters.tenant.clone(), filters.rate),
-    });
+    // A plan still being filled has open ends; `fill` closes them.
+    let scope = Arc::new(ReplayScope::new(
+        plan.ends(),
+        filters.tenant.clone(),
+        filters.rate,
+    ));
     let rewiring = Rewiring {
         group: Some(group.to_string()),
         input: Some(plan.topic.clone()),
@@ -416,7 +418,6 @@ async fn drive(
         }
     });
     let mut filling = fill.is_some();
-    let mut fill = fill.map(futures::FutureExt::fuse);
     let mut plan = std::borrow::Cow::Borrowed(plan);
     let bar = progress(if filling { 0 } else { plan.records() });
     let mut interrupted = false;

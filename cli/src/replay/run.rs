@@ -420,6 +420,10 @@ async fn drive(
     let mut filling = fill.is_some();
     let mut plan = std::borrow::Cow::Borrowed(plan);
     let bar = progress(if filling { 0 } else { plan.records() });
+    if filling {
+        // The fill draws its own bar meanwhile: two bars at once garble the terminal.
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let mut interrupted = false;
     let mut committed: HashMap<i32, i64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -437,6 +441,7 @@ async fn drive(
                     Ok(full) => {
                         scope.set_ends(full.ends());
                         bar.set_length(full.records().max(0) as u64);
+                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                         plan = std::borrow::Cow::Owned(full);
                     }
                     Err(e) => {

@@ -349,14 +349,7 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
             let plan =
                 replay::archive::fill(config, &part, &topic, &pipeline::shutdown_on_signals())
                     .await;
-            let plan = match plan {
-                Ok(plan) => plan,
-                Err(e) => {
-                    drop_scratch(config, &scratch).await;
-                    return Err(e);
-                }
-            };
-            plans.insert(0, plan);
+            plans.insert(0, dropping_scratch_on_error(config, &scratch, plan).await?);
         }
     }
     if plans.iter().all(|p| p.records() == 0) {
@@ -440,13 +433,7 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
                     stop.clone(),
                 )
                 .await;
-                match outcome {
-                    Ok(o) => o,
-                    Err(e) => {
-                        drop_scratch(config, &scratch).await;
-                        return Err(e);
-                    }
-                }
+                dropping_scratch_on_error(config, &scratch, outcome).await?
             }
             _ => {
                 replay::run(
@@ -488,6 +475,19 @@ async fn drop_scratch(config: &Config, topics: &[String]) {
     if let Err(e) = sluice_core::kafka::delete_topics(&config.kafka, &refs).await {
         tracing::warn!(error = %e, topics = %refs.join(","), "could not delete the scratch topics; delete them by hand");
     }
+}
+
+/// `result`; when it is an error, the scratch topics are deleted first (a restore that
+/// failed leaves nothing to resume from them).
+async fn dropping_scratch_on_error<T>(
+    config: &Config,
+    scratch: &[String],
+    result: Result<T>,
+) -> Result<T> {
+    if result.is_err() {
+        drop_scratch(config, scratch).await;
+    }
+    result
 }
 
 /// Install the metrics recorder for `component` and, when `metrics.listen` is set, serve

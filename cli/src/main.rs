@@ -335,24 +335,22 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
         println!("dry run: nothing was read or written");
         return Ok(());
     }
-    // A replay into a stage reads the scratch topic while the archived records are put
-    // back on it (it takes about as long as the slower of the two); a diff or a copy
-    // reads it once it is complete.
-    let mut filling = None;
+    // A replay into a stage is fed the archived records in-process; a diff or a copy
+    // reads them from a scratch topic they are put back on first.
+    let mut fed = None;
     if let Some(part) = archive_part.filter(|p| !p.is_empty()) {
-        let topic = replay::archive::scratch_topic(config).await?;
-        scratch.push(topic.topic.clone());
         if matches!(target, Target::Component(_)) && !args.diff {
-            plans.insert(0, replay::archive::open_plan(&topic));
-            filling = Some((part, topic));
+            fed = Some(part);
         } else {
+            let topic = replay::archive::scratch_topic(config).await?;
+            scratch.push(topic.topic.clone());
             let plan =
                 replay::archive::fill(config, &part, &topic, &pipeline::shutdown_on_signals())
                     .await;
             plans.insert(0, dropping_scratch_on_error(config, &scratch, plan).await?);
         }
     }
-    if plans.iter().all(|p| p.records() == 0) {
+    if fed.is_none() && plans.iter().all(|p| p.records() == 0) {
         println!("nothing to replay in that range");
         return Ok(());
     }
@@ -390,7 +388,29 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
             chrono::Utc::now().format("%Y%m%d%H%M%S")
         )
     });
-    let several = plans.len() > 1;
+    let several = plans.len() + usize::from(fed.is_some()) > 1;
+    if let Some(part) = fed {
+        // The archive's part first: in `auto`, what Kafka no longer retains.
+        let name = if several {
+            format!("{group}-archive")
+        } else {
+            group.clone()
+        };
+        println!("from the archive, replay {name}");
+        let outcome = replay::archive::replay(
+            config,
+            &part,
+            &target,
+            &name,
+            &filters,
+            pipeline::shutdown_on_signals(),
+        )
+        .await?;
+        println!("{}", outcome.summary());
+        if outcome.interrupted {
+            std::process::exit(130);
+        }
+    }
     for plan in &plans {
         let restored = scratch.contains(&plan.topic);
         let mode = if args.reset {
@@ -398,55 +418,31 @@ async fn run_replay(config: &Config, args: ReplayArgs) -> Result<()> {
                 execute: args.execute,
                 save_to: args.offsets_file.clone(),
             }
-        } else if several && restored {
-            Mode::FreshGroup(format!("{group}-archive"))
         } else {
             Mode::FreshGroup(group.clone())
         };
         if several {
-            println!(
-                "{} {}",
-                if restored {
-                    "from the archive, via"
-                } else {
-                    "from Kafka,"
-                },
-                plan.topic
-            );
+            if restored {
+                println!("from the archive, via {}", plan.topic);
+            } else {
+                println!("from Kafka, {}", plan.topic);
+            }
         }
         if let Mode::FreshGroup(g) = &mode {
             if !matches!(target, Target::Copy(_)) {
                 println!("consumer group {g}");
             }
         }
-        let outcome = match (&mode, filling.as_ref().filter(|_| restored)) {
-            (Mode::FreshGroup(g), Some((part, topic))) => {
-                let stop = pipeline::shutdown_on_signals();
-                let fill = Box::pin(replay::archive::fill(config, part, topic, &stop));
-                let outcome = replay::run_while_filling(
-                    config,
-                    plan,
-                    &target,
-                    g,
-                    &filters,
-                    fill,
-                    stop.clone(),
-                )
-                .await;
-                dropping_scratch_on_error(config, &scratch, outcome).await?
-            }
-            _ => {
-                replay::run(
-                    config,
-                    plan,
-                    &target,
-                    &mode,
-                    &filters,
-                    pipeline::shutdown_on_signals(),
-                )
-                .await?
-            }
-        };
+        let outcome = replay::run(
+            config,
+            plan,
+            &target,
+            &mode,
+            &filters,
+            pipeline::shutdown_on_signals(),
+        )
+        .await;
+        let outcome = dropping_scratch_on_error(config, &scratch, outcome).await?;
         if !args.reset {
             println!("{}", outcome.summary());
         }

@@ -26,6 +26,9 @@ pub const PROCESSED_AT_MS: &str = "sluice.processed_at_ms";
 /// The replay that produced the record (its consumer group); absent outside replays.
 /// `sluice audit` tells a replay's repeats from at-least-once redeliveries with it.
 pub const REPLAY: &str = "sluice.replay";
+/// Where a copied or restored record was first written: `topic/partition/offset`. A
+/// record of another producer (no event id) keeps the id its first place gave it.
+pub const REPLAYED_FROM: &str = "sluice.replayed_from";
 
 /// Headers a stage sets on its own outputs; dropped from what it forwards.
 pub const STAGE_STAMPS: &[&str] = &[PROCESSED_AT_MS, REPLAY];

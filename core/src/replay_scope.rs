@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rdkafka::message::Headers;
@@ -24,10 +23,7 @@ pub enum Admit {
 
 /// Bounds of a replay run: end offsets per partition, a tenant filter and a rate limit.
 pub struct ReplayScope {
-    /// Exclusive end offset per partition. A topic still being filled (an archive
-    /// restore) is read with open (`i64::MAX`) ends until its final ones are known
-    /// ([`Self::set_ends`]).
-    ends: RwLock<HashMap<i32, i64>>,
+    ends: HashMap<i32, i64>,
     tenant: Option<String>,
     limiter: Option<DefaultDirectRateLimiter>,
     admitted: AtomicU64,
@@ -49,7 +45,7 @@ impl ReplayScope {
     /// are entirely past the end.
     pub fn new(ends: HashMap<i32, i64>, tenant: Option<String>, rate: Option<NonZeroU32>) -> Self {
         Self {
-            ends: RwLock::new(ends),
+            ends,
             tenant,
             limiter: rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
             admitted: AtomicU64::new(0),
@@ -57,23 +53,9 @@ impl ReplayScope {
         }
     }
 
-    /// The final end offsets, once the topic is complete.
-    pub fn set_ends(&self, ends: HashMap<i32, i64>) {
-        *self
-            .ends
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = ends;
-    }
-
     /// Decide what to do with the record at `partition`/`offset` carrying `headers`.
     pub fn admit<H: Headers>(&self, partition: i32, offset: i64, headers: Option<&H>) -> Admit {
-        let past_end = self
-            .ends
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&partition)
-            .is_none_or(|end| offset >= *end);
-        if past_end {
+        if self.ends.get(&partition).is_none_or(|end| offset >= *end) {
             return Admit::PastEnd;
         }
         if !self.keeps_tenant(headers) {
@@ -132,17 +114,5 @@ mod tests {
         assert_eq!(scope.admit(1, 0, Some(&acme)), Admit::PastEnd);
         assert_eq!(scope.admit(2, 0, Some(&acme)), Admit::PastEnd);
         assert_eq!((scope.admitted(), scope.skipped()), (1, 2));
-    }
-
-    #[test]
-    fn open_ends_admit_everything_until_set() {
-        let scope = ReplayScope::new(HashMap::from([(0, i64::MAX), (1, i64::MAX)]), None, None);
-        let none = None::<&OwnedHeaders>;
-        assert_eq!(scope.admit(1, 1_000_000, none), Admit::Process);
-        assert_eq!(scope.admit(2, 0, none), Admit::PastEnd);
-        scope.set_ends(HashMap::from([(0, 5), (1, 3)]));
-        assert_eq!(scope.admit(1, 2, none), Admit::Process);
-        assert_eq!(scope.admit(1, 3, none), Admit::PastEnd);
-        assert_eq!(scope.admit(0, 5, none), Admit::PastEnd);
     }
 }

@@ -99,6 +99,8 @@ pub struct StageSpec {
     /// The producers' `message.max.bytes`: larger outputs are dead-lettered, larger dead
     /// letters replaced by stubs. Set from the Kafka settings when the stage starts.
     pub max_message_bytes: usize,
+    /// Records fed in-process instead of consumed from `input` (a replay of the archive).
+    pub feed: Option<sluice_core::wiring::Feed>,
 }
 
 impl StageSpec {
@@ -126,11 +128,13 @@ impl StageSpec {
             transaction_linger: Duration::from_millis(500),
             retry: Default::default(),
             max_message_bytes: 1_000_000,
+            feed: rewiring.feed.clone(),
         }
     }
 }
 
-/// The record being processed: borrowed from the consumer, or detached for retries.
+/// The record being processed: borrowed from the consumer, or owned (detached for
+/// retries, or fed in-process).
 pub(crate) enum Held<'a> {
     Borrowed(BorrowedMessage<'a>),
     Owned(OwnedMessage),
@@ -208,27 +212,33 @@ pub(crate) async fn process<'a, 's, T: Transform>(
     transform: &T,
     retry: &mut crate::retry::Retry,
     spec: &'s StageSpec,
-    msg: BorrowedMessage<'a>,
+    msg: Held<'a>,
     admit: Admit,
     stats: &mut StageStats,
     meters: &Meters,
 ) -> Processed<'a, 's> {
     let name = transform.name();
     let started = std::time::Instant::now();
-    let mut result = match admit {
-        Admit::Process => transform.process(&msg),
+    let mut result = match (admit, &msg) {
+        (Admit::Process, Held::Borrowed(m)) => transform.process(m),
+        (Admit::Process, Held::Owned(m)) => transform.process(m),
         _ => Ok(Vec::new()),
     };
     meters.processing.record(started.elapsed().as_secs_f64());
     let mut attempts = 1;
-    let held = match &result {
-        Err(f) if f.transient => {
-            let owned = msg.detach();
-            drop(msg);
+    let transient = matches!(&result, Err(f) if f.transient);
+    let held = match msg {
+        Held::Borrowed(m) if transient => {
+            let owned = m.detach();
+            drop(m);
             (result, attempts) = retry.run(transform, &owned, result).await;
             Held::Owned(owned)
         }
-        _ => Held::Borrowed(msg),
+        Held::Owned(m) if transient => {
+            (result, attempts) = retry.run(transform, &m, result).await;
+            Held::Owned(m)
+        }
+        held => held,
     };
     // An output the producer would refuse for its size is a defect of the record: it is
     // dead-lettered instead of retried for ever (which would stall the partition).

@@ -435,7 +435,7 @@ async fn replays_from_the_archive_restore_what_kafka_no_longer_holds() {
     // From the archive alone: everything, Kafka's retained half included.
     wipe_sink(&config).await;
     let out = replay(&config, &["--source", "archive", "--stage", "parse"]);
-    assert!(out.contains("archived record(s) put back"), "{out}");
+    assert!(out.contains("archived record(s) replayed"), "{out}");
     caught_up(&config, &config.enrich.group, &t.parsed).await;
     caught_up(&config, &config.timescale.group, &t.enriched).await;
     let after = stored(&config).await;
@@ -505,6 +505,103 @@ async fn replays_from_the_archive_restore_what_kafka_no_longer_holds() {
         "{from_archive}"
     );
     assert_eq!(per_event.len(), raw_before.len());
+}
+
+/// Records another producer wrote (no `sluice.*` headers) get their id from their place
+/// in the log; replayed from the archive, and compared by a `--diff` from it, they keep
+/// it: the same events, not new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_records_replayed_from_the_archive_keep_their_ids() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let _serial = SERIAL.lock().await;
+    let mut config = namespace("ar-foreign-").await;
+    config.parse.default_tenant = Some("shared".into());
+    let running = [
+        Running::sink(&config, "archive"),
+        Running::stage(&config, "parse"),
+        Running::stage(&config, "enrich"),
+        Running::sink(&config, "timescale"),
+    ];
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    for i in 0..40 {
+        let line = format!(r#"{{"user_id":"u{i}","type":"click","ts":{now}}}"#);
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&config.topics.raw)
+                    .key(&format!("k{}", i % 7))
+                    .payload(&line),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let t = &config.topics;
+    for (g, topic) in [
+        (&config.archive.group, &t.raw),
+        (&config.parse.group, &t.raw),
+        (&config.enrich.group, &t.parsed),
+        (&config.timescale.group, &t.enriched),
+    ] {
+        caught_up(&config, g, topic).await;
+    }
+    let before: BTreeSet<String> = stored(&config).await.into_keys().collect();
+    assert_eq!(before.len(), 40);
+    assert!(
+        before
+            .iter()
+            .all(|id| id.starts_with(&format!("kafka:{}:", t.raw))),
+        "{before:?}"
+    );
+
+    // The diff reads them from a scratch topic: still the events the sink holds.
+    let out = replay(
+        &config,
+        &[
+            "--source", "archive", "--stage", "parse", "--diff", "--json",
+        ],
+    );
+    let diff: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    let timescale = diff["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "timescale")
+        .unwrap();
+    assert_eq!(
+        (&timescale["unchanged"], &timescale["new"]),
+        (&serde_json::json!(40), &serde_json::json!(0)),
+        "{out}"
+    );
+
+    // Replayed in-process: the same ids on the parsed topic.
+    let group = unique("foreign-");
+    let out = replay(
+        &config,
+        &["--source", "archive", "--stage", "parse", "--group", &group],
+    );
+    assert!(out.contains("40 archived record(s) replayed"), "{out}");
+    for r in running {
+        r.stop().await;
+    }
+    let (k, topic) = (config.kafka.clone(), t.parsed.clone());
+    let parsed =
+        tokio::task::spawn_blocking(move || kafka::read_all(&k, &topic, Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .unwrap();
+    let replayed: Vec<String> = parsed
+        .iter()
+        .filter(|m| headers::get(m.headers(), headers::REPLAY) == Some(group.as_str()))
+        .map(|m| {
+            sluice_schemas::CLICK_EVENTS
+                .decode(m.payload().unwrap())
+                .unwrap()
+                .event_id
+        })
+        .collect();
+    assert_eq!(replayed.len(), 40, "each once");
+    assert_eq!(replayed.into_iter().collect::<BTreeSet<_>>(), before);
 }
 
 /// The files open in DuckDB with the documented columns and types.

@@ -380,7 +380,7 @@ async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
     let sink = vs_bare.report(0.7);
 
     // Replays through parse of the whole raw topic: from Kafka, and from the last round's
-    // archive (put back on a scratch topic, then replayed from it).
+    // archive.
     config.archive.url = format!("{base_url}/{name}-sink{}", rounds - 1);
     let parse = sluice_tests::stage("parse");
     let mut vs_kafka = Rounds::new("replay from the archive", "replay from Kafka");
@@ -406,21 +406,15 @@ async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
             let started = std::time::Instant::now();
             let part =
                 sluice::replay::archive::plan(&config, &everything, None, None, None).await?;
-            // As `sluice replay --source archive` does it: the stage reads the scratch
-            // topic while the archived records are put back on it.
-            let scratch = sluice::replay::archive::scratch_topic(&config).await?;
-            let stop = tokio_util::sync::CancellationToken::new();
-            let fill = Box::pin(sluice::replay::archive::fill(
-                &config, &part, &scratch, &stop,
-            ));
-            let outcome = sluice::replay::run_while_filling(
+            // As `sluice replay --source archive` does it: parse is fed the archived
+            // records in-process.
+            let outcome = sluice::replay::archive::replay(
                 &config,
-                &sluice::replay::archive::open_plan(&scratch),
+                &part,
                 &sluice::replay::Target::Component(parse),
                 &format!("{name}-a{round}"),
                 &sluice::replay::Filters::default(),
-                fill,
-                stop.clone(),
+                tokio_util::sync::CancellationToken::new(),
             )
             .await?;
             anyhow::ensure!(
@@ -428,7 +422,6 @@ async fn archive(n: usize, rounds: usize) -> Result<serde_json::Value> {
                 "the replay from the archive read {} of {n} records",
                 outcome.read
             );
-            drop_topics(&config, &[&scratch.topic]).await;
             anyhow::Ok(rate(n, started.elapsed()))
         };
         let (k, a) = alternate(round, from_kafka, from_archive).await?;

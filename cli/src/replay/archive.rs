@@ -1,9 +1,11 @@
-//! Replaying from the archive. The archived records of the range are put back on a
-//! scratch topic of their own (the raw topic's partitions, keys, headers and timestamps,
-//! plus `sluice.replayed_from`), which the usual replay then reads: the target stage
-//! sees them as if they came from the raw topic. `--source auto` takes from the archive
-//! only the offsets Kafka no longer retains, and the rest from Kafka: the seam is, per
-//! partition, the first offset Kafka retains, so nothing is read twice or skipped.
+//! Replaying from the archive. A replay into a stage is fed the archived records of the
+//! range in-process: each is handed to the stage as the message it was on the raw topic
+//! (partition, offset, key, headers, timestamp), so the stage transforms it as if it
+//! consumed it. A diff or a copy reads them from a scratch topic of their own they are
+//! put back on first (with `sluice.replayed_from`). `--source auto` takes from the
+//! archive only the offsets Kafka no longer retains, and the rest from Kafka: the seam
+//! is, per partition, the first offset Kafka retains, so nothing is read twice or
+//! skipped.
 
 use std::collections::HashMap;
 
@@ -12,14 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sluice_sinks::archive::{self, Archive, ArchiveRange, ArchivedFile, ArchivedRecord};
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{resolve, OffsetRange, Plan, Range};
+use sluice_core::replay_scope::ReplayScope;
+use sluice_core::wiring::{Feed, Rewiring};
+
 use super::run::{blocking, progress};
-use super::REPLAYED_FROM;
+use super::{Filters, Outcome, Target, REPLAYED_FROM};
 use crate::components::Config;
 
 /// Where a replay reads its records.
@@ -92,6 +97,18 @@ impl ArchivePart {
             files.iter().map(|f| f.size).sum::<u64>()
         );
         s
+    }
+
+    /// The spans of files holding the part's records, in partition and offset order.
+    fn spans(&self) -> Vec<Vec<ArchivedFile>> {
+        archive::spans(&self.files)
+            .into_iter()
+            .filter(|s| {
+                self.bounds
+                    .get(&s[0].span.partition)
+                    .is_some_and(|(start, end)| s[0].span.last >= *start && s[0].span.first < *end)
+            })
+            .collect()
     }
 
     /// Whether nothing is to be read from the archive.
@@ -194,20 +211,30 @@ pub async fn scratch_topic(config: &Config) -> Result<Scratch> {
     Ok(Scratch { topic, partitions })
 }
 
-/// The plan of `scratch` while it is being filled: every partition from its start, with
-/// open ends.
-pub fn open_plan(scratch: &Scratch) -> Plan {
-    Plan {
-        topic: scratch.topic.clone(),
-        partitions_total: scratch.partitions,
-        ranges: (0..scratch.partitions as i32)
-            .map(|partition| super::PartitionPlan {
-                partition,
-                start: 0,
-                end: i64::MAX,
-            })
-            .collect(),
-    }
+/// The part's spans in partition and offset order, each fetched, decoded and turned
+/// into `T` by `convert` on a task of its own (so on another core) while the caller
+/// takes the one before: reading is as fast as the slower of the two, not their sum.
+/// Memory holds READ_AHEAD + 1 spans. Also returns how many offsets the spans cover.
+fn read_ahead<T: Send + 'static>(
+    part: &ArchivePart,
+    convert: fn(Vec<ArchivedRecord>) -> T,
+) -> (u64, impl futures::Stream<Item = Result<(u64, T)>>) {
+    let spans = part.spans();
+    let width = |s: &[ArchivedFile]| (s[0].span.last - s[0].span.first + 1) as u64;
+    let covered = spans.iter().map(|s| width(s)).sum();
+    let shared = Arc::new(part.clone());
+    let reads = futures::stream::iter(spans.into_iter().map(move |span| {
+        let part = shared.clone();
+        tokio::spawn(async move {
+            let records = archive::read_span(&part.archive, &span, &part.range, |r| part.keeps(r))
+                .await
+                .with_context(|| format!("reading the archive {}", part.archive.url))?;
+            Ok((width(&span), convert(records)))
+        })
+    }))
+    .buffered(READ_AHEAD)
+    .map(|read| read.context("reading the archive: task failed")?);
+    (covered, reads)
 }
 
 /// Put the part's records on `scratch` (each on its partition, with its key, headers and
@@ -225,39 +252,12 @@ pub async fn fill(
         .kafka
         .producer_config()
         .create_with_context(PutBack(acks.clone()))?;
-    let spans: Vec<Vec<ArchivedFile>> = archive::spans(&part.files)
-        .into_iter()
-        .filter(|s| {
-            part.bounds
-                .get(&s[0].span.partition)
-                .is_some_and(|(start, end)| s[0].span.last >= *start && s[0].span.first < *end)
-        })
-        .collect();
-    let bar = progress(
-        spans
-            .iter()
-            .map(|s| s[0].span.last - s[0].span.first + 1)
-            .sum(),
-    );
-    // The next spans are fetched and decoded (each its own task, so on another core)
-    // while this one is produced: a restore is as fast as the slower of the two, not
-    // their sum. Memory holds READ_AHEAD + 1 spans; records are put back in partition
-    // and offset order.
-    let shared = Arc::new(part.clone());
-    let mut reads = futures::stream::iter(spans.into_iter().map(|span| {
-        let part = shared.clone();
-        tokio::spawn(async move {
-            let records =
-                archive::read_span(&part.archive, &span, &part.range, |r| part.keeps(r)).await;
-            (span, records)
-        })
-    }))
-    .buffered(READ_AHEAD);
+    let (covered, reads) = read_ahead(part, |records| records);
+    let bar = progress(covered as i64);
+    let mut reads = std::pin::pin!(reads);
     let mut sent = 0u64;
     while let Some(read) = reads.next().await {
-        let (span, records) = read.context("reading the archive: task failed")?;
-        let records =
-            records.with_context(|| format!("reading the archive {}", part.archive.url))?;
+        let (width, records) = read?;
         for r in &records {
             if stop.is_cancelled() {
                 bail!("interrupted while putting archived records back on {topic}");
@@ -266,7 +266,7 @@ pub async fn fill(
         }
         acks.check()?;
         sent += records.len() as u64;
-        bar.inc((span[0].span.last - span[0].span.first + 1) as u64);
+        bar.inc(width);
     }
     tokio::task::block_in_place(|| producer.flush(std::time::Duration::from_secs(300)))
         .context("putting records back: not all were delivered within 5 minutes")?;
@@ -293,6 +293,155 @@ pub async fn fill(
             None,
         )
     })
+}
+
+/// Replay the part through `target` (a stage reading the raw topic) in-process: the
+/// archived records are read, decoded and handed to the stage, which transforms and
+/// publishes them as if it consumed them, under the replay name `group` (stamped on its
+/// outputs). No scratch topic: a produce, a broker write and a consume per record saved.
+pub async fn replay(
+    config: &Config,
+    part: &ArchivePart,
+    target: &Target,
+    group: &str,
+    filters: &Filters,
+    stop: CancellationToken,
+) -> Result<Outcome> {
+    let Target::Component(component) = target else {
+        bail!("a copy reads the archive through a scratch topic");
+    };
+    let started = std::time::Instant::now();
+    let ends = part.bounds.iter().map(|(p, (_, end))| (*p, *end)).collect();
+    let scope = Arc::new(ReplayScope::new(ends, filters.tenant.clone(), filters.rate));
+    let (sender, records) = Feed::channel(FEED_AHEAD);
+    let rewiring = Rewiring {
+        group: Some(group.to_string()),
+        input: Some(config.topics.raw.clone()),
+        scope: Some(scope.clone()),
+        feed: Some(records),
+        ..Rewiring::default()
+    };
+    let runner = CancellationToken::new();
+    let (cfg, token, component) = (config.clone(), runner.clone(), *component);
+    let mut stage = tokio::spawn(async move { component.run_rewired(&cfg, rewiring, token).await });
+    let bar = progress(
+        part.spans()
+            .iter()
+            .map(|s| s[0].span.last - s[0].span.first + 1)
+            .sum(),
+    );
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let feeding = feed(part, sender, &stop);
+    tokio::pin!(feeding);
+    let mut fed = false;
+    let done = loop {
+        tokio::select! {
+            read = &mut feeding, if !fed => match read {
+                // The sender is dropped: the stage ends once it published what it took.
+                Ok(_) => fed = true,
+                Err(e) => {
+                    runner.cancel();
+                    let _ = stage.await;
+                    bar.finish_and_clear();
+                    return Err(e);
+                }
+            },
+            done = &mut stage => break done.context("replay task")?,
+            _ = stop.cancelled(), if !runner.is_cancelled() => runner.cancel(),
+            _ = tick.tick() => bar.set_position(scope.admitted() + scope.skipped()),
+        }
+    };
+    bar.finish_and_clear();
+    let done = done?;
+    let interrupted = stop.is_cancelled();
+    let took = started.elapsed().as_secs_f64();
+    let mut notes = done.notes;
+    if interrupted {
+        notes.push("interrupted: what was replayed stays; run the replay again to finish (repeats are idempotent)".into());
+    } else {
+        println!(
+            "{} archived record(s) replayed from {} in {took:.1} s ({:.0} records/s)",
+            done.consumed,
+            part.archive.url,
+            done.consumed as f64 / took.max(1e-3)
+        );
+    }
+    Ok(Outcome {
+        read: done.consumed,
+        skipped: scope.skipped(),
+        written: done.written,
+        dead_lettered: done.dead_lettered,
+        interrupted,
+        resume: None,
+        notes,
+    })
+}
+
+/// Batches read ahead of a fed stage.
+const FEED_AHEAD: usize = 8;
+
+/// Hand the part's records to a stage that replays them in-process (`feed`), in batches,
+/// each as the message it was on the raw topic: its topic, partition, offset, key,
+/// headers and timestamp. Ends early when `stop` is cancelled or the stage stopped
+/// taking them.
+async fn feed(
+    part: &ArchivePart,
+    feed: tokio::sync::mpsc::Sender<Vec<OwnedMessage>>,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let (_, reads) = read_ahead(part, as_messages);
+    let mut reads = std::pin::pin!(reads);
+    while let Some(read) = reads.next().await {
+        let (_, batches) = read?;
+        for batch in batches {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                sent = feed.send(batch) => if sent.is_err() { return Ok(()) },
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records handed to a fed stage at once: a channel send per record would cost more
+/// than the transform.
+const FEED_BATCH: usize = 1024;
+
+/// Archived records as the messages they were, in batches of [`FEED_BATCH`].
+fn as_messages(records: Vec<ArchivedRecord>) -> Vec<Vec<OwnedMessage>> {
+    let mut batches = Vec::with_capacity(records.len() / FEED_BATCH + 1);
+    let mut batch = Vec::with_capacity(FEED_BATCH.min(records.len()));
+    for r in records {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let timestamp = r
+            .timestamp
+            .map_or(Timestamp::NotAvailable, Timestamp::CreateTime);
+        batch.push(OwnedMessage::new(
+            r.value,
+            r.key,
+            r.topic,
+            timestamp,
+            r.partition,
+            r.offset,
+            Some(headers),
+        ));
+        if batch.len() == FEED_BATCH {
+            batches.push(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(FEED_BATCH),
+            ));
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 /// Spans fetched and decoded ahead of the one being put back.

@@ -13,7 +13,7 @@ pub mod plan;
 mod run;
 
 /// Header a copied record carries: `topic/partition/offset` of the record it copies.
-pub const REPLAYED_FROM: &str = "sluice.replayed_from";
+pub use sluice_core::headers::REPLAYED_FROM;
 
 /// Where the replayed records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,5 +90,5 @@ impl Outcome {
 pub use plan::{
     parse_duration, parse_offsets, parse_time, resolve, OffsetRange, PartitionPlan, Plan, Range,
 };
-pub use run::{active_members, commit_group, restore, run, run_while_filling, Fill, SavedOffsets};
+pub use run::{active_members, commit_group, restore, run, SavedOffsets};
 pub(crate) use run::{blocking, fresh_rewired};

@@ -327,53 +327,6 @@ pub(crate) async fn fresh_rewired(
     outputs: Rewiring,
     stop: CancellationToken,
 ) -> Result<Outcome> {
-    drive(config, plan, None, target, group, filters, outputs, stop).await
-}
-
-/// What fills a new topic while a replay already reads it (an archive restore): it
-/// resolves to the plan of everything it put there.
-pub type Fill<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Plan>> + Send + 'a>>;
-
-/// Replay `open` (the plan of a new, empty topic with open ends) into `target` under
-/// the fresh group `group` while `fill` puts records on it: the target processes them as
-/// they arrive, and the replay ends once it committed everything `fill` reports. A
-/// restore and its replay then take about as long as the slower of the two, not their
-/// sum.
-pub async fn run_while_filling(
-    config: &Config,
-    open: &Plan,
-    target: &Target,
-    group: &str,
-    filters: &Filters,
-    fill: Fill<'_>,
-    stop: CancellationToken,
-) -> Result<Outcome> {
-    drive(
-        config,
-        open,
-        Some(fill),
-        target,
-        group,
-        filters,
-        Rewiring::default(),
-        stop,
-    )
-    .await
-}
-
-/// Run the target under a fresh group from the plan's starts until its commits reach the
-/// plan's ends; with `fill`, the plan's ends are open until `fill` gives the final plan.
-#[allow(clippy::too_many_arguments)]
-async fn drive(
-    config: &Config,
-    plan: &Plan,
-    mut fill: Option<Fill<'_>>,
-    target: &Target,
-    group: &str,
-    filters: &Filters,
-    outputs: Rewiring,
-    stop: CancellationToken,
-) -> Result<Outcome> {
     let kafka = config.kafka.clone();
     let g = group.to_string();
     let members = blocking(move || active_members(&kafka, &g))?;
@@ -396,7 +349,6 @@ async fn drive(
     let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
     blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
 
-    // A plan still being filled has open ends; `fill` closes them.
     let scope = Arc::new(ReplayScope::new(
         plan.ends(),
         filters.tenant.clone(),
@@ -417,48 +369,18 @@ async fn drive(
             Target::Copy(to) => anyhow::bail!("copying to {to} runs no stage or sink"),
         }
     });
-    let mut filling = fill.is_some();
-    let mut plan = std::borrow::Cow::Borrowed(plan);
-    let bar = progress(if filling { 0 } else { plan.records() });
-    if filling {
-        // The fill draws its own bar meanwhile: two bars at once garble the terminal.
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = progress(plan.records());
     let mut interrupted = false;
     let mut committed: HashMap<i32, i64> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = stop.cancelled() => { interrupted = true; break; }
-            filled = async {
-                match fill.as_mut() {
-                    Some(f) => f.await,
-                    None => std::future::pending().await,
-                }
-            }, if filling => {
-                filling = false;
-                match filled {
-                    Ok(full) => {
-                        scope.set_ends(full.ends());
-                        bar.set_length(full.records().max(0) as u64);
-                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                        plan = std::borrow::Cow::Owned(full);
-                    }
-                    Err(e) => {
-                        runner.cancel();
-                        let _ = task.await;
-                        return Err(e);
-                    }
-                }
-            }
             _ = tick.tick() => {}
         }
         bar.set_position(scope.admitted() + scope.skipped());
         if task.is_finished() {
             break;
-        }
-        if filling {
-            continue;
         }
         committed = group_positions(config, group, &plan.topic)?;
         if plan
@@ -471,12 +393,6 @@ async fn drive(
     }
     runner.cancel();
     let done = task.await.context("replay task")??;
-    if filling {
-        bail!(
-            "interrupted while putting archived records back on {}: nothing to resume, run the replay again",
-            plan.topic
-        );
-    }
     let (read, written, dead_lettered, notes) =
         (done.consumed, done.written, done.dead_lettered, done.notes);
     bar.finish_and_clear();

@@ -48,16 +48,31 @@ pub async fn read_stored(
             out.extend(rows.iter().map(|r| stored(r, events)));
         }
         Selection::Events(keys) => {
+            // A hypertable's events are found through event_keys, which says at which
+            // time (chunk) each is; a plain PostgreSQL table has no event_keys and is
+            // keyed by the event itself.
+            let keyed: bool = client
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&format!("{schema}.event_keys")],
+                )
+                .await?
+                .get(0);
+            let join = if keyed {
+                format!(
+                    "JOIN {schema}.event_keys k USING (tenant, event_id)
+                     JOIN {schema}.events e ON e.tenant = k.tenant AND e.event_id = k.event_id AND e.time = k.time"
+                )
+            } else {
+                format!("JOIN {schema}.events e ON e.tenant = w.tenant AND e.event_id = w.event_id")
+            };
             for chunk in keys.chunks(5_000) {
                 let tenants: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
                 let ids: Vec<&str> = chunk.iter().map(|(_, id)| id.as_str()).collect();
-                // Through event_keys, which says at which time (chunk) each event is.
                 let rows = client
                     .query(
                         &format!(
-                            "{select} FROM unnest($1::text[], $2::text[]) AS w(tenant, event_id)
-                             JOIN {schema}.event_keys k USING (tenant, event_id)
-                             JOIN {schema}.events e ON e.tenant = k.tenant AND e.event_id = k.event_id AND e.time = k.time"
+                            "{select} FROM unnest($1::text[], $2::text[]) AS w(tenant, event_id) {join}"
                         ),
                         &[&tenants, &ids],
                     )

@@ -280,6 +280,24 @@ impl Parser {
     }
 }
 
+/// The id of a record another producer wrote: `kafka:<topic>:<partition>:<offset>` of
+/// its first place in the log (a copy or a restore names it in `sluice.replayed_from`).
+fn place_id<M: Message>(msg: &M) -> String {
+    match headers::get(msg.headers(), headers::REPLAYED_FROM).and_then(first_place) {
+        Some((topic, partition, offset)) => format!("kafka:{topic}:{partition}:{offset}"),
+        None => format!("kafka:{}:{}:{}", msg.topic(), msg.partition(), msg.offset()),
+    }
+}
+
+/// `topic/partition/offset` of a `sluice.replayed_from` header (topic names hold no `/`).
+fn first_place(from: &str) -> Option<(&str, i32, i64)> {
+    let mut parts = from.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    let topic = parts.next().filter(|t| !t.is_empty())?;
+    Some((topic, partition, offset))
+}
+
 fn show_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -310,9 +328,10 @@ pub async fn run(
     let parser = Parser::new(rules).with_codec(writing_codec(&shared.schemas, &t.parsed).await?);
     let parser = Arc::new(parser);
     // Other producers' topics feed parse too: a runtime each, in the same group, with
-    // dead letters to `<topic>.dlq`. A replay reads only the topic it names.
+    // dead letters to `<topic>.dlq`. A replay reads only the topic it names (or the
+    // records it feeds).
     let mut specs = vec![spec];
-    if rewiring.input.is_none() {
+    if rewiring.input.is_none() && rewiring.feed.is_none() {
         for extra in &t.raw_extra {
             let mut s = specs[0].clone();
             s.input = extra.clone();
@@ -343,12 +362,12 @@ impl Transform for Parser {
         let h = msg.headers();
         let tenant = headers::get(h, headers::TENANT);
         // A record another producer wrote: an id from its place in the log, the same on
-        // every replay of it.
+        // every replay of it (also of a copy or a restore: their first place).
         let position;
         let event_id = match headers::get(h, headers::EVENT_ID) {
             Some(id) => id,
             None => {
-                position = format!("kafka:{}:{}:{}", msg.topic(), msg.partition(), msg.offset());
+                position = place_id(msg);
                 position.as_str()
             }
         };
@@ -558,6 +577,36 @@ mod tests {
         fn then_parse(self, line: &str) -> Result<ClickEvent, Failure> {
             Parser::default().parse(line.as_bytes(), self)
         }
+    }
+
+    #[test]
+    fn a_foreign_record_keeps_the_id_of_its_first_place_when_copied_or_restored() {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let at = |topic: &str, headers: Option<OwnedHeaders>| {
+            OwnedMessage::new(
+                None,
+                None,
+                topic.into(),
+                Timestamp::NotAvailable,
+                2,
+                9,
+                headers,
+            )
+        };
+        assert_eq!(place_id(&at("raw", None)), "kafka:raw:2:9");
+        let from = |v: &str| {
+            Some(OwnedHeaders::new().insert(Header {
+                key: headers::REPLAYED_FROM,
+                value: Some(v),
+            }))
+        };
+        assert_eq!(
+            place_id(&at("raw.restore-20261201", from("raw/3/42"))),
+            "kafka:raw:3:42"
+        );
+        // An unreadable origin: its own place.
+        assert_eq!(place_id(&at("copy", from("raw/x/42"))), "kafka:copy:2:9");
+        assert_eq!(place_id(&at("copy", from("3/42"))), "kafka:copy:2:9");
     }
 
     #[test]

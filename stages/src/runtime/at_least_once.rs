@@ -5,6 +5,10 @@
 //! every earlier record of its partition) was acked by the broker. Records are
 //! transformed in order and their outputs enqueued in order, so per-key order holds;
 //! acks are awaited concurrently, up to `max_in_flight` records.
+//!
+//! A replay of the archive feeds the same loop in-process ([`run_fed`]): records read
+//! from the archive are transformed and published as consumed ones are, without a
+//! round trip through a topic.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +18,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Message, OwnedHeaders};
+use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
@@ -26,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::produce::{lock, send_queued};
 use crate::offsets::OffsetTracker;
-use crate::transform::{process, Meters, StageError, StageSpec, StageStats, Transform};
+use crate::transform::{process, Held, Meters, StageError, StageSpec, StageStats, Transform};
 
 /// One consumed record whose outputs are on their way to the broker.
 #[derive(Debug)]
@@ -115,7 +119,8 @@ struct Stage<'a, T: Transform> {
     kafka: &'a KafkaConfig,
     spec: &'a StageSpec,
     transform: &'a T,
-    consumer: &'a StreamConsumer<MeteredConsumer>,
+    /// `None` when fed in-process: nothing to store offsets in.
+    consumer: Option<&'a StreamConsumer<MeteredConsumer>>,
     producer: ThreadedProducer<Acks>,
     acks: Arc<AckState>,
     retry: crate::retry::Retry,
@@ -128,7 +133,7 @@ struct Stage<'a, T: Transform> {
 
 impl<T: Transform> Stage<'_, T> {
     /// Process one record and enqueue its outputs (or dead letter).
-    async fn handle(&mut self, msg: BorrowedMessage<'_>, admit: Admit) {
+    async fn handle(&mut self, msg: Held<'_>, admit: Admit) {
         // Bounded in records and in bytes: a burst of large records must not queue
         // max_in_flight of them.
         while self.acks.in_flight.load(Ordering::Acquire) >= self.spec.max_in_flight.max(1)
@@ -144,7 +149,8 @@ impl<T: Transform> Stage<'_, T> {
         }
         self.stats.consumed += 1;
         self.meters.records_in.increment(1);
-        lock(&self.acks.tracker).begin(&self.spec.input, msg.partition(), msg.offset());
+        let (partition, offset) = msg.position();
+        lock(&self.acks.tracker).begin(&self.spec.input, partition, offset);
         self.acks.in_flight.fetch_add(1, Ordering::AcqRel);
         let done = process(
             self.transform,
@@ -156,7 +162,6 @@ impl<T: Transform> Stage<'_, T> {
             &self.meters,
         )
         .await;
-        let (partition, offset) = done.held.position();
         drop(done.held);
         let bytes: usize = done
             .outputs
@@ -202,6 +207,66 @@ impl<T: Transform> Stage<'_, T> {
     }
 }
 
+impl<'a, T: Transform> Stage<'a, T> {
+    /// The loop's state for `transform`, publishing with a new producer; `consumer` is
+    /// where completed offsets are stored (none when fed in-process).
+    fn new(
+        kafka: &'a KafkaConfig,
+        spec: &'a StageSpec,
+        transform: &'a T,
+        consumer: Option<&'a StreamConsumer<MeteredConsumer>>,
+        tracker: Arc<Mutex<OffsetTracker>>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, StageError> {
+        let name = transform.name();
+        let acks = Arc::new(AckState {
+            input: spec.input.clone(),
+            tracker,
+            in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
+            moved: Mutex::new(HashMap::new()),
+            failed: Mutex::new(Vec::new()),
+            give_up: CancellationToken::new(),
+        });
+        let producer: ThreadedProducer<Acks> = kafka
+            .producer_config()
+            .create_with_context(Acks(acks.clone()))?;
+        // Exported at 0 from the start, so an alert on its increase has a series to watch.
+        metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name).increment(0);
+        Ok(Self {
+            kafka,
+            spec,
+            transform,
+            consumer,
+            producer,
+            acks,
+            retry: crate::retry::Retry::new(spec.retry.clone(), name),
+            stats: StageStats::default(),
+            meters: Meters::of(name, spec),
+            shutdown: shutdown.clone(),
+        })
+    }
+
+    /// Wait until every in-flight record is acked, settling meanwhile; past `deadline`
+    /// the waits for the producer's queue end too (what is still in flight is left
+    /// uncommitted, for the next run to repeat).
+    async fn drain(&mut self, deadline: tokio::time::Instant) {
+        let give_up = self.acks.give_up.clone();
+        // Aborted with the drain, also when the drain itself is dropped.
+        let _timer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            give_up.cancel();
+        }));
+        while self.acks.in_flight.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            self.settle().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.settle().await;
+    }
+}
+
 /// Run `transform` as a stage until `shutdown` is cancelled; then drain in-flight
 /// records, commit, and return what was done.
 pub async fn run<T: Transform>(
@@ -225,32 +290,14 @@ pub async fn run<T: Transform>(
     )?;
     consumer.subscribe(&[&spec.input])?;
     let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
-    let acks = Arc::new(AckState {
-        input: spec.input.clone(),
-        tracker,
-        in_flight: AtomicUsize::new(0),
-        in_flight_bytes: AtomicUsize::new(0),
-        moved: Mutex::new(HashMap::new()),
-        failed: Mutex::new(Vec::new()),
-        give_up: CancellationToken::new(),
-    });
-    let producer: ThreadedProducer<Acks> = kafka
-        .producer_config()
-        .create_with_context(Acks(acks.clone()))?;
-    let mut stage = Stage {
+    let mut stage = Stage::new(
         kafka,
         spec,
-        transform: &*transform,
-        consumer: &consumer,
-        producer,
-        acks,
-        retry: crate::retry::Retry::new(spec.retry.clone(), name),
-        stats: StageStats::default(),
-        meters: Meters::of(name, spec),
-        shutdown: shutdown.clone(),
-    };
-    // Exported at 0 from the start, so an alert on its increase has a series to watch.
-    metrics::counter!("sluice_stage_producer_replacements_total", "stage" => name).increment(0);
+        &*transform,
+        Some(&consumer),
+        tracker,
+        &shutdown,
+    )?;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "stage started");
@@ -262,31 +309,22 @@ pub async fn run<T: Transform>(
             _ = tick.tick() => stage.settle().await,
             (msg, admit) = receiver.next() => {
                 receiver.throttle().await;
-                stage.handle(msg, admit).await;
+                stage.handle(Held::Borrowed(msg), admit).await;
                 for _ in 1..super::BURST {
                     let Some((msg, admit)) = receiver.next().now_or_never() else {
                         break;
                     };
                     receiver.throttle().await;
-                    stage.handle(msg, admit).await;
+                    stage.handle(Held::Borrowed(msg), admit).await;
                 }
             }
         }
     }
 
     // Drain: wait (bounded) for every in-flight record's acks, then commit.
-    let deadline = tokio::time::Instant::now() + spec.drain_timeout;
-    let give_up = stage.acks.give_up.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep_until(deadline).await;
-        give_up.cancel();
-    });
-    while stage.acks.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline
-    {
-        stage.settle().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stage.settle().await;
+    stage
+        .drain(tokio::time::Instant::now() + spec.drain_timeout)
+        .await;
     // A few tries: a coordinator that is busy (e.g. with the rebalance this shutdown
     // causes) would otherwise make the next owner repeat everything since the last
     // auto-commit.
@@ -303,6 +341,74 @@ pub async fn run<T: Transform>(
     }
     let stats = stage.stats;
     stats.log_stopped(name, run_started, "stage stopped");
+    Ok(stats)
+}
+
+/// Run `transform` over the records of `spec.feed` (a replay of the archive) until they
+/// end, publishing outputs and dead letters as a consuming run does; then wait for every
+/// ack. At `shutdown` it stops taking records and drains as [`run`] does. An error
+/// if an output is still undelivered at the end.
+pub async fn run_fed<T: Transform>(
+    kafka: &KafkaConfig,
+    spec: &StageSpec,
+    transform: Arc<T>,
+    shutdown: CancellationToken,
+) -> Result<StageStats, StageError> {
+    let run_started = std::time::Instant::now();
+    let name = transform.name();
+    let mut records = spec
+        .feed
+        .as_ref()
+        .and_then(sluice_core::wiring::Feed::take)
+        .ok_or_else(|| StageError::Settings("no records to feed the stage".into()))?;
+    let scope = spec.scope.as_deref();
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let mut stage = Stage::new(kafka, spec, &*transform, None, tracker, &shutdown)?;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(stage = name, output = %spec.output, replay = %spec.group, "stage fed in-process");
+    'feed: loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => stage.settle().await,
+            batch = records.recv() => {
+                let Some(batch) = batch else { break };
+                for msg in batch {
+                    if shutdown.is_cancelled() {
+                        break 'feed;
+                    }
+                    let admit = scope.map_or(Admit::Process, |s| {
+                        s.admit(msg.partition(), msg.offset(), msg.headers())
+                    });
+                    if admit == Admit::PastEnd {
+                        continue;
+                    }
+                    if let Some(s) = scope {
+                        s.throttle().await;
+                    }
+                    stage.handle(Held::Owned(msg), admit).await;
+                }
+            }
+        }
+    }
+    // At the feed's end every output is waited for; at a shutdown, the usual drain time.
+    let deadline = if shutdown.is_cancelled() {
+        tokio::time::Instant::now() + spec.drain_timeout
+    } else {
+        tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+    };
+    tokio::select! {
+        () = stage.drain(deadline) => {}
+        () = shutdown.cancelled() => {
+            stage.drain(tokio::time::Instant::now() + spec.drain_timeout).await;
+        }
+    }
+    let stats = stage.stats;
+    stats.log_stopped(name, run_started, "fed stage stopped");
+    if stage.acks.in_flight.load(Ordering::Acquire) > 0 && !shutdown.is_cancelled() {
+        return Err(StageError::Undelivered(spec.output.clone()));
+    }
     Ok(stats)
 }
 
@@ -428,13 +534,15 @@ async fn enqueue(
 async fn settle(
     kafka: &KafkaConfig,
     stage: &'static str,
-    consumer: &StreamConsumer<MeteredConsumer>,
+    consumer: Option<&StreamConsumer<MeteredConsumer>>,
     producer: &mut ThreadedProducer<Acks>,
     acks: &Arc<AckState>,
 ) {
     let moved = std::mem::take(&mut *lock(&acks.moved));
-    for (partition, through) in moved {
-        store(consumer, &acks.input, partition, through);
+    if let Some(consumer) = consumer {
+        for (partition, through) in moved {
+            store(consumer, &acks.input, partition, through);
+        }
     }
     if let Some((_, reason)) = producer.client().fatal_error() {
         match kafka

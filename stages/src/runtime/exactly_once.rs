@@ -25,7 +25,7 @@ use sluice_core::consume::Receiver;
 use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio_util::sync::CancellationToken;
 
-use crate::transform::{process, Meters, StageError, StageSpec, StageStats, Transform};
+use crate::transform::{process, Held, Meters, StageError, StageSpec, StageStats, Transform};
 
 /// Timeout of transaction calls.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,7 +117,7 @@ pub async fn run<T: Transform>(
                     batch.stats.consumed += 1;
                     meters.records_in.increment(1);
                     // Outputs (or the dead letter) are produced in the open transaction.
-                    let done = process(&*transform, &mut retry, spec, msg, admit, &mut batch.stats, &meters).await;
+                    let done = process(&*transform, &mut retry, spec, Held::Borrowed(msg), admit, &mut batch.stats, &meters).await;
                     drop(done.held);
                     for o in done.outputs {
                         produce(&producer, done.topic, o.key.as_deref(), &o.payload, o.headers).await?;

@@ -18,7 +18,8 @@ const BURST: usize = 256;
 
 /// Run `transform` as a stage until `shutdown` is cancelled, at-least-once or (with
 /// `spec.exactly_once`) in Kafka transactions; then drain, commit, and return what was
-/// done.
+/// done. Fed in-process (`spec.feed`), it runs until the records end, at-least-once:
+/// there is no consumed offset to commit in a transaction.
 pub async fn run_stage<T: Transform>(
     kafka: &KafkaConfig,
     spec: &StageSpec,
@@ -27,7 +28,9 @@ pub async fn run_stage<T: Transform>(
 ) -> Result<StageStats, StageError> {
     let mut spec = spec.clone();
     spec.max_message_bytes = kafka.max_message_bytes();
-    if spec.exactly_once {
+    if spec.feed.is_some() {
+        at_least_once::run_fed(kafka, &spec, transform, shutdown).await
+    } else if spec.exactly_once {
         exactly_once::run(kafka, &spec, transform, shutdown).await
     } else {
         at_least_once::run(kafka, &spec, transform, shutdown).await

@@ -1,9 +1,10 @@
 //! The archive sink and replays from the archive, on the stack's S3 API (SeaweedFS):
 //! every raw event archived exactly once across a SIGKILL between a span's files and its
 //! commit, and across an outage of the store; records Kafka no longer retains replayed
-//! from the archive into the sinks, ids and values; `--source auto` reading each event
-//! once across the seam; the files readable by another Parquet reader. The outage test
-//! stops the store, so the scenarios run one after another.
+//! from the archive into the sinks, ids and values (records of other producers keep
+//! their ids, also in a `--diff`); `--source auto` reading each event once across the
+//! seam; the files readable by another Parquet reader. The outage test stops the store,
+//! so the scenarios run one after another.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -124,7 +124,25 @@ impl Rounds {
     pub fn report(&self, goal: f64) -> Verdict {
         let v = self.verdict(goal);
         println!(
-            "{:<34} {:>9.0}/s   {:<30} {:>9.0}/s   ratio {:.2} (rounds {:.2}..{:.2}, n={})   goal >= {:.2}: {}",
+            "{}   goal >= {:.2}: {}",
+            self.line(&v),
+            goal,
+            if v.met { "met" } else { "NOT met" }
+        );
+        v
+    }
+
+    /// Print the median ratio, spread and rates of a comparison that has no goal (it
+    /// explains the others), and return them.
+    pub fn inform(&self) -> Verdict {
+        let v = self.verdict(0.0);
+        println!("{}", self.line(&v));
+        v
+    }
+
+    fn line(&self, v: &Verdict) -> String {
+        format!(
+            "{:<34} {:>9.0}/s   {:<30} {:>9.0}/s   ratio {:.2} (rounds {:.2}..{:.2}, n={})",
             self.name,
             v.measured,
             self.baseline_name,
@@ -133,10 +151,7 @@ impl Rounds {
             v.min,
             v.max,
             self.pairs.len(),
-            goal,
-            if v.met { "met" } else { "NOT met" }
-        );
-        v
+        )
     }
 }
 

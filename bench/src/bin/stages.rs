@@ -3,7 +3,9 @@
 //! on the same broker. Every pass starts a fresh consumer group and ends when a
 //! `read_committed` reader has seen all its outputs; its topics are deleted after it.
 //! A round runs every pass once, back to back; the median of the per-round ratios is
-//! reported with the lowest and highest.
+//! reported with the lowest and highest. An identity stage (the stage runtime with a
+//! transform that forwards each record as it is) is measured too: it separates what the
+//! runtime costs (offset tracking, acks, stamps) from what a transform costs.
 //!
 //! Run with the stack up: `cargo run --release -p sluice-bench --bin stages`.
 
@@ -15,6 +17,28 @@ use sluice::Config;
 use sluice_bench::baselines::{drop_namespace, drop_topics, finished, pass_through, produce_raw};
 use sluice_bench::{rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
+
+/// The stage runtime's share alone: each record forwarded unchanged (key, value,
+/// headers), as the pass-through does, but through offset tracking, delivery acks and
+/// the stage's stamps.
+struct Identity;
+
+impl sluice_stages::Transform for Identity {
+    fn name(&self) -> &'static str {
+        "identity"
+    }
+
+    fn process<M: rdkafka::Message>(
+        &self,
+        m: &M,
+    ) -> Result<Vec<sluice_stages::Output>, sluice_stages::Failure> {
+        Ok(vec![sluice_stages::Output {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers: sluice_core::headers::forward(m.headers(), &[]),
+        }])
+    }
+}
 
 /// Stages benchmark.
 #[derive(Debug, Parser)]
@@ -61,8 +85,25 @@ async fn run_stage(
     n: usize,
     exactly_once: bool,
 ) -> Result<Duration> {
-    let component = sluice_tests::stage(name);
     let stop = CancellationToken::new();
+    if name == "identity" {
+        let spec = sluice_stages::StageSpec::new(
+            &config.topics,
+            &format!("{}-identity", config.parse.group),
+            &config.topics.raw,
+            output,
+            &Default::default(),
+        );
+        let (k, s) = (config.kafka.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            sluice_stages::run_stage(&k, &spec, std::sync::Arc::new(Identity), s).await
+        });
+        let elapsed = finished(config, output, n, None).await?;
+        stop.cancel();
+        task.await.context("stage task")??;
+        return Ok(elapsed);
+    }
+    let component = sluice_tests::stage(name);
     let (c, s) = (config.clone(), stop.clone());
     let task = tokio::spawn(async move { component.run(&c, s).await });
     let committed = exactly_once.then(|| ((component.group)(config), component.input(config)));
@@ -128,8 +169,10 @@ async fn run(args: Args) -> Result<()> {
     let mut alo = Rounds::new("parse (at-least-once)", "pass-through of raw");
     let mut eos = Rounds::new("parse (exactly-once)", "pass-through of raw");
     let mut enrich = Rounds::new("enrich (at-least-once)", "pass-through of parsed");
+    let mut identity = Rounds::new("identity stage (runtime only)", "pass-through of raw");
     for round in 1..=args.rounds.max(1) {
         let raw_pt = pass("b-pt-", None, Reads::Raw(&raw), false, n).await?;
+        let ident = pass("b-id-", Some("identity"), Reads::Raw(&raw), false, n).await?;
         let parse = pass("b-parse-", Some("parse"), Reads::Raw(&raw), false, n).await?;
         let parse_eos = pass("b-eos-", Some("parse"), Reads::Raw(&raw), true, n).await?;
         let parsed_pt = pass("b-pt2-", None, Reads::Parsed(&parsed), false, n).await?;
@@ -142,12 +185,14 @@ async fn run(args: Args) -> Result<()> {
         )
         .await?;
         println!(
-            "round {round}: raw pass-through {raw_pt:.0}/s, parse {parse:.0}/s ({:.2}), parse exactly-once {parse_eos:.0}/s ({:.2}); parsed pass-through {parsed_pt:.0}/s, enrich {enriched:.0}/s ({:.2})",
+            "round {round}: raw pass-through {raw_pt:.0}/s, identity stage {ident:.0}/s ({:.2}), parse {parse:.0}/s ({:.2}), parse exactly-once {parse_eos:.0}/s ({:.2}); parsed pass-through {parsed_pt:.0}/s, enrich {enriched:.0}/s ({:.2})",
+            ident / raw_pt,
             parse / raw_pt,
             parse_eos / raw_pt,
             enriched / parsed_pt
         );
         alo.push(raw_pt, parse);
+        identity.push(raw_pt, ident);
         eos.push(raw_pt, parse_eos);
         enrich.push(parsed_pt, enriched);
     }
@@ -164,6 +209,7 @@ async fn run(args: Args) -> Result<()> {
         vs_eos.push(e.1, a.1);
     }
     let ordering = vs_eos.report(1.0);
+    let runtime = identity.inform();
     if let Some(path) = &args.json {
         write_json(
             path,
@@ -171,6 +217,7 @@ async fn run(args: Args) -> Result<()> {
                 "bench": "stages", "events": n, "rounds": args.rounds,
                 "parse_at_least_once": results[0], "parse_exactly_once": results[1],
                 "enrich": results[2], "at_least_once_vs_exactly_once": ordering,
+                "identity_stage": runtime,
             }),
         )?;
     }

@@ -399,6 +399,29 @@ async fn assert_archive_audits(config: &Config, raw: usize, archived: usize) {
     assert_eq!(sum(|r| r.archive), archived, "{}", report.render());
 }
 
+/// The archive sink and the chain from raw to the TimescaleDB sink, running.
+fn chain(config: &Config) -> [Running; 4] {
+    [
+        Running::sink(config, "archive"),
+        Running::stage(config, "parse"),
+        Running::stage(config, "enrich"),
+        Running::sink(config, "timescale"),
+    ]
+}
+
+/// Wait until every group of [`chain`] committed its input through its end.
+async fn chain_caught_up(config: &Config) {
+    let t = &config.topics;
+    for (g, topic) in [
+        (&config.archive.group, &t.raw),
+        (&config.parse.group, &t.raw),
+        (&config.enrich.group, &t.parsed),
+        (&config.timescale.group, &t.enriched),
+    ] {
+        caught_up(config, g, topic).await;
+    }
+}
+
 /// Records Kafka no longer retains come back from the archive into the sink, each with
 /// its values; `--source auto` reads the archive below the seam and Kafka above it, each
 /// event once.
@@ -407,22 +430,10 @@ async fn replays_from_the_archive_restore_what_kafka_no_longer_holds() {
     let _serial = SERIAL.lock().await;
     let config = namespace("ar-replay-").await;
     let (addr, ingest) = Running::ingest(&config).await;
-    let running = [
-        Running::sink(&config, "archive"),
-        Running::stage(&config, "parse"),
-        Running::stage(&config, "enrich"),
-        Running::sink(&config, "timescale"),
-    ];
+    let running = chain(&config);
     post(addr, &lines(3_000, 0, true)).await;
     let t = &config.topics;
-    for (g, topic) in [
-        (&config.archive.group, &t.raw),
-        (&config.parse.group, &t.raw),
-        (&config.enrich.group, &t.parsed),
-        (&config.timescale.group, &t.enriched),
-    ] {
-        caught_up(&config, g, topic).await;
-    }
+    chain_caught_up(&config).await;
     let before = stored(&config).await;
     assert_eq!(before.len(), 3_000);
     let raw_before = raw_ids(&config).await;
@@ -517,12 +528,7 @@ async fn foreign_records_replayed_from_the_archive_keep_their_ids() {
     let _serial = SERIAL.lock().await;
     let mut config = namespace("ar-foreign-").await;
     config.parse.default_tenant = Some("shared".into());
-    let running = [
-        Running::sink(&config, "archive"),
-        Running::stage(&config, "parse"),
-        Running::stage(&config, "enrich"),
-        Running::sink(&config, "timescale"),
-    ];
+    let running = chain(&config);
     let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     for i in 0..40 {
@@ -538,14 +544,7 @@ async fn foreign_records_replayed_from_the_archive_keep_their_ids() {
             .unwrap();
     }
     let t = &config.topics;
-    for (g, topic) in [
-        (&config.archive.group, &t.raw),
-        (&config.parse.group, &t.raw),
-        (&config.enrich.group, &t.parsed),
-        (&config.timescale.group, &t.enriched),
-    ] {
-        caught_up(&config, g, topic).await;
-    }
+    chain_caught_up(&config).await;
     let before: BTreeSet<String> = stored(&config).await.into_keys().collect();
     assert_eq!(before.len(), 40);
     assert!(

@@ -399,6 +399,15 @@ async fn assert_archive_audits(config: &Config, raw: usize, archived: usize) {
     assert_eq!(sum(|r| r.archive), archived, "{}", report.render());
 }
 
+/// Every record on the parsed topic.
+async fn read_parsed(config: &Config) -> Vec<rdkafka::message::OwnedMessage> {
+    let (k, topic) = (config.kafka.clone(), config.topics.parsed.clone());
+    tokio::task::spawn_blocking(move || kafka::read_all(&k, &topic, Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// The archive sink and the chain from raw to the TimescaleDB sink, running.
 fn chain(config: &Config) -> [Running; 4] {
     [
@@ -481,12 +490,7 @@ async fn replays_from_the_archive_restore_what_kafka_no_longer_holds() {
     assert_eq!(stored(&config).await.len(), 3_000);
     // On the parsed topic, the auto replay's records: one per raw event, the part below
     // each partition's cut from the archive, the rest from Kafka.
-    let (k, topic) = (config.kafka.clone(), t.parsed.clone());
-    let parsed =
-        tokio::task::spawn_blocking(move || kafka::read_all(&k, &topic, Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .unwrap();
+    let parsed = read_parsed(&config).await;
     let mut per_event: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in &parsed {
         let h = m.headers();
@@ -584,12 +588,7 @@ async fn foreign_records_replayed_from_the_archive_keep_their_ids() {
     for r in running {
         r.stop().await;
     }
-    let (k, topic) = (config.kafka.clone(), t.parsed.clone());
-    let parsed =
-        tokio::task::spawn_blocking(move || kafka::read_all(&k, &topic, Duration::from_secs(60)))
-            .await
-            .unwrap()
-            .unwrap();
+    let parsed = read_parsed(&config).await;
     let replayed: Vec<String> = parsed
         .iter()
         .filter(|m| headers::get(m.headers(), headers::REPLAY) == Some(group.as_str()))

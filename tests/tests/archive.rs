@@ -3,7 +3,8 @@
 //! commit, and across an outage of the store; records Kafka no longer retains replayed
 //! from the archive into the sinks, ids and values (records of other producers keep
 //! their ids, also in a `--diff`); `--source auto` reading each event once across the
-//! seam; the files readable by another Parquet reader. The outage test stops the store,
+//! seam; a replay from the archive under a tenant filter, and interrupted; the files
+//! readable by another Parquet reader. The outage test stops the store,
 //! so the scenarios run one after another.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
@@ -601,6 +602,96 @@ async fn foreign_records_replayed_from_the_archive_keep_their_ids() {
         .collect();
     assert_eq!(replayed.len(), 40, "each once");
     assert_eq!(replayed.into_iter().collect::<BTreeSet<_>>(), before);
+}
+
+/// A replay from the archive keeps only the tenant asked for, and an interruption
+/// (Ctrl-C) stops it mid-way: what it did is published and said, and a second run
+/// completes the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_replay_filters_tenants_and_stops_when_interrupted() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use sluice::replay::{Filters, Range, Target};
+    use tokio_util::sync::CancellationToken;
+    let _serial = SERIAL.lock().await;
+    let config = namespace("ar-stop-").await;
+    let archiver = Running::sink(&config, "archive");
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    let received = chrono::Utc::now().timestamp_millis().to_string();
+    for (i, line) in lines(60, 0, false).iter().enumerate() {
+        let (tenant, id) = (["acme", "globex"][i % 2], format!("ev-{i}"));
+        producer
+            .send(
+                FutureRecord::to(&config.topics.raw)
+                    .key(&id)
+                    .payload(line)
+                    .headers(sluice_tests::raw_headers(tenant, &id, &received)),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    caught_up(&config, &config.archive.group, &config.topics.raw).await;
+    archiver.stop().await;
+    let everything = Range::Times {
+        from: None,
+        to: None,
+    };
+    let part = sluice::replay::archive::plan(&config, &everything, None, None, None)
+        .await
+        .unwrap();
+    let parse = Target::Component(sluice_tests::stage("parse"));
+    let replay = |group: String, filters: Filters, stop: CancellationToken| {
+        let (config, part, parse) = (&config, &part, &parse);
+        async move {
+            sluice::replay::archive::replay(config, part, parse, &group, &filters, stop)
+                .await
+                .unwrap()
+        }
+    };
+
+    let acme = Filters {
+        tenant: Some("acme".into()),
+        rate: None,
+    };
+    let o = replay(unique("ar-acme-"), acme, CancellationToken::new()).await;
+    assert_eq!((o.read, o.written, o.skipped), (60, 30, 30), "{o:?}");
+
+    // At 5 records/s, stopped after 4 s.
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        s.cancel();
+    });
+    let slow = Filters {
+        tenant: None,
+        rate: std::num::NonZeroU32::new(5),
+    };
+    let group = unique("ar-slow-");
+    let first = replay(group.clone(), slow, stop).await;
+    assert!(first.interrupted, "{first:?}");
+    assert!(first.read > 0 && first.read < 60, "{first:?}");
+    assert!(
+        first.summary().contains("run the replay again"),
+        "{first:?}"
+    );
+    let published = read_parsed(&config)
+        .await
+        .iter()
+        .filter(|m| headers::get(m.headers(), headers::REPLAY) == Some(group.as_str()))
+        .count() as u64;
+    assert_eq!(
+        published, first.written,
+        "what it did is on the parsed topic"
+    );
+
+    let second = replay(
+        unique("ar-again-"),
+        Filters::default(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!((second.interrupted, second.read), (false, 60), "{second:?}");
 }
 
 /// The files open in DuckDB with the documented columns and types.

@@ -324,14 +324,10 @@ pub async fn replay(
     let runner = CancellationToken::new();
     let (cfg, token, component) = (config.clone(), runner.clone(), *component);
     let mut stage = tokio::spawn(async move { component.run_rewired(&cfg, rewiring, token).await });
-    let bar = progress(
-        part.spans()
-            .iter()
-            .map(|s| s[0].span.last - s[0].span.first + 1)
-            .sum(),
-    );
+    let (covered, reads) = read_ahead(part, as_messages);
+    let bar = progress(covered as i64);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-    let feeding = feed(part, sender, &stop);
+    let feeding = feed(reads, sender, &stop);
     tokio::pin!(feeding);
     let mut fed = false;
     let done = loop {
@@ -380,16 +376,14 @@ pub async fn replay(
 /// Batches read ahead of a fed stage.
 const FEED_AHEAD: usize = 8;
 
-/// Hand the part's records to a stage that replays them in-process (`feed`), in batches,
-/// each as the message it was on the raw topic: its topic, partition, offset, key,
-/// headers and timestamp. Ends early when `stop` is cancelled or the stage stopped
-/// taking them.
+/// Hand the spans `reads` yields to a stage that replays them in-process (`feed`), in
+/// batches of the messages the records were on the raw topic ([`as_messages`]). Ends
+/// early when `stop` is cancelled or the stage stopped taking them.
 async fn feed(
-    part: &ArchivePart,
+    reads: impl futures::Stream<Item = Result<(u64, Vec<Vec<OwnedMessage>>)>>,
     feed: tokio::sync::mpsc::Sender<Vec<OwnedMessage>>,
     stop: &CancellationToken,
 ) -> Result<()> {
-    let (_, reads) = read_ahead(part, as_messages);
     let mut reads = std::pin::pin!(reads);
     while let Some(read) = reads.next().await {
         let (_, batches) = read?;

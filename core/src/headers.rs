@@ -122,6 +122,21 @@ pub fn stamp(headers: OwnedHeaders, processed_at_ms: i64, replay: Option<&str>) 
     }
 }
 
+/// The value of `sluice.replayed_from` for a record at `topic`/`partition`/`offset`.
+pub fn origin(topic: &str, partition: i32, offset: i64) -> String {
+    format!("{topic}/{partition}/{offset}")
+}
+
+/// `topic/partition/offset` of a `sluice.replayed_from` value, as [`origin`] writes it
+/// (topic names hold no `/`); `None` for anything else.
+pub fn parse_origin(from: &str) -> Option<(&str, i32, i64)> {
+    let mut parts = from.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    let topic = parts.next().filter(|t| !t.is_empty())?;
+    Some((topic, partition, offset))
+}
+
 /// Headers without any whose key is in `drop`.
 pub fn without<H: Headers>(headers: Option<&H>, drop: &[&str]) -> OwnedHeaders {
     let mut out = OwnedHeaders::new();
@@ -131,4 +146,21 @@ pub fn without<H: Headers>(headers: Option<&H>, drop: &[&str]) -> OwnedHeaders {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_origin_reads_back_as_written() {
+        let from = origin("ns.raw.restore-20261201", 3, 42);
+        assert_eq!(
+            parse_origin(&from),
+            Some(("ns.raw.restore-20261201", 3, 42))
+        );
+        for bad in ["raw/x/42", "3/42", "/3/42", "raw/3/"] {
+            assert_eq!(parse_origin(bad), None, "{bad}");
+        }
+    }
 }

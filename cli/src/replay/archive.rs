@@ -498,7 +498,7 @@ async fn put_back(
     partitions: usize,
     r: &ArchivedRecord,
 ) -> Result<()> {
-    let origin = format!("{}/{}/{}", r.topic, r.partition, r.offset);
+    let origin = sluice_core::headers::origin(&r.topic, r.partition, r.offset);
     let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
     for (k, v) in r.headers.iter().filter(|(k, _)| k != REPLAYED_FROM) {
         headers = headers.insert(Header {

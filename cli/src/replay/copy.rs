@@ -91,7 +91,7 @@ pub(crate) async fn copy(
         }
         outcome.read += 1;
         scope.throttle().await;
-        let origin = format!("{}/{p}/{o}", plan.topic);
+        let origin = sluice_core::headers::origin(&plan.topic, p, o);
         let mut headers = msg
             .headers()
             .map(|h| sluice_core::headers::without(Some(h), &[REPLAYED_FROM]))

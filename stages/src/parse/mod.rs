@@ -283,19 +283,10 @@ impl Parser {
 /// The id of a record another producer wrote: `kafka:<topic>:<partition>:<offset>` of
 /// its first place in the log (a copy or a restore names it in `sluice.replayed_from`).
 fn place_id<M: Message>(msg: &M) -> String {
-    match headers::get(msg.headers(), headers::REPLAYED_FROM).and_then(first_place) {
+    match headers::get(msg.headers(), headers::REPLAYED_FROM).and_then(headers::parse_origin) {
         Some((topic, partition, offset)) => format!("kafka:{topic}:{partition}:{offset}"),
         None => format!("kafka:{}:{}:{}", msg.topic(), msg.partition(), msg.offset()),
     }
-}
-
-/// `topic/partition/offset` of a `sluice.replayed_from` header (topic names hold no `/`).
-fn first_place(from: &str) -> Option<(&str, i32, i64)> {
-    let mut parts = from.rsplitn(3, '/');
-    let offset = parts.next()?.parse().ok()?;
-    let partition = parts.next()?.parse().ok()?;
-    let topic = parts.next().filter(|t| !t.is_empty())?;
-    Some((topic, partition, offset))
 }
 
 fn show_ms(ms: i64) -> String {

@@ -29,10 +29,16 @@ pub async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) 
     (out, start.elapsed())
 }
 
-/// The median of `values` (sorts them).
+/// The median of `values` (sorts them): of an even count, the mean of the middle two
+/// (the upper one alone would report the better of two rounds as their median).
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// Write a benchmark's results as pretty JSON to `path`.
@@ -172,5 +178,17 @@ mod tests {
             "{v:?}"
         );
         assert!(v.met);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        let mut r = Rounds::new("m", "b");
+        r.push(100.0, 76.0);
+        r.push(100.0, 103.0);
+        let v = r.verdict(0.9);
+        assert!((v.ratio - 0.895).abs() < 1e-9, "{v:?}");
+        assert!(!v.met, "the better round alone must not meet the goal");
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
     }
 }

@@ -80,16 +80,33 @@ impl KafkaConfig {
         c
     }
 
-    /// A consumer in `group` whose lag and rebalances are exported as metrics.
-    pub fn metered_consumer(
+    /// A metered consumer in `group` that keeps at most about `records` records per
+    /// partition fetched ahead (librdkafka's `queued.min.messages`, 100,000 by default),
+    /// unless the settings name that property themselves. For a consumer that buffers
+    /// its own batches, such as a sink: a deeper prefetch only costs memory, and on a
+    /// broker that answers an empty fetch at once (no `fetch.wait.max.ms` wait) a queue
+    /// below the target keeps the consumer and the broker fetching nothing in a loop.
+    pub fn metered_consumer_prefetching(
         &self,
         group: &str,
+        records: usize,
     ) -> Result<
         rdkafka::consumer::StreamConsumer<crate::consumer_metrics::MeteredConsumer>,
         KafkaError,
     > {
-        self.consumer_config(group)
+        self.prefetching_consumer_config(group, records)
             .create_with_context(crate::consumer_metrics::MeteredConsumer::new(group))
+    }
+
+    /// The settings of [`Self::metered_consumer_prefetching`].
+    fn prefetching_consumer_config(&self, group: &str, records: usize) -> ClientConfig {
+        let mut c = self.consumer_config(group);
+        let key = "queued.min.messages";
+        if !self.consumer.contains_key(key) && !self.properties.contains_key(key) {
+            // librdkafka accepts 1 to 10,000,000.
+            c.set(key, records.clamp(1, 10_000_000).to_string());
+        }
+        c
     }
 
     /// A metered consumer that calls `hook` with partitions about to be revoked.
@@ -507,4 +524,34 @@ pub async fn check_topics(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefetch_bound_applies_unless_the_settings_name_one() {
+        let mut kafka = KafkaConfig::default();
+        let c = kafka.prefetching_consumer_config("g", 2_000);
+        assert_eq!(c.get("queued.min.messages"), Some("2000"));
+        assert_eq!(
+            kafka.consumer_config("g").get("queued.min.messages"),
+            None,
+            "other consumers keep librdkafka's default"
+        );
+        kafka
+            .consumer
+            .insert("queued.min.messages".into(), "50000".into());
+        let c = kafka.prefetching_consumer_config("g", 2_000);
+        assert_eq!(c.get("queued.min.messages"), Some("50000"));
+        kafka.consumer.clear();
+        kafka
+            .properties
+            .insert("queued.min.messages".into(), "7".into());
+        let c = kafka.prefetching_consumer_config("g", 2_000);
+        assert_eq!(c.get("queued.min.messages"), Some("7"));
+        let c = KafkaConfig::default().prefetching_consumer_config("g", 0);
+        assert_eq!(c.get("queued.min.messages"), Some("1"));
+    }
 }

@@ -352,7 +352,9 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
 ) -> Result<SinkStats, SinkError> {
     let name = writer.name();
     let writer = std::sync::Arc::new(writer);
-    let consumer = kafka.metered_consumer(&spec.group)?;
+    // The sink buffers up to four batches itself: a batch per partition fetched ahead
+    // keeps it fed.
+    let consumer = kafka.metered_consumer_prefetching(&spec.group, spec.batch_size)?;
     consumer.subscribe(&[&spec.input])?;
     let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     let producer: FutureProducer = kafka.producer_config().create()?;

@@ -13,16 +13,17 @@
 //! (the same on every replay, so the sinks stay idempotent), the receive time from the
 //! Kafka timestamp. Logstash's `json` codec output parses as it is (`@timestamp`).
 
-use std::collections::HashMap;
-
 use rdkafka::message::{Header, Message};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sluice_core::headers;
 use std::sync::Arc;
 
 use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
 pub mod config;
+mod fields;
+
+use fields::{Document, Fields};
 
 use crate::runtime::run_stage;
 use crate::transform::{Output, StageError, StageSpec, StageStats, Transform};
@@ -165,16 +166,21 @@ impl Parser {
                 ),
             ));
         }
-        let mut obj: Map<String, Value> = match serde_json::from_slice(line) {
-            Ok(Value::Object(m)) => m,
-            Ok(other) => {
+        let obj = match Document::read(line) {
+            Ok(Document::Object(fields)) => fields,
+            Ok(Document::Other(kind)) => {
                 return Err(Failure::new(
                     "validation",
-                    format!("event: expected a JSON object, got {}", kind(&other)),
+                    format!("event: expected a JSON object, got {kind}"),
                 ))
             }
             Err(e) => return Err(Failure::new("decode", format!("malformed JSON: {e}"))),
         };
+        self.parse_fields(obj, meta)
+    }
+
+    /// Parse the fields of one raw event.
+    fn parse_fields(&self, mut obj: Fields<'_>, meta: RawMeta<'_>) -> Result<ClickEvent, Failure> {
         let user_id = take_id(&mut obj, "user_id")?
             .ok_or_else(|| Failure::new("validation", "field `user_id`: required, missing"))?;
         let event_type = match take_str(&mut obj, "type")? {
@@ -184,7 +190,7 @@ impl Parser {
         };
         let mut event_time = None;
         for field in &self.rules.time_fields {
-            if let Some(v) = obj.remove(field) {
+            if let Some(v) = obj.take(field) {
                 event_time = Some(parse_time(field, &v, self.rules.timezone)?);
                 break;
             }
@@ -234,17 +240,14 @@ impl Parser {
             received_at: meta.received_at,
             user_agent: take_str(&mut obj, "user_agent")?,
             ip: take_str(&mut obj, "ip")?,
-            extra: obj
-                .into_iter()
-                .map(|(k, v)| (k, v.to_string()))
-                .collect::<HashMap<_, _>>(),
+            extra: obj.into_extra(),
         })
     }
 }
 
 impl Parser {
     /// The tenant: the header, else the configured field, else the default.
-    fn tenant(&self, header: Option<&str>, obj: &Map<String, Value>) -> Result<String, Failure> {
+    fn tenant(&self, header: Option<&str>, obj: &Fields<'_>) -> Result<String, Failure> {
         if let Some(t) = header {
             return Ok(t.to_string());
         }
@@ -413,8 +416,8 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// An optional string field; null counts as absent.
-fn take_str(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Failure> {
-    match obj.remove(field) {
+fn take_str(obj: &mut Fields<'_>, field: &str) -> Result<Option<String>, Failure> {
+    match obj.take(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(Failure::new(
@@ -425,8 +428,8 @@ fn take_str(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>,
 }
 
 /// An optional id field: a string, or an integer taken as its decimal text.
-fn take_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Failure> {
-    match obj.remove(field) {
+fn take_id(obj: &mut Fields<'_>, field: &str) -> Result<Option<String>, Failure> {
+    match obj.take(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Some(n.to_string())),
@@ -817,7 +820,7 @@ mod properties {
             Just("other"),
         ];
         prop::collection::vec((field, json_value()), 0..10).prop_map(|fields| {
-            let obj: Map<String, Value> = fields
+            let obj: serde_json::Map<String, Value> = fields
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
@@ -848,8 +851,56 @@ mod properties {
         Ok(())
     }
 
+    /// What parse made of `bytes` before it read fields on its own: a `serde_json::Map`.
+    fn parse_through_a_map(bytes: &[u8]) -> Result<ClickEvent, Failure> {
+        match serde_json::from_slice(bytes) {
+            Ok(Value::Object(map)) => Parser::default().parse_fields(Fields::from(map), META),
+            Ok(other) => Err(Failure::new(
+                "validation",
+                format!("event: expected a JSON object, got {}", kind(&other)),
+            )),
+            Err(e) => Err(Failure::new("decode", format!("malformed JSON: {e}"))),
+        }
+    }
+
+    /// Object text whose keys may repeat, from the known field names.
+    fn event_like_with_repeats() -> impl Strategy<Value = Vec<u8>> {
+        let key = prop_oneof![
+            Just("user_id"),
+            Just("type"),
+            Just("event_type"),
+            Just("ts"),
+            Just("event_id"),
+            Just("url"),
+            Just("other"),
+            Just("ot\\u0068er"),
+        ];
+        prop::collection::vec((key, json_value()), 0..10).prop_map(|fields| {
+            let body: Vec<String> = fields
+                .into_iter()
+                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .collect();
+            format!("{{{}}}", body.join(",")).into_bytes()
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn fields_read_as_a_map_reads_them(bytes in prop_oneof![
+            event_like(),
+            event_like_with_repeats(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+        ]) {
+            let (now, before) = (Parser::default().parse(&bytes, META), parse_through_a_map(&bytes));
+            match (now, before) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(a), Err(b)) => prop_assert_eq!((a.class, a.reason), (b.class, b.reason)),
+                (a, b) => prop_assert!(false, "{:?} vs {:?}", a, b),
+            }
+        }
 
         #[test]
         fn arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {

@@ -15,8 +15,8 @@ use serde_json::Value;
 pub(super) enum Document<'a> {
     /// An object.
     Object(Fields<'a>),
-    /// Anything else, named as error messages name it ("an array", "a string"…).
-    Other(&'static str),
+    /// Anything else.
+    Other(Value),
 }
 
 impl<'a> Document<'a> {
@@ -97,34 +97,38 @@ impl<'de> Visitor<'de> for DocumentVisitor {
         Ok(Document::Object(Fields(fields)))
     }
 
+    // Anything else is read as the value it is, for the caller to name (parse's `kind`).
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        // Read as values, not skipped: the same nesting limit applies as to an object's.
-        while seq.next_element::<Value>()?.is_some() {}
-        Ok(Document::Other("an array"))
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Ok(Document::Other(Value::Array(items)))
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Document::Other("a boolean"))
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(Document::Other(Value::Bool(b)))
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Document::Other("a number"))
+    fn visit_i64<E>(self, i: i64) -> Result<Self::Value, E> {
+        Ok(Document::Other(Value::from(i)))
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Document::Other("a number"))
+    fn visit_u64<E>(self, u: u64) -> Result<Self::Value, E> {
+        Ok(Document::Other(Value::from(u)))
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Document::Other("a number"))
+    fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
+        // JSON holds only finite numbers, so this is never `Null`.
+        Ok(Document::Other(Value::from(f)))
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Document::Other("a string"))
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Document::Other(Value::from(s)))
     }
 
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Document::Other("null"))
+        Ok(Document::Other(Value::Null))
     }
 }
 
@@ -166,7 +170,7 @@ mod tests {
     fn fields(s: &str) -> Fields<'_> {
         match Document::read(s.as_bytes()) {
             Ok(Document::Object(f)) => f,
-            Ok(Document::Other(kind)) => panic!("{s}: {kind}"),
+            Ok(Document::Other(v)) => panic!("{s}: {v}"),
             Err(e) => panic!("{s}: {e}"),
         }
     }
@@ -187,19 +191,20 @@ mod tests {
     }
 
     #[test]
-    fn anything_but_an_object_is_named() {
-        for (doc, kind) in [
-            ("[1,{\"a\":[]}]", "an array"),
-            ("\"s\"", "a string"),
-            ("\"\\u00e9\"", "a string"),
-            ("-1", "a number"),
-            ("18446744073709551615", "a number"),
-            ("1.5e3", "a number"),
-            ("true", "a boolean"),
-            ("null", "null"),
+    fn anything_but_an_object_is_read_as_its_value() {
+        for doc in [
+            "[1,{\"a\":[]}]",
+            "\"s\"",
+            "\"\\u00e9\"",
+            "-1",
+            "18446744073709551615",
+            "1.5e3",
+            "true",
+            "null",
         ] {
+            let want: Value = serde_json::from_str(doc).unwrap();
             assert!(
-                matches!(Document::read(doc.as_bytes()), Ok(Document::Other(k)) if k == kind),
+                matches!(Document::read(doc.as_bytes()), Ok(Document::Other(v)) if v == want),
                 "{doc}"
             );
         }

@@ -168,10 +168,10 @@ impl Parser {
         }
         let obj = match Document::read(line) {
             Ok(Document::Object(fields)) => fields,
-            Ok(Document::Other(kind)) => {
+            Ok(Document::Other(other)) => {
                 return Err(Failure::new(
                     "validation",
-                    format!("event: expected a JSON object, got {kind}"),
+                    format!("event: expected a JSON object, got {}", kind(&other)),
                 ))
             }
             Err(e) => return Err(Failure::new("decode", format!("malformed JSON: {e}"))),

@@ -19,3 +19,45 @@ pub fn rss_bytes(pid: i32) -> Result<(u64, u64)> {
 pub fn own_cpu_seconds() -> Result<f64> {
     cpu_seconds(std::process::id() as i32)
 }
+
+/// The process id of the stack's service `name` (from `scripts/stack`'s pid file), if
+/// the stack runs here.
+pub fn service_pid(name: &str) -> Option<i32> {
+    let file = sluice_tests::stack_env_path()
+        .parent()?
+        .join("run")
+        .join(format!("{name}.pid"));
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// CPU seconds used by this process and by the broker (0 when its pid is unknown): what
+/// a pass costs on each side of the wire.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSplit {
+    /// This process (the bench, and a stage it runs in-process).
+    pub process: f64,
+    /// The Kafka broker.
+    pub broker: f64,
+}
+
+impl CpuSplit {
+    /// Both counters now.
+    pub fn now() -> Self {
+        let broker = service_pid("kafka")
+            .and_then(|p| cpu_seconds(p).ok())
+            .unwrap_or(0.0);
+        Self {
+            process: own_cpu_seconds().unwrap_or(0.0),
+            broker,
+        }
+    }
+
+    /// CPU microseconds per record of each side since `before`, over `records`.
+    pub fn per_record_since(&self, before: &Self, records: usize) -> (f64, f64) {
+        let per = |a: f64, b: f64| (a - b) * 1e6 / records.max(1) as f64;
+        (
+            per(self.process, before.process),
+            per(self.broker, before.broker),
+        )
+    }
+}

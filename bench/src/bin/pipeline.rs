@@ -42,7 +42,7 @@ use sluice_bench::baselines::{
 use sluice_bench::lag::LagWatch;
 use sluice_bench::latency::Buckets;
 use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
-use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes};
+use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes, service_pid};
 use sluice_bench::{results_path, write_json};
 
 /// Whole-pipeline benchmark.
@@ -379,6 +379,9 @@ async fn measured(
         .map(|p| cpu_seconds(p.pid()))
         .collect::<Result<_>>()?;
     let own_before = own_cpu_seconds()?;
+    // The broker shares the machine: what it spends per event is part of the picture.
+    let broker = service_pid("kafka");
+    let broker_before = broker.map(cpu_seconds).transpose()?;
     let t = trial(load, watch, share * max, hold).await?;
     // Let what was accepted reach the sinks before reading their histograms.
     drain(watch).await?;
@@ -403,6 +406,17 @@ async fn measured(
             p.name.to_string(),
             Usage {
                 cpu_seconds_per_million: (cpu_seconds(p.pid())? - before) / events * 1e6,
+                rss_mb: rss as f64 / 1e6,
+                peak_rss_mb: peak as f64 / 1e6,
+            },
+        );
+    }
+    if let (Some(pid), Some(before)) = (broker, broker_before) {
+        let (rss, peak) = rss_bytes(pid)?;
+        usage.insert(
+            "kafka broker".into(),
+            Usage {
+                cpu_seconds_per_million: (cpu_seconds(pid)? - before) / events * 1e6,
                 rss_mb: rss as f64 / 1e6,
                 peak_rss_mb: peak as f64 / 1e6,
             },

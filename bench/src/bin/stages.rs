@@ -7,6 +7,10 @@
 //! transform that forwards each record as it is) is measured too: it separates what the
 //! runtime costs (offset tracking, acks, stamps) from what a transform costs.
 //!
+//! Each pass also measures the CPU a record cost this process (the bench and the stage
+//! it runs) and the broker. The two cores are saturated during a pass, so a pass's rate
+//! follows its total CPU per record: the split says where a ratio comes from.
+//!
 //! Run with the stack up: `cargo run --release -p sluice-bench --bin stages`.
 
 use std::time::Duration;
@@ -15,7 +19,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sluice::Config;
 use sluice_bench::baselines::{drop_namespace, drop_topics, finished, pass_through, produce_raw};
-use sluice_bench::{rate, write_json, Rounds};
+use sluice_bench::procstat::CpuSplit;
+use sluice_bench::{median, rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
 
 /// The stage runtime's share alone: each record forwarded unchanged (key, value,
@@ -129,7 +134,7 @@ async fn pass(
     reads: Reads<'_>,
     exactly_once: bool,
     n: usize,
-) -> Result<f64> {
+) -> Result<Pass> {
     let (mut c, input) = match reads {
         Reads::Raw(raw) => (namespace(tag, Some(raw)).await?, raw),
         Reads::Parsed(parsed) => (namespace(tag, None).await?, parsed),
@@ -142,12 +147,61 @@ async fn pass(
         }
     };
     c.parse.exactly_once = exactly_once;
+    let before = CpuSplit::now();
     let elapsed = match stage {
         Some(s) => run_stage(&c, s, &output, n, exactly_once).await?,
         None => pass_through(&c, input, &output, n).await?,
     };
+    let (process, broker) = CpuSplit::now().per_record_since(&before, n);
     drop_namespace(&c, &[input]).await;
-    Ok(rate(n, elapsed))
+    Ok(Pass {
+        rate: rate(n, elapsed),
+        process,
+        broker,
+    })
+}
+
+/// What one pass measured.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// Records per second.
+    rate: f64,
+    /// CPU microseconds per record of this process (the bench and the stage in it).
+    process: f64,
+    /// CPU microseconds per record of the broker.
+    broker: f64,
+}
+
+/// The passes of a round, in the order they run.
+const PASSES: [&str; 6] = [
+    "raw pass-through",
+    "identity stage",
+    "parse",
+    "parse exactly-once",
+    "parsed pass-through",
+    "enrich",
+];
+
+/// Print what a record cost each pass in CPU (the median of the rounds), and return it
+/// for the JSON. On a saturated machine a pass's rate follows its total CPU per record,
+/// so this says where a ratio comes from: the stage's own process, or the broker.
+fn report_costs(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_json::Value {
+    println!("CPU per record, median of the rounds (here: this process, the bench and the stage it runs; broker: the Kafka server, its periodic saves included):");
+    let mut json = serde_json::Map::new();
+    for name in PASSES {
+        let passes = costs.get(name).map(Vec::as_slice).unwrap_or_default();
+        let here = median(&mut passes.iter().map(|p| p.process).collect::<Vec<_>>());
+        let broker = median(&mut passes.iter().map(|p| p.broker).collect::<Vec<_>>());
+        println!(
+            "  {name:<22} {here:>6.1} µs here + {broker:>5.1} µs broker = {:>5.1} µs",
+            here + broker
+        );
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"here": here, "broker": broker}),
+        );
+    }
+    json.into()
 }
 
 async fn run(args: Args) -> Result<()> {
@@ -170,6 +224,7 @@ async fn run(args: Args) -> Result<()> {
     let mut eos = Rounds::new("parse (exactly-once)", "pass-through of raw");
     let mut enrich = Rounds::new("enrich (at-least-once)", "pass-through of parsed");
     let mut identity = Rounds::new("identity stage (runtime only)", "pass-through of raw");
+    let mut costs: std::collections::BTreeMap<&str, Vec<Pass>> = Default::default();
     for round in 1..=args.rounds.max(1) {
         let raw_pt = pass("b-pt-", None, Reads::Raw(&raw), false, n).await?;
         let ident = pass("b-id-", Some("identity"), Reads::Raw(&raw), false, n).await?;
@@ -185,11 +240,35 @@ async fn run(args: Args) -> Result<()> {
         )
         .await?;
         println!(
-            "round {round}: raw pass-through {raw_pt:.0}/s, identity stage {ident:.0}/s ({:.2}), parse {parse:.0}/s ({:.2}), parse exactly-once {parse_eos:.0}/s ({:.2}); parsed pass-through {parsed_pt:.0}/s, enrich {enriched:.0}/s ({:.2})",
-            ident / raw_pt,
-            parse / raw_pt,
-            parse_eos / raw_pt,
-            enriched / parsed_pt
+            "round {round}: raw pass-through {:.0}/s, identity stage {:.0}/s ({:.2}), parse {:.0}/s ({:.2}), parse exactly-once {:.0}/s ({:.2}); parsed pass-through {:.0}/s, enrich {:.0}/s ({:.2})",
+            raw_pt.rate,
+            ident.rate,
+            ident.rate / raw_pt.rate,
+            parse.rate,
+            parse.rate / raw_pt.rate,
+            parse_eos.rate,
+            parse_eos.rate / raw_pt.rate,
+            parsed_pt.rate,
+            enriched.rate,
+            enriched.rate / parsed_pt.rate
+        );
+        for (name, p) in [
+            (PASSES[0], raw_pt),
+            (PASSES[1], ident),
+            (PASSES[2], parse),
+            (PASSES[3], parse_eos),
+            (PASSES[4], parsed_pt),
+            (PASSES[5], enriched),
+        ] {
+            costs.entry(name).or_default().push(p);
+        }
+        let (raw_pt, ident, parse, parse_eos, parsed_pt, enriched) = (
+            raw_pt.rate,
+            ident.rate,
+            parse.rate,
+            parse_eos.rate,
+            parsed_pt.rate,
+            enriched.rate,
         );
         alo.push(raw_pt, parse);
         identity.push(raw_pt, ident);
@@ -210,6 +289,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let ordering = vs_eos.report(1.0);
     let runtime = identity.inform();
+    let cpu = report_costs(&costs);
     if let Some(path) = &args.json {
         write_json(
             path,
@@ -217,7 +297,7 @@ async fn run(args: Args) -> Result<()> {
                 "bench": "stages", "events": n, "rounds": args.rounds,
                 "parse_at_least_once": results[0], "parse_exactly_once": results[1],
                 "enrich": results[2], "at_least_once_vs_exactly_once": ordering,
-                "identity_stage": runtime,
+                "identity_stage": runtime, "cpu_us_per_record": cpu,
             }),
         )?;
     }

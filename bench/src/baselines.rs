@@ -16,6 +16,7 @@ use sluice::Config;
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::elasticsearch::{doc_id, document, index_name};
 
+use crate::procstat::CpuSplit;
 use crate::{rate, timed};
 
 /// A raw event line as clients send them: about 300 bytes.
@@ -67,24 +68,29 @@ pub async fn produce_raw(config: &Config, n: usize) -> Result<f64> {
 /// The pass-through: consume `input` in a fresh group and produce every record unchanged
 /// to `output` (the leanest rdkafka copy: no per-record delivery future, one flush at the
 /// end); its time as [`finished`] measures it.
-pub async fn pass_through(
-    config: &Config,
-    input: &str,
-    output: &str,
-    n: usize,
-) -> Result<Duration> {
+pub async fn pass_through(config: &Config, input: &str, output: &str, n: usize) -> Result<Window> {
     let (c, i, o) = (config.clone(), input.to_string(), output.to_string());
     let copy = tokio::spawn(async move { copy(&c, &i, &o, n).await });
-    let elapsed = finished(config, output, n, None).await?;
+    let window = finished(config, output, n, None).await?;
     copy.await??;
-    Ok(elapsed)
+    Ok(window)
+}
+
+/// A pass, from its first output record to its last: how long it took, and the CPU this
+/// process and the broker used meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// The time.
+    pub elapsed: Duration,
+    /// The CPU used.
+    pub cpu: CpuSplit,
 }
 
 /// Wait until `output` holds `n` records and, when `committed` names a group and its
 /// input, until that group committed the input through its end (an exactly-once stage's
 /// outputs count once their transaction committed, which commits the offsets too).
-/// Returns the time from the first output record to then: joining a consumer group is
-/// start-up, not throughput. Polls high watermarks and committed offsets through clients
+/// Returns the time from the first output record to then, and the CPU used meanwhile:
+/// joining a consumer group is start-up, not throughput. Polls high watermarks and committed offsets through clients
 /// made once, instead of reading the topic, so no extra consumer competes for the two
 /// cores (an idle consumer costs most of one here: the test broker answers empty
 /// fetches at once).
@@ -93,7 +99,7 @@ pub async fn finished(
     output: &str,
     n: usize,
     committed: Option<(&str, &str)>,
-) -> Result<Duration> {
+) -> Result<Window> {
     let (config, output) = (config.clone(), output.to_string());
     let committed = committed.map(|(g, i)| (g.to_string(), i.to_string()));
     tokio::task::spawn_blocking(move || {
@@ -123,15 +129,15 @@ pub async fn finished(
             None => None,
         };
         let deadline = Instant::now() + Duration::from_secs(600);
-        let mut first: Option<Instant> = None;
+        let mut first: Option<(Instant, CpuSplit)> = None;
         loop {
             let mut written = 0;
             for &p in &out_parts {
                 written += watcher.fetch_watermarks(&output, p, timeout)?.1;
             }
             let now = Instant::now();
-            if written > 0 {
-                first.get_or_insert(now);
+            if written > 0 && first.is_none() {
+                first = Some((now, CpuSplit::now()));
             }
             let mut done = written >= n as i64;
             if let (true, Some((c, ends))) = (done, &input) {
@@ -143,7 +149,11 @@ pub async fn finished(
                     .all(|(a, e)| a.offset() == e.offset());
             }
             if done {
-                return Ok(now - first.unwrap_or(now));
+                let (start, cpu) = first.unwrap_or((now, CpuSplit::now()));
+                return Ok(Window {
+                    elapsed: now - start,
+                    cpu: CpuSplit::now().since(&cpu),
+                });
             }
             ensure!(
                 now < deadline,
@@ -156,9 +166,12 @@ pub async fn finished(
 }
 
 async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()> {
+    // Fetching ahead as a stage does (about its `max_in_flight` records per partition):
+    // with librdkafka's default, a consumer holding the backlog keeps this broker
+    // answering empty fetches, which costs the copy more CPU than the copying.
     let consumer: StreamConsumer = config
         .kafka
-        .consumer_config(&sluice_tests::unique("b-copy-"))
+        .prefetching_consumer_config(&sluice_tests::unique("b-copy-"), config.parse.max_in_flight)
         .create()?;
     consumer.subscribe(&[input])?;
     let producer: ThreadedProducer<DefaultProducerContext> =

@@ -52,12 +52,17 @@ impl CpuSplit {
         }
     }
 
-    /// CPU microseconds per record of each side since `before`, over `records`.
-    pub fn per_record_since(&self, before: &Self, records: usize) -> (f64, f64) {
-        let per = |a: f64, b: f64| (a - b) * 1e6 / records.max(1) as f64;
-        (
-            per(self.process, before.process),
-            per(self.broker, before.broker),
-        )
+    /// What each side used since `before`.
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            process: self.process - before.process,
+            broker: self.broker - before.broker,
+        }
+    }
+
+    /// CPU microseconds per record of each side, for `records` records.
+    pub fn per_record(&self, records: usize) -> (f64, f64) {
+        let per = |seconds: f64| seconds * 1e6 / records.max(1) as f64;
+        (per(self.process), per(self.broker))
     }
 }

@@ -82,10 +82,11 @@ impl KafkaConfig {
 
     /// A metered consumer in `group` that keeps at most about `records` records per
     /// partition fetched ahead (librdkafka's `queued.min.messages`, 100,000 by default),
-    /// unless the settings name that property themselves. For a consumer that buffers
-    /// its own batches, such as a sink: a deeper prefetch only costs memory, and on a
-    /// broker that answers an empty fetch at once (no `fetch.wait.max.ms` wait) a queue
-    /// below the target keeps the consumer and the broker fetching nothing in a loop.
+    /// unless the settings name that property themselves. For a consumer that takes its
+    /// records a batch (a sink) or a bounded number in flight (a stage) at a time: a
+    /// deeper prefetch only costs memory, and on a broker that answers an empty fetch at
+    /// once (no `fetch.wait.max.ms` wait) a queue below the target keeps the consumer
+    /// and the broker fetching nothing in a loop.
     pub fn metered_consumer_prefetching(
         &self,
         group: &str,
@@ -99,7 +100,7 @@ impl KafkaConfig {
     }
 
     /// The settings of [`Self::metered_consumer_prefetching`].
-    fn prefetching_consumer_config(&self, group: &str, records: usize) -> ClientConfig {
+    pub fn prefetching_consumer_config(&self, group: &str, records: usize) -> ClientConfig {
         let mut c = self.consumer_config(group);
         let key = "queued.min.messages";
         if !self.consumer.contains_key(key) && !self.properties.contains_key(key) {
@@ -109,17 +110,21 @@ impl KafkaConfig {
         c
     }
 
-    /// A metered consumer that calls `hook` with partitions about to be revoked.
+    /// A metered consumer that calls `hook` with partitions about to be revoked, keeping
+    /// about `records` records per partition fetched ahead, as
+    /// [`Self::metered_consumer_prefetching`] does.
     pub fn draining_consumer(
         &self,
         group: &str,
+        records: usize,
         hook: crate::consumer_metrics::RevokeHook,
     ) -> Result<
         rdkafka::consumer::StreamConsumer<crate::consumer_metrics::MeteredConsumer>,
         KafkaError,
     > {
         let context = crate::consumer_metrics::MeteredConsumer::new(group).with_revoke_hook(hook);
-        self.consumer_config(group).create_with_context(context)
+        self.prefetching_consumer_config(group, records)
+            .create_with_context(context)
     }
 
     /// Settings of an admin client.

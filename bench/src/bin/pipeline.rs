@@ -87,8 +87,16 @@ async fn baseline(config: &Config, n: usize) -> Result<Baseline> {
     sluice_tests::create_topics(&scratch).await;
     let producer = produce_raw(&scratch, n).await?;
     let t = scratch.topics.clone();
-    let raw_pt = sluice_bench::rate(n, pass_through(&scratch, &t.raw, &t.parsed, n).await?);
-    let parsed_pt = sluice_bench::rate(n, pass_through(&scratch, &t.parsed, &t.enriched, n).await?);
+    let raw_pt = sluice_bench::rate(
+        n,
+        pass_through(&scratch, &t.raw, &t.parsed, n).await?.elapsed,
+    );
+    let parsed_pt = sluice_bench::rate(
+        n,
+        pass_through(&scratch, &t.parsed, &t.enriched, n)
+            .await?
+            .elapsed,
+    );
     drop_namespace(&scratch, &[]).await;
     let rows = events(n);
     let pg = psql_copy(config, &rows, &format!("{}_bare", config.timescale.schema)).await?;

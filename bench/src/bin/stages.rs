@@ -8,18 +8,17 @@
 //! runtime costs (offset tracking, acks, stamps) from what a transform costs.
 //!
 //! Each pass also measures the CPU a record cost this process (the bench and the stage
-//! it runs) and the broker. The two cores are saturated during a pass, so a pass's rate
+//! it runs) and the broker, over the same window as its rate. The two cores are saturated during a pass, so a pass's rate
 //! follows its total CPU per record: the split says where a ratio comes from.
 //!
 //! Run with the stack up: `cargo run --release -p sluice-bench --bin stages`.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 use clap::Parser;
 use sluice::Config;
-use sluice_bench::baselines::{drop_namespace, drop_topics, finished, pass_through, produce_raw};
-use sluice_bench::procstat::CpuSplit;
+use sluice_bench::baselines::{
+    drop_namespace, drop_topics, finished, pass_through, produce_raw, Window,
+};
 use sluice_bench::{median, rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
 
@@ -89,7 +88,7 @@ async fn run_stage(
     output: &str,
     n: usize,
     exactly_once: bool,
-) -> Result<Duration> {
+) -> Result<Window> {
     let stop = CancellationToken::new();
     if name == "identity" {
         let spec = sluice_stages::StageSpec::new(
@@ -103,19 +102,19 @@ async fn run_stage(
         let task = tokio::spawn(async move {
             sluice_stages::run_stage(&k, &spec, std::sync::Arc::new(Identity), s).await
         });
-        let elapsed = finished(config, output, n, None).await?;
+        let window = finished(config, output, n, None).await?;
         stop.cancel();
         task.await.context("stage task")??;
-        return Ok(elapsed);
+        return Ok(window);
     }
     let component = sluice_tests::stage(name);
     let (c, s) = (config.clone(), stop.clone());
     let task = tokio::spawn(async move { component.run(&c, s).await });
     let committed = exactly_once.then(|| ((component.group)(config), component.input(config)));
-    let elapsed = finished(config, output, n, committed).await?;
+    let window = finished(config, output, n, committed).await?;
     stop.cancel();
     task.await.context("stage task")??;
-    Ok(elapsed)
+    Ok(window)
 }
 
 /// What a pass reads: the raw records, or the parsed ones.
@@ -147,15 +146,14 @@ async fn pass(
         }
     };
     c.parse.exactly_once = exactly_once;
-    let before = CpuSplit::now();
-    let elapsed = match stage {
+    let window = match stage {
         Some(s) => run_stage(&c, s, &output, n, exactly_once).await?,
         None => pass_through(&c, input, &output, n).await?,
     };
-    let (process, broker) = CpuSplit::now().per_record_since(&before, n);
+    let (process, broker) = window.cpu.per_record(n);
     drop_namespace(&c, &[input]).await;
     Ok(Pass {
-        rate: rate(n, elapsed),
+        rate: rate(n, window.elapsed),
         process,
         broker,
     })
@@ -188,6 +186,7 @@ const PASSES: [&str; 6] = [
 fn report_costs(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_json::Value {
     println!("CPU per record, median of the rounds (here: this process, the bench and the stage it runs; broker: the Kafka server, its periodic saves included):");
     let mut json = serde_json::Map::new();
+    let mut totals = std::collections::BTreeMap::new();
     for name in PASSES {
         let passes = costs.get(name).map(Vec::as_slice).unwrap_or_default();
         let here = median(&mut passes.iter().map(|p| p.process).collect::<Vec<_>>());
@@ -196,11 +195,28 @@ fn report_costs(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_js
             "  {name:<22} {here:>6.1} µs here + {broker:>5.1} µs broker = {:>5.1} µs",
             here + broker
         );
+        totals.insert(name, here + broker);
         json.insert(
             name.to_string(),
             serde_json::json!({"here": here, "broker": broker}),
         );
     }
+    // The throughput ratio a pass would have if CPU were all that limits it: steadier
+    // than the rates, which the broker's saves shake (a short pass meets one or not).
+    let mut ratios = serde_json::Map::new();
+    let mut line = String::from("CPU cost ratios (baseline's CPU per record / the stage's):");
+    for (stage, baseline) in [
+        (PASSES[1], PASSES[0]),
+        (PASSES[2], PASSES[0]),
+        (PASSES[3], PASSES[0]),
+        (PASSES[5], PASSES[4]),
+    ] {
+        let ratio = totals[baseline] / totals[stage].max(1e-9);
+        line.push_str(&format!(" {stage} {ratio:.2};"));
+        ratios.insert(stage.to_string(), ratio.into());
+    }
+    println!("{}", line.trim_end_matches(';'));
+    json.insert("cost_ratios".into(), ratios.into());
     json.into()
 }
 

@@ -432,6 +432,7 @@ pub async fn run_archive(
     let hook_revoked = revoked.clone();
     let consumer = kafka.draining_consumer(
         &spec.group,
+        spec.batch_size,
         Box::new(move |_, tpl| {
             let mut r = hook_revoked.lock().unwrap_or_else(|e| e.into_inner());
             r.extend(tpl.elements().iter().map(|e| e.partition()));

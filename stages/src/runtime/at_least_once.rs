@@ -284,6 +284,7 @@ pub async fn run<T: Transform>(
     let drain_timeout = spec.drain_timeout;
     let consumer = kafka.draining_consumer(
         &spec.group,
+        spec.max_in_flight,
         Box::new(move |consumer, revoked| {
             drain_revoked(&hook_tracker, consumer, revoked, drain_timeout)
         }),

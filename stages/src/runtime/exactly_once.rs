@@ -59,7 +59,9 @@ pub async fn run<T: Transform>(
 ) -> Result<StageStats, StageError> {
     let run_started = std::time::Instant::now();
     let name = transform.name();
-    let mut consumer_config = kafka.consumer_config(&spec.group);
+    // Fetched ahead: about a transaction's worth of records per partition.
+    let mut consumer_config =
+        kafka.prefetching_consumer_config(&spec.group, spec.transaction_max_records);
     consumer_config
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false");

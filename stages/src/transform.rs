@@ -200,6 +200,9 @@ pub(crate) struct Processed<'a, 's> {
     pub(crate) held: Held<'a>,
     /// Its outputs, stamped, or its dead letter.
     pub(crate) outputs: Vec<Output>,
+    /// Their size ([`Output::size`]), measured once for both the size limit and the
+    /// in-flight bound.
+    pub(crate) bytes: usize,
     /// The output topic, or the dead-letter topic.
     pub(crate) topic: &'s str,
 }
@@ -240,30 +243,35 @@ pub(crate) async fn process<'a, 's, T: Transform>(
         }
         held => held,
     };
+    // Stamped before they are measured: the size that counts is the produced record's.
     // An output the producer would refuse for its size is a defect of the record: it is
     // dead-lettered instead of retried for ever (which would stall the partition).
-    if let Ok(outputs) = &result {
-        if let Some(size) = outputs
-            .iter()
-            .map(Output::size)
-            .find(|s| *s > spec.max_message_bytes)
-        {
-            result = Err(Failure::new(
-                "oversized",
-                format!(
-                    "output of {size} bytes exceeds the producers' message.max.bytes ({})",
-                    spec.max_message_bytes
-                ),
-            ));
-        }
-    }
+    let result = result
+        .map(|outputs| stamped(outputs, spec))
+        .and_then(|outputs| {
+            let mut bytes = 0;
+            for size in outputs.iter().map(Output::size) {
+                if size > spec.max_message_bytes {
+                    return Err(Failure::new(
+                        "oversized",
+                        format!(
+                            "output of {size} bytes exceeds the producers' message.max.bytes ({})",
+                            spec.max_message_bytes
+                        ),
+                    ));
+                }
+                bytes += size;
+            }
+            Ok((outputs, bytes))
+        });
     match result {
-        Ok(outputs) => {
+        Ok((outputs, bytes)) => {
             stats.published += outputs.len() as u64;
             meters.records_out.increment(outputs.len() as u64);
             Processed {
                 held,
-                outputs: stamped(outputs, spec),
+                outputs,
+                bytes,
                 topic: &spec.output,
             }
         }
@@ -280,13 +288,15 @@ pub(crate) async fn process<'a, 's, T: Transform>(
                 Held::Owned(m) => DeadLetter::of(m, name, &failure, attempts),
             }
             .fit(spec.max_message_bytes);
+            let output = Output {
+                key: dl.key,
+                payload: dl.payload,
+                headers: dl.headers,
+            };
             Processed {
                 held,
-                outputs: vec![Output {
-                    key: dl.key,
-                    payload: dl.payload,
-                    headers: dl.headers,
-                }],
+                bytes: output.size(),
+                outputs: vec![output],
                 topic: &spec.dlq,
             }
         }
@@ -304,4 +314,90 @@ pub(crate) fn stamped(outputs: Vec<Output>, spec: &StageSpec) -> Vec<Output> {
             ..o
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Headers, Timestamp};
+
+    /// Outputs one record of 100 zero bytes, whatever it is given.
+    struct Hundred;
+
+    impl Transform for Hundred {
+        fn name(&self) -> &'static str {
+            "hundred"
+        }
+
+        fn process<M: Message>(&self, _: &M) -> Result<Vec<Output>, Failure> {
+            Ok(vec![Output {
+                key: None,
+                payload: vec![0; 100],
+                headers: OwnedHeaders::new(),
+            }])
+        }
+    }
+
+    /// `Hundred`'s output through `process` with `limit` as the producers' limit.
+    async fn through(limit: usize) -> (String, Vec<Output>, usize, Option<String>) {
+        let mut spec = StageSpec::new(&Default::default(), "g", "in", "out", &Default::default());
+        spec.max_message_bytes = limit;
+        let msg = OwnedMessage::new(
+            Some(b"line".to_vec()),
+            None,
+            "in".into(),
+            Timestamp::NotAvailable,
+            0,
+            7,
+            None,
+        );
+        let held = Held::Owned(msg);
+        let meters = Meters::of("hundred", &spec);
+        let mut retry = crate::retry::Retry::new(spec.retry.clone(), "hundred");
+        let mut stats = StageStats::default();
+        let done = process(
+            &Hundred,
+            &mut retry,
+            &spec,
+            held,
+            Admit::Process,
+            &mut stats,
+            &meters,
+        )
+        .await;
+        let class = done.outputs.first().and_then(|o| {
+            sluice_core::headers::get(Some(&o.headers), sluice_core::headers::DLQ_ERROR_CLASS)
+                .map(str::to_string)
+        });
+        let topic = done.topic.to_string();
+        (topic, done.outputs, done.bytes, class)
+    }
+
+    #[tokio::test]
+    async fn an_output_is_measured_stamped_against_the_size_limit() {
+        let bare = Output {
+            key: None,
+            payload: vec![0; 100],
+            headers: OwnedHeaders::new(),
+        }
+        .size();
+
+        // Fits as the transform made it, not once stamped: the producer would refuse it.
+        let (topic, outputs, bytes, class) = through(bare).await;
+        assert_eq!(topic, "in.dlq");
+        assert_eq!(class.as_deref(), Some("oversized"));
+        assert_eq!(bytes, outputs[0].size());
+
+        // With room for the stamp it is published, stamped, and counted at that size.
+        let (topic, outputs, bytes, class) = through(bare + 64).await;
+        assert_eq!(topic, "out");
+        assert_eq!(class, None);
+        assert_eq!(outputs.len(), 1);
+        assert!(outputs[0]
+            .headers
+            .iter()
+            .any(|h| h.key == sluice_core::headers::PROCESSED_AT_MS));
+        assert_eq!(bytes, outputs[0].size());
+        assert!(bytes > bare);
+    }
 }

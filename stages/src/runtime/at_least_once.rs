@@ -163,11 +163,7 @@ impl<T: Transform> Stage<'_, T> {
         )
         .await;
         drop(done.held);
-        let bytes: usize = done
-            .outputs
-            .iter()
-            .map(crate::transform::Output::size)
-            .sum();
+        let bytes = done.bytes;
         self.acks.in_flight_bytes.fetch_add(bytes, Ordering::AcqRel);
         let record = Arc::new(InFlight {
             partition,

@@ -430,9 +430,10 @@ pub async fn run_archive(
 ) -> Result<SinkStats, SinkError> {
     let revoked = Arc::new(Mutex::new(Vec::new()));
     let hook_revoked = revoked.clone();
+    // About a file's records fetched ahead: what a flush waits for.
     let consumer = kafka.draining_consumer(
         &spec.group,
-        spec.batch_size,
+        config.flush_records,
         Box::new(move |_, tpl| {
             let mut r = hook_revoked.lock().unwrap_or_else(|e| e.into_inner());
             r.extend(tpl.elements().iter().map(|e| e.partition()));

@@ -90,10 +90,10 @@ pub struct Window {
 /// input, until that group committed the input through its end (an exactly-once stage's
 /// outputs count once their transaction committed, which commits the offsets too).
 /// Returns the time from the first output record to then, and the CPU used meanwhile:
-/// joining a consumer group is start-up, not throughput. Polls high watermarks and committed offsets through clients
-/// made once, instead of reading the topic, so no extra consumer competes for the two
-/// cores (an idle consumer costs most of one here: the test broker answers empty
-/// fetches at once).
+/// joining a consumer group is start-up, not throughput. Polls high watermarks and
+/// committed offsets through clients made once, instead of reading the topic, so no
+/// extra consumer competes for the two cores (an idle consumer costs most of one here:
+/// the test broker answers empty fetches at once).
 pub async fn finished(
     config: &Config,
     output: &str,
@@ -149,7 +149,7 @@ pub async fn finished(
                     .all(|(a, e)| a.offset() == e.offset());
             }
             if done {
-                let (start, cpu) = first.unwrap_or((now, CpuSplit::now()));
+                let (start, cpu) = first.unwrap_or_else(|| (now, CpuSplit::now()));
                 return Ok(Window {
                     elapsed: now - start,
                     cpu: CpuSplit::now().since(&cpu),

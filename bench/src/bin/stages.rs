@@ -8,8 +8,9 @@
 //! runtime costs (offset tracking, acks, stamps) from what a transform costs.
 //!
 //! Each pass also measures the CPU a record cost this process (the bench and the stage
-//! it runs) and the broker, over the same window as its rate. The two cores are saturated during a pass, so a pass's rate
-//! follows its total CPU per record: the split says where a ratio comes from.
+//! it runs) and the broker, over the same window as its rate. The two cores are
+//! saturated during a pass, so a pass's rate follows its total CPU per record: the
+//! split says where a ratio comes from.
 //!
 //! Run with the stack up: `cargo run --release -p sluice-bench --bin stages`.
 
@@ -268,28 +269,16 @@ async fn run(args: Args) -> Result<()> {
             enriched.rate,
             enriched.rate / parsed_pt.rate
         );
-        for (name, p) in [
-            (PASSES[0], raw_pt),
-            (PASSES[1], ident),
-            (PASSES[2], parse),
-            (PASSES[3], parse_eos),
-            (PASSES[4], parsed_pt),
-            (PASSES[5], enriched),
-        ] {
+        for (name, p) in PASSES
+            .into_iter()
+            .zip([raw_pt, ident, parse, parse_eos, parsed_pt, enriched])
+        {
             costs.entry(name).or_default().push(p);
         }
-        let (raw_pt, ident, parse, parse_eos, parsed_pt, enriched) = (
-            raw_pt.rate,
-            ident.rate,
-            parse.rate,
-            parse_eos.rate,
-            parsed_pt.rate,
-            enriched.rate,
-        );
-        alo.push(raw_pt, parse);
-        identity.push(raw_pt, ident);
-        eos.push(raw_pt, parse_eos);
-        enrich.push(parsed_pt, enriched);
+        alo.push(raw_pt.rate, parse.rate);
+        identity.push(raw_pt.rate, ident.rate);
+        eos.push(raw_pt.rate, parse_eos.rate);
+        enrich.push(parsed_pt.rate, enriched.rate);
     }
     drop_namespace(&parsed_src, &[]).await;
     drop_topics(&source, &[&raw]).await;

@@ -350,15 +350,10 @@ pub async fn curl_bulk(config: &Config, docs: &[EnrichedEvent], prefix: &str) ->
 
 /// Delete the indices `<prefix>-*` the bench created, and their template.
 pub async fn drop_indices(config: &Config, prefix: &str) {
+    if let Err(e) = delete_indices(config, prefix).await {
+        println!("(could not delete the bench indices: {e})");
+    }
     if let Ok(client) = sluice_sinks::elasticsearch::client(&config.elasticsearch) {
-        let pattern = format!("{prefix}-*");
-        let _ = client
-            .indices()
-            .delete(elasticsearch::indices::IndicesDeleteParts::Index(&[
-                &pattern,
-            ]))
-            .send()
-            .await;
         let template = sluice_sinks::elasticsearch::template_name(prefix);
         let _ = client
             .indices()
@@ -368,6 +363,36 @@ pub async fn drop_indices(config: &Config, prefix: &str) {
             .send()
             .await;
     }
+}
+
+/// Delete the indices named `<prefix>-*`, keeping their template (a sink writing there
+/// creates them again from it).
+pub async fn delete_indices(config: &Config, prefix: &str) -> Result<()> {
+    let client = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
+    let pattern = format!("{prefix}-*");
+    // By name: Elasticsearch 8 refuses to delete by a wildcard
+    // (`action.destructive_requires_name`).
+    let listed: Vec<serde_json::Value> = client
+        .cat()
+        .indices(elasticsearch::cat::CatIndicesParts::Index(&[&pattern]))
+        .format("json")
+        .h(&["index"])
+        .send()
+        .await?
+        .error_for_status_code()?
+        .json()
+        .await?;
+    let names: Vec<&str> = listed.iter().filter_map(|i| i["index"].as_str()).collect();
+    // A few at a time, to keep the URL short.
+    for chunk in names.chunks(20) {
+        client
+            .indices()
+            .delete(elasticsearch::indices::IndicesDeleteParts::Index(chunk))
+            .send()
+            .await?
+            .error_for_status_code()?;
+    }
+    Ok(())
 }
 
 fn curl_all(url: &str, files: &[impl AsRef<Path>]) -> Result<()> {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::lag::Watched;
 use anyhow::{bail, ensure, Context, Result};
 use sluice::Config;
 use sluice_ingest::config::ApiKey;
@@ -145,13 +146,10 @@ pub fn pipeline_config() -> Result<(Config, String)> {
     Ok((config, key))
 }
 
-/// Each consumer's consumer group and input topic.
-pub type Groups = Vec<(String, String)>;
-
 /// Start the deployed chain with `config` (written to `logs/sluice.toml`): ingest, parse,
 /// enrich and both event sinks, each its own process. Returns them and each consumer's
-/// `(group, input topic)`.
-pub fn spawn_pipeline(config: &Config, logs: &Path) -> Result<(Vec<Process>, Groups)> {
+/// group and input topic.
+pub fn spawn_pipeline(config: &Config, logs: &Path) -> Result<(Vec<Process>, Vec<Watched>)> {
     use sluice::components::{self, Kind};
     let config_file = logs.join("sluice.toml");
     std::fs::write(&config_file, toml::to_string(config)?)?;
@@ -166,7 +164,11 @@ pub fn spawn_pipeline(config: &Config, logs: &Path) -> Result<(Vec<Process>, Gro
         let c = components::find(kind, name).context("component in the registry")?;
         let verb = if kind == Kind::Stage { "stage" } else { "sink" };
         procs.push(spawn(c.name, &[verb, name], &config_file, logs)?);
-        groups.push((c.group(config).to_string(), c.input(config).to_string()));
+        groups.push(Watched {
+            component: c.name.to_string(),
+            group: c.group(config).to_string(),
+            topic: c.input(config).to_string(),
+        });
     }
     Ok((procs, groups))
 }

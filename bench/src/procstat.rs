@@ -8,6 +8,22 @@ pub fn cpu_seconds(pid: i32) -> Result<f64> {
     Ok((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
 }
 
+/// CPU seconds process `pid` and its children used so far, reaped children included: a
+/// server that forks a process per connection (PostgreSQL) spends its work in them.
+pub fn tree_cpu_seconds(pid: i32) -> Result<f64> {
+    let root = procfs::process::Process::new(pid)?.stat()?;
+    let mut ticks = (root.utime + root.stime) as f64 + (root.cutime + root.cstime).max(0) as f64;
+    for p in procfs::process::all_processes()?.flatten() {
+        // A child that exits meanwhile is skipped; its time moves to the root's cutime.
+        if let Ok(s) = p.stat() {
+            if s.ppid == pid {
+                ticks += (s.utime + s.stime) as f64;
+            }
+        }
+    }
+    Ok(ticks / procfs::ticks_per_second() as f64)
+}
+
 /// Resident memory of process `pid` now, and its peak, in bytes.
 pub fn rss_bytes(pid: i32) -> Result<(u64, u64)> {
     let status = procfs::process::Process::new(pid)?.status()?;

@@ -13,11 +13,14 @@
 //!    which smooths the sawtooth of the sinks' commits), it grows by less than 2 % of the
 //!    offered rate per second or stays under five seconds' worth of events (the
 //!    Elasticsearch sink's commits alone draw a sawtooth of about four), and it stays
-//!    below ten seconds' worth.
+//!    below ten seconds' worth. A verdict names the consumer whose lag grew most: the
+//!    component that set the maximum. Before each load the pipeline catches up and what
+//!    it is done with is trimmed (committed records deleted, indices dropped), so every
+//!    load meets the servers in the same state (noida-db's cost grows with what it holds).
 //! 3. At 50 % and 80 % of that maximum: end-to-end latency (ingest's receipt to the
 //!    sink's commit) p50/p99/p99.9 from each sink's `sluice_end_to_end_latency_seconds`
 //!    histogram (the difference of two scrapes), and CPU seconds and resident memory
-//!    per component per million events, from `/proc`.
+//!    per component per million events, from `/proc`, for the servers too.
 //!
 //! Prints one table and writes the results as JSON. Run on a freshly started stack, with
 //! the release `sluice` binary built:
@@ -32,17 +35,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sluice::components::{self, Kind};
 use sluice::Config;
 use sluice_bench::baselines::{
-    curl_bulk, drop_namespace, drop_pipeline, events, pass_through, produce_raw, psql_copy,
-    raw_line,
+    curl_bulk, delete_indices, drop_namespace, drop_pipeline, events, pass_through, produce_raw,
+    psql_copy, raw_line,
 };
-use sluice_bench::lag::LagWatch;
+use sluice_bench::lag::{LagWatch, Watched};
 use sluice_bench::latency::Buckets;
 use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
-use sluice_bench::procstat::{cpu_seconds, own_cpu_seconds, rss_bytes, service_pid};
+use sluice_bench::procstat::{
+    cpu_seconds, own_cpu_seconds, rss_bytes, service_pid, tree_cpu_seconds,
+};
 use sluice_bench::{results_path, write_json};
 
 /// Whole-pipeline benchmark.
@@ -134,6 +142,8 @@ struct Trial {
     lag_growth: f64,
     /// Lag at the end of the hold.
     lag_end: i64,
+    /// Each consumer's part of the lag: which one fell behind.
+    lag_by_component: BTreeMap<String, ComponentLag>,
     sustained: bool,
     /// Why not, when not.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,9 +230,42 @@ fn slope(samples: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// One consumer's lag over a hold.
+#[derive(Debug, Clone, Serialize)]
+struct ComponentLag {
+    /// Growth over the hold's second half, records per second (as [`growth`] judges it).
+    growth: f64,
+    /// At the end of the hold.
+    end: i64,
+}
+
 async fn total_lag(watch: &Arc<LagWatch>) -> Result<i64> {
     let w = watch.clone();
     tokio::task::spawn_blocking(move || w.total()).await?
+}
+
+async fn lags(watch: &Arc<LagWatch>) -> Result<Vec<(String, i64)>> {
+    let w = watch.clone();
+    tokio::task::spawn_blocking(move || w.lags()).await?
+}
+
+/// The consumer whose lag grew most (or, with none growing, is largest), as a suffix
+/// for the verdict: the component that set the maximum.
+fn most_behind(by_component: &BTreeMap<String, ComponentLag>) -> String {
+    let growing = by_component
+        .iter()
+        .filter(|(_, l)| l.growth > 0.0)
+        .max_by(|a, b| a.1.growth.total_cmp(&b.1.growth));
+    if let Some((name, l)) = growing {
+        return format!(
+            ", most in {name} ({:+.0}/s, {} at the end)",
+            l.growth, l.end
+        );
+    }
+    match by_component.iter().max_by_key(|(_, l)| l.end) {
+        Some((name, l)) if l.end > 0 => format!(", most in {name} ({} at the end)", l.end),
+        _ => String::new(),
+    }
 }
 
 /// Wait (at most three minutes) until the pipeline has caught up.
@@ -241,8 +284,34 @@ async fn drain(watch: &Arc<LagWatch>) -> Result<()> {
     }
 }
 
+/// Wait until the pipeline caught up, then trim what it is done with: the records every
+/// group committed, and the documents indexed so far. The stack's servers (noida-db)
+/// save all they hold in the background, at a cost that grows with what they hold;
+/// without this each load would meet fuller, slower servers than the last, and the
+/// search would judge its later loads on a different machine than its first.
+async fn settle(load: &Load, watch: &Arc<LagWatch>) -> Result<()> {
+    drain(watch).await?;
+    let w = watch.clone();
+    let floor = tokio::task::spawn_blocking(move || w.committed_floor()).await??;
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in floor.into_iter().filter(|(_, o)| *o > 0) {
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
+    }
+    if tpl.count() > 0 {
+        let admin: AdminClient<DefaultClientContext> = load.config.kafka.admin_config().create()?;
+        if let Err(e) = admin.delete_records(&tpl, &AdminOptions::new()).await {
+            println!("  (could not trim the topics: {e})");
+        }
+    }
+    if let Err(e) = delete_indices(&load.config, &load.config.elasticsearch.index_prefix).await {
+        println!("  (could not delete the indices: {e})");
+    }
+    Ok(())
+}
+
 /// The generator's target and what it needs.
 struct Load {
+    config: Config,
     http: reqwest::Client,
     url: String,
     key: String,
@@ -276,7 +345,7 @@ fn growth(samples: &[(f64, f64)], hold: f64) -> (f64, f64) {
 
 /// Hold `rate` for `hold`, sampling the lag every second.
 async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) -> Result<Trial> {
-    drain(watch).await?;
+    settle(load, watch).await?;
     let generator = tokio::spawn(offer(
         load.http.clone(),
         load.url.clone(),
@@ -288,17 +357,30 @@ async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) ->
     ));
     let started = Instant::now();
     let mut samples = Vec::new();
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     while !generator.is_finished() {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        samples.push((
-            started.elapsed().as_secs_f64(),
-            total_lag(watch).await? as f64,
-        ));
+        let at = started.elapsed().as_secs_f64();
+        let now = lags(watch).await?;
+        samples.push((at, now.iter().map(|(_, l)| l).sum::<i64>() as f64));
+        for (component, lag) in now {
+            series.entry(component).or_default().push((at, lag as f64));
+        }
     }
     let (accepted, errors) = generator.await?;
     let achieved = accepted as f64 / hold.as_secs_f64();
     let (lag_growth, lag_recent) = growth(&samples, hold.as_secs_f64());
     let lag_end = samples.last().map_or(0.0, |s| s.1) as i64;
+    let lag_by_component: BTreeMap<String, ComponentLag> = series
+        .into_iter()
+        .map(|(component, s)| {
+            let lag = ComponentLag {
+                growth: growth(&s, hold.as_secs_f64()).0,
+                end: s.last().map_or(0.0, |x| x.1) as i64,
+            };
+            (component, lag)
+        })
+        .collect();
     let why = if achieved < 0.95 * rate {
         Some(format!(
             "ingest took {achieved:.0}/s of {rate:.0}/s offered"
@@ -306,9 +388,15 @@ async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) ->
     } else if errors > 0 {
         Some(format!("{errors} requests failed"))
     } else if lag_growth > 0.02 * rate && lag_recent > 5.0 * rate {
-        Some(format!("lag grew {lag_growth:.0} records/s"))
+        Some(format!(
+            "lag grew {lag_growth:.0} records/s{}",
+            most_behind(&lag_by_component)
+        ))
     } else if lag_end as f64 > 10.0 * rate + 2_000.0 {
-        Some(format!("lag stayed at {lag_end} records"))
+        Some(format!(
+            "lag stayed at {lag_end} records{}",
+            most_behind(&lag_by_component)
+        ))
     } else {
         None
     };
@@ -318,6 +406,7 @@ async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) ->
         errors,
         lag_growth,
         lag_end,
+        lag_by_component,
         sustained: why.is_none(),
         why,
     };
@@ -360,6 +449,15 @@ struct Measured {
 
 const LATENCY: &str = "sluice_end_to_end_latency_seconds";
 
+/// The stack's servers the pipeline uses, by the name the table gives them and their
+/// `scripts/stack` service. PostgreSQL's CPU includes its backends; its memory is the
+/// postmaster's alone.
+const SERVERS: [(&str, &str); 3] = [
+    ("kafka broker", "kafka"),
+    ("elasticsearch server", "es"),
+    ("postgresql server", "pg"),
+];
+
 async fn measured(
     load: &Load,
     watch: &Arc<LagWatch>,
@@ -372,7 +470,7 @@ async fn measured(
         .iter()
         .filter(|p| components::find(Kind::Sink, p.name).is_some())
         .collect();
-    drain(watch).await?;
+    settle(load, watch).await?;
     let mut before = Vec::new();
     for p in &sinks {
         before.push(Buckets::of(
@@ -387,9 +485,12 @@ async fn measured(
         .map(|p| cpu_seconds(p.pid()))
         .collect::<Result<_>>()?;
     let own_before = own_cpu_seconds()?;
-    // The broker shares the machine: what it spends per event is part of the picture.
-    let broker = service_pid("kafka");
-    let broker_before = broker.map(cpu_seconds).transpose()?;
+    // The servers share the machine: what they spend per event is part of the picture.
+    let servers: Vec<(&str, i32, f64)> = SERVERS
+        .iter()
+        .filter_map(|(name, service)| Some((*name, service_pid(service)?)))
+        .map(|(name, pid)| Ok((name, pid, tree_cpu_seconds(pid)?)))
+        .collect::<Result<_>>()?;
     let t = trial(load, watch, share * max, hold).await?;
     // Let what was accepted reach the sinks before reading their histograms.
     drain(watch).await?;
@@ -419,12 +520,12 @@ async fn measured(
             },
         );
     }
-    if let (Some(pid), Some(before)) = (broker, broker_before) {
+    for (name, pid, before) in servers {
         let (rss, peak) = rss_bytes(pid)?;
         usage.insert(
-            "kafka broker".into(),
+            name.into(),
             Usage {
-                cpu_seconds_per_million: (cpu_seconds(pid)? - before) / events * 1e6,
+                cpu_seconds_per_million: (tree_cpu_seconds(pid)? - before) / events * 1e6,
                 rss_mb: rss as f64 / 1e6,
                 peak_rss_mb: peak as f64 / 1e6,
             },
@@ -549,7 +650,7 @@ async fn run(
     key: &str,
     http: &reqwest::Client,
     procs: &mut [Process],
-    groups: &[(String, String)],
+    groups: &[Watched],
     logs: &Path,
     hold: Duration,
     base: Baseline,
@@ -558,6 +659,7 @@ async fn run(
     let (c, g) = (config.clone(), groups.to_vec());
     let watch = Arc::new(tokio::task::spawn_blocking(move || LagWatch::new(&c, &g)).await??);
     let load = Load {
+        config: config.clone(),
         http: http.clone(),
         url: format!("http://{}/v1/events", config.ingest.listen),
         key: key.to_string(),
@@ -617,4 +719,42 @@ async fn run(
         trials,
         measured: measured_loads,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lags(of: &[(&str, f64, i64)]) -> BTreeMap<String, ComponentLag> {
+        of.iter()
+            .map(|(name, growth, end)| {
+                let lag = ComponentLag {
+                    growth: *growth,
+                    end: *end,
+                };
+                (name.to_string(), lag)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_verdict_names_the_consumer_whose_lag_grew_most() {
+        let l = lags(&[
+            ("parse", -30.0, 400),
+            ("elasticsearch", 241.0, 23_899),
+            ("enrich", 6.0, 682),
+        ]);
+        assert_eq!(
+            most_behind(&l),
+            ", most in elasticsearch (+241/s, 23899 at the end)"
+        );
+    }
+
+    #[test]
+    fn with_no_lag_growing_the_verdict_names_the_largest_one() {
+        let l = lags(&[("parse", -1.0, 400), ("timescale", -2.0, 9_000)]);
+        assert_eq!(most_behind(&l), ", most in timescale (9000 at the end)");
+        assert_eq!(most_behind(&lags(&[("parse", -1.0, 0)])), "");
+        assert_eq!(most_behind(&BTreeMap::new()), "");
+    }
 }

@@ -365,16 +365,12 @@ pub async fn drop_indices(config: &Config, prefix: &str) {
     }
 }
 
-/// Delete the indices named `<prefix>-*`, keeping their template (a sink writing there
-/// creates them again from it).
-pub async fn delete_indices(config: &Config, prefix: &str) -> Result<()> {
+/// The names of the indices matching `pattern` (e.g. `bp-1234-*`).
+pub async fn index_names(config: &Config, pattern: &str) -> Result<Vec<String>> {
     let client = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
-    let pattern = format!("{prefix}-*");
-    // By name: Elasticsearch 8 refuses to delete by a wildcard
-    // (`action.destructive_requires_name`).
     let listed: Vec<serde_json::Value> = client
         .cat()
-        .indices(elasticsearch::cat::CatIndicesParts::Index(&[&pattern]))
+        .indices(elasticsearch::cat::CatIndicesParts::Index(&[pattern]))
         .format("json")
         .h(&["index"])
         .send()
@@ -382,7 +378,20 @@ pub async fn delete_indices(config: &Config, prefix: &str) -> Result<()> {
         .error_for_status_code()?
         .json()
         .await?;
-    let names: Vec<&str> = listed.iter().filter_map(|i| i["index"].as_str()).collect();
+    Ok(listed
+        .iter()
+        .filter_map(|i| i["index"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// Delete the indices named `<prefix>-*`, keeping their template (a sink writing there
+/// creates them again from it).
+pub async fn delete_indices(config: &Config, prefix: &str) -> Result<()> {
+    let client = sluice_sinks::elasticsearch::client(&config.elasticsearch)?;
+    // By name: Elasticsearch 8 refuses to delete by a wildcard
+    // (`action.destructive_requires_name`).
+    let owned = index_names(config, &format!("{prefix}-*")).await?;
+    let names: Vec<&str> = owned.iter().map(String::as_str).collect();
     // A few at a time, to keep the URL short.
     for chunk in names.chunks(20) {
         client

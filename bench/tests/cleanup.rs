@@ -2,26 +2,11 @@
 //! behind slows the next pass.
 #![allow(clippy::unwrap_used)] // a failed step should stop the test with its message
 
-use sluice_bench::baselines::delete_indices;
+use sluice_bench::baselines::{delete_indices, index_names};
 
-/// The indices whose names start with `prefix`, from `_cat/indices`.
-async fn listed(client: &elasticsearch::Elasticsearch, prefix: &str) -> Vec<String> {
-    let pattern = format!("{prefix}*");
-    let rows: Vec<serde_json::Value> = client
-        .cat()
-        .indices(elasticsearch::cat::CatIndicesParts::Index(&[&pattern]))
-        .format("json")
-        .h(&["index"])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut names: Vec<String> = rows
-        .iter()
-        .filter_map(|r| r["index"].as_str().map(str::to_string))
-        .collect();
+/// The indices whose names start with `prefix`, sorted.
+async fn listed(config: &sluice::Config, prefix: &str) -> Vec<String> {
+    let mut names = index_names(config, &format!("{prefix}*")).await.unwrap();
     names.sort();
     names
 }
@@ -50,13 +35,13 @@ async fn a_prefix_s_indices_are_deleted_by_name_and_no_others() {
             .unwrap();
     }
     assert_eq!(
-        listed(&client, &prefix).await,
+        listed(&config, &prefix).await,
         [a.clone(), b, other.clone()]
     );
 
     delete_indices(&config, &prefix).await.unwrap();
     assert_eq!(
-        listed(&client, &prefix).await,
+        listed(&config, &prefix).await,
         std::slice::from_ref(&other),
         "the prefix's indices are gone, the one outside it stays"
     );

@@ -172,3 +172,14 @@ pub fn spawn_pipeline(config: &Config, logs: &Path) -> Result<(Vec<Process>, Vec
     }
     Ok((procs, groups))
 }
+
+/// Run `work` until it ends or the bench is stopped (Ctrl-C, SIGTERM). Either way the
+/// caller then stops the pipeline's processes and deletes what they made: a bench killed
+/// mid-run used to leave them running against the stack, loading the next run.
+pub async fn until_stopped<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let stop = sluice::pipeline::shutdown_on_signals();
+    tokio::select! {
+        r = work => r,
+        () = stop.cancelled() => bail!("stopped by a signal before the end"),
+    }
+}

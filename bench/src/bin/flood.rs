@@ -21,7 +21,9 @@ use clap::Parser;
 use serde::Serialize;
 use sluice::components;
 use sluice_bench::baselines::drop_pipeline;
-use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
+use sluice_bench::processes::{
+    pipeline_config, ready, sluice_bin, spawn_pipeline, until_stopped, Process,
+};
 use sluice_bench::procstat::rss_bytes;
 use sluice_bench::{results_path, write_json};
 
@@ -101,7 +103,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let (mut procs, _) = spawn_pipeline(&config, &logs)?;
     let http = reqwest::Client::new();
-    let outcome = flood(&args, &config, &key, &http, &mut procs, &logs).await;
+    let outcome = until_stopped(flood(&args, &config, &key, &http, &mut procs, &logs)).await;
     for p in procs {
         p.stop();
     }

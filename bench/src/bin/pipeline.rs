@@ -47,7 +47,9 @@ use sluice_bench::baselines::{
 };
 use sluice_bench::lag::{LagWatch, Watched};
 use sluice_bench::latency::Buckets;
-use sluice_bench::processes::{pipeline_config, ready, sluice_bin, spawn_pipeline, Process};
+use sluice_bench::processes::{
+    pipeline_config, ready, sluice_bin, spawn_pipeline, until_stopped, Process,
+};
 use sluice_bench::procstat::{
     cpu_seconds, own_cpu_seconds, rss_bytes, service_pid, tree_cpu_seconds,
 };
@@ -626,9 +628,9 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let (mut procs, groups) = spawn_pipeline(&config, &logs)?;
     let http = reqwest::Client::new();
-    let outcome = run(
+    let outcome = until_stopped(run(
         &args, &config, &key, &http, &mut procs, &groups, &logs, hold, base,
-    )
+    ))
     .await;
     for p in procs {
         p.stop();

@@ -35,6 +35,17 @@ pub struct LagWatch {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+impl Group {
+    /// The group's committed offsets of its topic's partitions, in partition order.
+    fn committed(&self) -> Result<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in &self.partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        Ok(self.consumer.committed_offsets(tpl, TIMEOUT)?)
+    }
+}
+
 impl LagWatch {
     /// Watch the groups of `consumers`. Blocking.
     pub fn new(config: &Config, consumers: &[Watched]) -> Result<Self> {
@@ -61,14 +72,12 @@ impl LagWatch {
     pub fn lags(&self) -> Result<Vec<(String, i64)>> {
         let mut out = Vec::new();
         for g in &self.groups {
-            let mut tpl = TopicPartitionList::new();
             let mut ends = Vec::new();
             for &p in &g.partitions {
-                tpl.add_partition(&g.topic, p);
                 ends.push(g.consumer.fetch_watermarks(&g.topic, p, TIMEOUT)?.1);
             }
-            let committed = g.consumer.committed_offsets(tpl, TIMEOUT)?;
-            let lag = committed
+            let lag = g
+                .committed()?
                 .elements()
                 .iter()
                 .zip(ends)
@@ -89,11 +98,7 @@ impl LagWatch {
         let mut floor = BTreeMap::new();
         let mut uncommitted = BTreeSet::new();
         for g in &self.groups {
-            let mut tpl = TopicPartitionList::new();
-            for &p in &g.partitions {
-                tpl.add_partition(&g.topic, p);
-            }
-            for e in g.consumer.committed_offsets(tpl, TIMEOUT)?.elements() {
+            for e in g.committed()?.elements() {
                 let at = (e.topic().to_string(), e.partition());
                 match e.offset() {
                     Offset::Offset(o) => {

@@ -345,9 +345,8 @@ fn growth(samples: &[(f64, f64)], hold: f64) -> (f64, f64) {
     }
 }
 
-/// Hold `rate` for `hold`, sampling the lag every second.
+/// Hold `rate` for `hold`, sampling the lag every second. Call [`settle`] first.
 async fn trial(load: &Load, watch: &Arc<LagWatch>, rate: f64, hold: Duration) -> Result<Trial> {
-    settle(load, watch).await?;
     let generator = tokio::spawn(offer(
         load.http.clone(),
         load.url.clone(),
@@ -669,6 +668,7 @@ async fn run(
         next_id: Arc::new(AtomicU64::new(0)),
     };
     println!("warm-up: {:.0} events/s for 10 s", args.start);
+    settle(&load, &watch).await?;
     trial(&load, &watch, args.start, Duration::from_secs(10)).await?;
 
     println!(
@@ -679,6 +679,7 @@ async fn run(
     let (mut good, mut bad) = (0.0f64, None::<f64>);
     let mut rate = args.start;
     while bad.is_none() {
+        settle(&load, &watch).await?;
         let t = trial(&load, &watch, rate, hold).await?;
         if t.sustained {
             good = rate;
@@ -691,6 +692,7 @@ async fn run(
     let mut high = bad.unwrap_or(rate);
     for _ in 0..args.steps {
         let mid = (good + high) / 2.0;
+        settle(&load, &watch).await?;
         let t = trial(&load, &watch, mid, hold).await?;
         if t.sustained {
             good = mid;

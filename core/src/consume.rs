@@ -78,3 +78,79 @@ impl<'a, C: ConsumerContext + 'static> Receiver<'a, C> {
         }
     }
 }
+
+/// How long a stage or sink waits for its consumer to close at shutdown.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Drop `consumer` (closing it: leave the group, serve its last rebalance) on a thread of
+/// its own and wait for that at most `timeout`. librdkafka can wait for ever inside a
+/// close (confluentinc/librdkafka#4884: a rebalance call whose request it dropped); a
+/// stage or sink that hung there would never exit, and a caller awaiting it never go on.
+/// Past the wait the close is left to finish, or not, on its own thread. Returns whether
+/// it finished in time. Everything worth keeping was committed before the close.
+pub async fn close_within<T: Send + 'static>(consumer: T, group: &str, timeout: Duration) -> bool {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        // No thread to spare: close here, unbounded, as a plain drop would.
+        tracing::warn!(group, error = %e, "cannot start a thread to close the consumer; closing it inline");
+        return true;
+    }
+    if tokio::time::timeout(timeout, closed).await.is_ok() {
+        return true;
+    }
+    tracing::warn!(
+        group,
+        waited_s = timeout.as_secs(),
+        "consumer did not close in time (librdkafka stuck in its close); going on without it"
+    );
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Stands for a consumer whose close takes `for_` (or for ever, near enough).
+    struct SlowClose {
+        for_: Duration,
+        closed: Arc<AtomicBool>,
+    }
+
+    impl Drop for SlowClose {
+        fn drop(&mut self) {
+            std::thread::sleep(self.for_);
+            self.closed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_that_hangs_is_left_behind_after_the_wait() {
+        let closed = Arc::new(AtomicBool::new(false));
+        let hanging = SlowClose {
+            for_: Duration::from_secs(30),
+            closed: closed.clone(),
+        };
+        assert!(!close_within(hanging, "g", Duration::from_millis(200)).await);
+        // The caller goes on while the close still hangs.
+        assert!(!closed.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_close_that_finishes_is_waited_for() {
+        let closed = Arc::new(AtomicBool::new(false));
+        let quick = SlowClose {
+            for_: Duration::from_millis(300),
+            closed: closed.clone(),
+        };
+        assert!(close_within(quick, "g", Duration::from_secs(20)).await);
+        assert!(closed.load(Ordering::SeqCst));
+    }
+}

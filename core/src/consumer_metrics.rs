@@ -6,8 +6,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
+use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::TopicPartitionList;
 
 /// Called when partitions are revoked, before they go: the owner drains and commits them.
@@ -70,6 +72,47 @@ pub fn owned(p: &rdkafka::statistics::Partition) -> bool {
 }
 
 impl ConsumerContext for MeteredConsumer {
+    /// rdkafka's rebalance (pre hook, assign or unassign, post hook), except when the
+    /// consumer group sub-system has already terminated: a rebalance event that is served
+    /// only while the consumer closes (it waited in the queue while the loop drained)
+    /// would otherwise call `assign`, whose request librdkafka then drops unanswered, and
+    /// the close waits for ever (confluentinc/librdkafka#4884). A terminated group has
+    /// nothing left to assign, revoke or commit, so the event is only logged.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        if consumer.closed() {
+            tracing::debug!(group = %self.group, partitions = %describe(tpl), "rebalance event after the consumer closed; ignored");
+            return;
+        }
+        let tpl: &TopicPartitionList = tpl;
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        // As rdkafka's own: anything but an assignment gives the partitions up.
+        let assign = matches!(rebalance, Rebalance::Assign(_));
+        let done = match (assign, cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(group = %self.group, error = %e, "applying a rebalance failed");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Ok(mut started) = self.rebalance_started.lock() {
             started.get_or_insert_with(Instant::now);

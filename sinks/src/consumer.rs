@@ -16,7 +16,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
-use sluice_core::consume::Receiver;
+use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::events::{BatchRetrying, Component, DeadLettered, Emit, ItemsRetrying};
 use sluice_core::failure::{DeadLetter, Failure};
@@ -499,6 +499,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
         settled(name, running.await, &mut stats.settled);
     }
     settled(name, Ok(writer.settle().await), &mut stats.settled);
+    close_within(consumer, &spec.group, CLOSE_WAIT).await;
     tracing::info!(
         sink = name,
         consumed = stats.consumed,

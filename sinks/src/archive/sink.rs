@@ -21,7 +21,7 @@ use object_store::PutPayload;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use sluice_core::config::KafkaConfig;
-use sluice_core::consume::Receiver;
+use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::events::{BatchRetrying, Emit};
 use sluice_core::replay_scope::Admit;
@@ -546,7 +546,8 @@ pub async fn run_archive(
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(sink = NAME, error = %e, "final commit");
     }
-    let stats = sink.stats;
+    let ArchiveSink { stats, .. } = sink;
+    close_within(consumer, &spec.group, CLOSE_WAIT).await;
     tracing::info!(
         sink = NAME,
         consumed = stats.consumed,

@@ -22,7 +22,7 @@ use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
-use sluice_core::consume::Receiver;
+use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
 use sluice_core::events::{DeliveryRetrying, Emit, ProducerReplaced};
 use sluice_core::replay_scope::Admit;
@@ -337,6 +337,8 @@ pub async fn run<T: Transform>(
         }
     }
     let stats = stage.stats;
+    drop(stage);
+    close_within(consumer, &spec.group, CLOSE_WAIT).await;
     stats.log_stopped(name, run_started, "stage stopped");
     Ok(stats)
 }

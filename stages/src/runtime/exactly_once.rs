@@ -21,7 +21,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
-use sluice_core::consume::Receiver;
+use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio_util::sync::CancellationToken;
 
@@ -135,6 +135,7 @@ pub async fn run<T: Transform>(
     if batch.open {
         finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
     }
+    close_within(consumer, &spec.group, CLOSE_WAIT).await;
     stats.log_stopped(name, run_started, "exactly-once stage stopped");
     Ok(stats)
 }

@@ -97,8 +97,9 @@ pub async fn close_within<T: Send + 'static>(consumer: T, group: &str, timeout: 
             let _ = done.send(());
         });
     if let Err(e) = spawned {
-        // No thread to spare: close here, unbounded, as a plain drop would.
-        tracing::warn!(group, error = %e, "cannot start a thread to close the consumer; closing it inline");
+        // No thread to spare: `spawn` has already dropped the closure, so the consumer
+        // was closed here, unbounded, as a plain drop would.
+        tracing::warn!(group, error = %e, "cannot start a thread to close the consumer; closed it inline");
         return true;
     }
     if tokio::time::timeout(timeout, closed).await.is_ok() {
@@ -124,6 +125,18 @@ mod tests {
         closed: Arc<AtomicBool>,
     }
 
+    impl SlowClose {
+        /// One whose close takes `for_`, and the flag its close sets.
+        fn taking(for_: Duration) -> (Self, Arc<AtomicBool>) {
+            let closed = Arc::new(AtomicBool::new(false));
+            let slow = Self {
+                for_,
+                closed: closed.clone(),
+            };
+            (slow, closed)
+        }
+    }
+
     impl Drop for SlowClose {
         fn drop(&mut self) {
             std::thread::sleep(self.for_);
@@ -133,11 +146,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_that_hangs_is_left_behind_after_the_wait() {
-        let closed = Arc::new(AtomicBool::new(false));
-        let hanging = SlowClose {
-            for_: Duration::from_secs(30),
-            closed: closed.clone(),
-        };
+        let (hanging, closed) = SlowClose::taking(Duration::from_secs(30));
         assert!(!close_within(hanging, "g", Duration::from_millis(200)).await);
         // The caller goes on while the close still hangs.
         assert!(!closed.load(Ordering::SeqCst));
@@ -145,11 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_that_finishes_is_waited_for() {
-        let closed = Arc::new(AtomicBool::new(false));
-        let quick = SlowClose {
-            for_: Duration::from_millis(300),
-            closed: closed.clone(),
-        };
+        let (quick, closed) = SlowClose::taking(Duration::from_millis(300));
         assert!(close_within(quick, "g", Duration::from_secs(20)).await);
         assert!(closed.load(Ordering::SeqCst));
     }

@@ -46,6 +46,10 @@ pub struct IngestConfig {
     pub header_read_timeout_ms: u64,
     /// A body not received within this long is answered 408, in milliseconds.
     pub body_read_timeout_ms: u64,
+    /// Most bytes of a refused request's body read (and dropped) before the answer, so
+    /// that a client still sending gets the status and reason, not a reset connection;
+    /// a larger body's connection is closed.
+    pub max_refused_body_bytes: usize,
     /// Longest `X-Source` and `Idempotency-Key` header values, in bytes: they are copied
     /// onto every record of the request.
     pub max_header_value_bytes: usize,
@@ -66,6 +70,7 @@ impl Default for IngestConfig {
             max_in_flight_bytes: 128 * 1024 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            max_refused_body_bytes: 64 * 1024 * 1024,
             max_header_value_bytes: 256,
         }
     }

@@ -93,7 +93,48 @@ const ACCEPTED_TYPES: &[&str] = &[
 pub(crate) async fn post_events(
     State(ingest): State<Arc<Ingest>>,
     headers: HeaderMap,
-    body: Body,
+    mut body: Body,
+) -> Result<(StatusCode, Json<Accepted>), Rejection> {
+    let answer = accept(&ingest, &headers, &mut body).await;
+    // A body that timed out is not arriving: nothing to wait for.
+    if answer
+        .as_ref()
+        .is_err_and(|r| r.status != StatusCode::REQUEST_TIMEOUT)
+    {
+        drain(&mut body, &ingest.config).await;
+    }
+    answer
+}
+
+/// Read and drop what is left of a refused request's body, at most
+/// `max_refused_body_bytes` within `body_read_timeout_ms`. A socket closed with unread
+/// data is reset, and a client still sending its body then gets a broken pipe instead
+/// of the answer; with the body read, it gets the status and the JSON reason. Nothing is
+/// kept, so this costs bandwidth, not memory. Past the bound the connection is closed.
+async fn drain(body: &mut Body, config: &crate::config::IngestConfig) {
+    use http_body_util::BodyExt;
+    let mut left = config.max_refused_body_bytes;
+    let timeout = Duration::from_millis(config.body_read_timeout_ms.max(1));
+    let _ = tokio::time::timeout(timeout, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            if data.len() > left {
+                return;
+            }
+            left -= data.len();
+        }
+    })
+    .await;
+}
+
+/// The answer to `POST /v1/events`; `body` is read only once the request passed every
+/// check that needs no body.
+async fn accept(
+    ingest: &Ingest,
+    headers: &HeaderMap,
+    body: &mut Body,
 ) -> Result<(StatusCode, Json<Accepted>), Rejection> {
     // Bounded work at once: a request beyond it is refused before its body is read.
     let _permit = ingest.in_flight.clone().try_acquire_owned().map_err(|_| {
@@ -107,7 +148,7 @@ pub(crate) async fn post_events(
         )
         .retry_after(1)
     })?;
-    let tenant = ingest.keys.tenant_of(&headers)?.to_string();
+    let tenant = ingest.keys.tenant_of(headers)?.to_string();
     if let Some(claimed) = headers.get("x-tenant").and_then(|v| v.to_str().ok()) {
         if claimed != tenant {
             return Err(Rejection::new(
@@ -170,29 +211,32 @@ pub(crate) async fn post_events(
             .retry_after(1)
         })?;
     let max = ingest.config.max_header_value_bytes;
-    let source = bounded_header(&headers, "x-source", max)?
+    let source = bounded_header(headers, "x-source", max)?
         .unwrap_or("http")
         .to_string();
-    let idempotency_key = bounded_header(&headers, "idempotency-key", max)?.map(str::to_string);
+    let idempotency_key = bounded_header(headers, "idempotency-key", max)?.map(str::to_string);
     // A tenant over its rate is refused before its body is read (one event's worth is
     // taken now, the rest once the lines are counted).
     ingest.limits.admit(&tenant, 1)?;
     let timeout = std::time::Duration::from_millis(ingest.config.body_read_timeout_ms.max(1));
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| {
-            Rejection::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!(
-                    "the body did not arrive within {} ms (ingest.body_read_timeout_ms)",
-                    timeout.as_millis()
-                ),
-            )
-        })?;
-    let body = read.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
+    // Read through a reference: a body refused half-way is drained before the answer.
+    let read = tokio::time::timeout(
+        timeout,
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(&mut *body, limit)),
+    )
+    .await
+    .map_err(|_| {
+        Rejection::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the body did not arrive within {} ms (ingest.body_read_timeout_ms)",
+                timeout.as_millis()
+            ),
+        )
+    })?;
+    let body = read.map(http_body_util::Collected::to_bytes).map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
             too_large()
         } else {
             Rejection::new(

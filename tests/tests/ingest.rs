@@ -728,3 +728,68 @@ async fn a_retry_after_a_partial_503_adds_no_new_event_ids() {
     assert_eq!(ids, want, "the retry repeated ids, it made no new ones");
     b.shutdown().await;
 }
+
+/// A refused request whose body is large still gets its status and JSON reason: the
+/// server reads (and drops) the rest of the body before it answers, instead of closing a
+/// socket with unread data, which resets the connection under a client still sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_refused_body_still_gets_its_json_answer() {
+    let mut config = stack_config();
+    config.ingest.max_body_bytes = 2_000;
+    let server = Server::start(config).await;
+    let big = "x".repeat(8 * 1024 * 1024);
+    let client = reqwest::Client::new();
+    // Chunked, with no Content-Length: refused once the limit is passed while reading.
+    let chunked = || {
+        let chunks: Vec<Result<String, std::io::Error>> =
+            (0..128).map(|_| Ok("y".repeat(64 * 1024))).collect();
+        reqwest::Body::wrap_stream(futures::stream::iter(chunks))
+    };
+    for attempt in 0..5 {
+        for (key, content_type, body, want, error) in [
+            (
+                Some(KEY_A),
+                "application/x-ndjson",
+                reqwest::Body::from(big.clone()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+            ),
+            (
+                Some(KEY_A),
+                "application/x-ndjson",
+                chunked(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+            ),
+            (
+                None,
+                "application/x-ndjson",
+                big.clone().into(),
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                Some(KEY_A),
+                "text/csv",
+                big.clone().into(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_type",
+            ),
+        ] {
+            let mut req = client
+                .post(server.url("/v1/events"))
+                .header("content-type", content_type)
+                .body(body);
+            if let Some(k) = key {
+                req = req.bearer_auth(k);
+            }
+            let resp = req
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("attempt {attempt}, {want}: no answer: {e:?}"));
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_error(status, &body, want, error);
+        }
+    }
+}

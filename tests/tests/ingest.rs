@@ -792,4 +792,9 @@ async fn a_large_refused_body_still_gets_its_json_answer() {
             assert_error(status, &body, want, error);
         }
     }
+    assert!(
+        server.records().await.is_empty(),
+        "nothing of a refused request is written"
+    );
+    server.shutdown().await;
 }

@@ -77,6 +77,11 @@ impl Default for IngestConfig {
 }
 
 impl IngestConfig {
+    /// How long a request's body may take to arrive (at least 1 ms).
+    pub fn body_read_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_read_timeout_ms.max(1))
+    }
+
     /// Settings that cannot work, named.
     pub fn check(&self) -> Result<(), String> {
         if let Some(k) = self

@@ -114,8 +114,7 @@ pub(crate) async fn post_events(
 async fn drain(body: &mut Body, config: &crate::config::IngestConfig) {
     use http_body_util::BodyExt;
     let mut left = config.max_refused_body_bytes;
-    let timeout = Duration::from_millis(config.body_read_timeout_ms.max(1));
-    let _ = tokio::time::timeout(timeout, async {
+    let _ = tokio::time::timeout(config.body_read_timeout(), async {
         while let Some(Ok(frame)) = body.frame().await {
             let Some(data) = frame.data_ref() else {
                 continue;
@@ -218,7 +217,7 @@ async fn accept(
     // A tenant over its rate is refused before its body is read (one event's worth is
     // taken now, the rest once the lines are counted).
     ingest.limits.admit(&tenant, 1)?;
-    let timeout = std::time::Duration::from_millis(ingest.config.body_read_timeout_ms.max(1));
+    let timeout = ingest.config.body_read_timeout();
     // Read through a reference: a body refused half-way is drained before the answer.
     let read = tokio::time::timeout(
         timeout,

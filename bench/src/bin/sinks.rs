@@ -36,6 +36,13 @@ struct Args {
     /// Rows for the PostgreSQL comparison.
     #[arg(long, default_value_t = 100_000)]
     rows: usize,
+    /// The PostgreSQL sink's `timescale.batch_size` (default: the Helm chart's).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pg_batch_size: u32,
+    /// The PostgreSQL sink's `timescale.pool_size`, its connections (default: the Helm
+    /// chart's).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pg_connections: u32,
     /// Documents for the Elasticsearch comparison.
     #[arg(long, default_value_t = 40_000)]
     docs: usize,
@@ -62,7 +69,11 @@ async fn main() -> Result<()> {
     let mut results = serde_json::json!({"bench": "sinks", "rounds": rounds});
     let runs = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     if runs("postgres") {
-        results["postgres"] = postgres(args.rows, rounds).await?;
+        let sink = PgSink {
+            batch_size: args.pg_batch_size as usize,
+            connections: args.pg_connections as usize,
+        };
+        results["postgres"] = postgres(args.rows, sink, rounds).await?;
     }
     if runs("elasticsearch") {
         results["elasticsearch"] = elasticsearch(args.docs, rounds).await?;
@@ -92,13 +103,21 @@ async fn alternate<A, B>(
     }
 }
 
-async fn postgres(n: usize, rounds: usize) -> Result<serde_json::Value> {
+/// How the PostgreSQL sink is set up for the comparison.
+#[derive(Debug, Clone, Copy)]
+struct PgSink {
+    batch_size: usize,
+    connections: usize,
+}
+
+async fn postgres(n: usize, sink: PgSink, rounds: usize) -> Result<serde_json::Value> {
     let mut config = stack_config();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.timescale.mode = DbMode::Postgres;
-    // Four connections, as the Helm chart's default: PostgreSQL 15 serves them at once.
-    config.timescale.batch_size = 5_000;
-    config.timescale.pool_size = 4;
+    // By default as the Helm chart deploys it: 2,000-row batches on four connections,
+    // which PostgreSQL 15 serves at once.
+    config.timescale.batch_size = sink.batch_size;
+    config.timescale.pool_size = sink.connections;
     let name = unique("bench_pg_");
     sink_namespace(&mut config, &name).await;
     let rows = events(n);
@@ -135,7 +154,10 @@ async fn postgres(n: usize, rounds: usize) -> Result<serde_json::Value> {
             drop_schema(&config, &c.timescale.schema).await;
         }
     }
-    println!("postgres sink benchmark: {n} rows, {rounds} rounds");
+    println!(
+        "postgres sink benchmark: {n} rows, {rounds} rounds, batches of {} rows on {} connections",
+        sink.batch_size, sink.connections
+    );
     let copy = vs_copy.report(0.6);
     let keyed = layout.verdict(0.0);
     println!(
@@ -159,7 +181,7 @@ async fn postgres(n: usize, rounds: usize) -> Result<serde_json::Value> {
     drop_schema(&config, &c.timescale.schema).await;
     drop_bench_topics(&config).await;
     Ok(
-        serde_json::json!({"rows": n, "sink_vs_copy": copy, "hypertable_layout": keyed, "replay_vs_first_write": replay}),
+        serde_json::json!({"rows": n, "batch_size": sink.batch_size, "connections": sink.connections, "sink_vs_copy": copy, "hypertable_layout": keyed, "replay_vs_first_write": replay}),
     )
 }
 

@@ -24,7 +24,7 @@ use sluice_bench::baselines::{
 };
 use sluice_bench::{rate, write_json, Rounds, Verdict};
 use sluice_schemas::EnrichedEvent;
-use sluice_sinks::timescale::config::DbMode;
+use sluice_sinks::timescale::config::{DbMode, TimescaleConfig};
 use sluice_tests::{
     produce_enriched, produce_versioned, sink, sink_namespace, stack_config, stack_var, unique,
     RunningSink,
@@ -36,9 +36,10 @@ struct Args {
     /// Rows for the PostgreSQL comparison.
     #[arg(long, default_value_t = 100_000)]
     rows: usize,
-    /// The PostgreSQL sink's `timescale.batch_size` (default: the Helm chart's).
-    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
-    pg_batch_size: u32,
+    /// The PostgreSQL sink's `timescale.batch_size` (default: the configuration's, which
+    /// the Helm chart keeps).
+    #[arg(long, default_value_t = TimescaleConfig::default().batch_size as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pg_batch_size: u64,
     /// The PostgreSQL sink's `timescale.pool_size`, its connections (default: the Helm
     /// chart's).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]

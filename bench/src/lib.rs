@@ -17,6 +17,10 @@ pub mod procstat;
 
 use std::time::{Duration, Instant};
 
+/// The connections the Helm chart gives the TimescaleDB sink (`timescale.pool_size` in
+/// `helm/sluice/values.yaml`); the benches run the sink as deployed.
+pub const CHART_PG_CONNECTIONS: usize = 4;
+
 /// Events per second of `events` done in `elapsed`.
 pub fn rate(events: usize, elapsed: Duration) -> f64 {
     events as f64 / elapsed.as_secs_f64().max(1e-9)

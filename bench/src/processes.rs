@@ -135,8 +135,7 @@ pub fn pipeline_config() -> Result<(Config, String)> {
     let mut config = sluice_tests::stack_config().namespaced(&prefix, &prefix.replace('-', "_"));
     config.timescale.url = sluice_tests::stack_var("SLUICE_STACK_PG_URL");
     config.timescale.mode = DbMode::Postgres;
-    // As the Helm chart deploys it.
-    config.timescale.pool_size = 4;
+    config.timescale.pool_size = crate::CHART_PG_CONNECTIONS;
     let key = sluice_tests::unique("key-");
     config.ingest.api_keys = vec![ApiKey {
         tenant: "acme".into(),

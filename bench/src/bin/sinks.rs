@@ -22,7 +22,7 @@ use sluice::Config;
 use sluice_bench::baselines::{
     curl_bulk, drop_indices, drop_schema, drop_topics, events, produce_raw, psql_copy,
 };
-use sluice_bench::{rate, write_json, Rounds, Verdict};
+use sluice_bench::{rate, write_json, Rounds, Verdict, CHART_PG_CONNECTIONS};
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::timescale::config::{DbMode, TimescaleConfig};
 use sluice_tests::{
@@ -42,8 +42,8 @@ struct Args {
     pg_batch_size: u64,
     /// The PostgreSQL sink's `timescale.pool_size`, its connections (default: the Helm
     /// chart's).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    pg_connections: u32,
+    #[arg(long, default_value_t = CHART_PG_CONNECTIONS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pg_connections: u64,
     /// Documents for the Elasticsearch comparison.
     #[arg(long, default_value_t = 40_000)]
     docs: usize,
@@ -115,8 +115,7 @@ async fn postgres(n: usize, sink: PgSink, rounds: usize) -> Result<serde_json::V
     let mut config = stack_config();
     config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
     config.timescale.mode = DbMode::Postgres;
-    // By default as the Helm chart deploys it: 2,000-row batches on four connections,
-    // which PostgreSQL 15 serves at once.
+    // By default as the Helm chart deploys it (see the flags).
     config.timescale.batch_size = sink.batch_size;
     config.timescale.pool_size = sink.connections;
     let name = unique("bench_pg_");

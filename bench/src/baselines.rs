@@ -34,6 +34,37 @@ pub fn raw_line(i: usize) -> String {
     )
 }
 
+/// Write a geo table of `rows` rows (`cidr,network,country`), the size of a real one
+/// (a country-level table has a few hundred thousand), to `path`. Four in five rows are
+/// IPv4 /24s spread over the space, the rest IPv6 /48s; `10.0.0.0/8` and `10.1.2.0/24`
+/// are among them, so [`raw_line`]'s addresses match at a nested prefix, as real ones do.
+pub fn geo_table(path: &Path, rows: usize) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "cidr,network,country")?;
+    writeln!(f, "10.0.0.0/8,corp,DE")?;
+    writeln!(f, "10.1.2.0/24,lab,FR")?;
+    for i in 0..rows.saturating_sub(2) as u32 {
+        // Knuth's multiplicative hash: distinct, scattered networks.
+        let h = i.wrapping_mul(2_654_435_761);
+        if i % 5 == 4 {
+            writeln!(
+                f,
+                "2001:{:x}:{:x}::/48,net{i},C{}",
+                h >> 16,
+                h & 0xffff,
+                i % 250
+            )?;
+        } else {
+            let [a, b, c, _] = h.to_be_bytes();
+            // 10/8 is the lab's own, above: keep the generated rows out of it.
+            let a = if a == 10 { 11 } else { a };
+            writeln!(f, "{a}.{b}.{c}.0/24,net{i},C{}", i % 250)?;
+        }
+    }
+    f.flush()?;
+    Ok(())
+}
+
 /// Produce `n` raw records (the lines of [`raw_line`], with the headers ingest sets) to
 /// the raw topic of `config`; its rate, from the first send to the last ack.
 pub async fn produce_raw(config: &Config, n: usize) -> Result<f64> {

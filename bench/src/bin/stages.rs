@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use sluice::Config;
 use sluice_bench::baselines::{
-    drop_namespace, drop_topics, finished, pass_through, produce_raw, Window,
+    drop_namespace, drop_topics, finished, geo_table, pass_through, produce_raw, Window,
 };
 use sluice_bench::{median, rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,10 @@ struct Args {
     /// Rounds of every pass (the default keeps a rerun's ratios within about ±0.05).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Rows of the geo table enrich looks every event's IP up in (0: no table). A real
+    /// country-level table has a few hundred thousand.
+    #[arg(long, default_value_t = 250_000)]
+    geo_rows: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -67,10 +71,14 @@ fn main() -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run(args))
 }
 
+/// The geo table every pass's enrich loads, written once at the start.
+static GEO_TABLE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// A config whose topics and groups are new (`tag` keeps passes apart), reading `raw`
 /// (or a new raw topic).
 async fn namespace(tag: &str, raw: Option<&str>) -> Result<Config> {
     let mut config = sluice_tests::stack_config();
+    config.enrich.geo_csv = GEO_TABLE.get().cloned();
     config
         .kafka
         .consumer
@@ -225,6 +233,12 @@ fn report_costs(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_js
 
 async fn run(args: Args) -> Result<()> {
     let n = args.events;
+    if args.geo_rows > 0 {
+        let path =
+            std::env::temp_dir().join(format!("sluice-bench-geo-{}.csv", std::process::id()));
+        geo_table(&path, args.geo_rows).context("writing the geo table")?;
+        GEO_TABLE.get_or_init(|| path);
+    }
     let source = namespace("b-src-", None).await?;
     let raw = source.topics.raw.clone();
     produce_raw(&source, n)
@@ -235,8 +249,8 @@ async fn run(args: Args) -> Result<()> {
     run_stage(&parsed_src, "parse", &parsed_src.topics.parsed, n, false).await?;
     let parsed = parsed_src.topics.parsed.clone();
     println!(
-        "{n} raw records on {raw}, parsed on {parsed}; {} rounds",
-        args.rounds
+        "{n} raw records on {raw}, parsed on {parsed}; {} rounds; enrich's geo table has {} rows",
+        args.rounds, args.geo_rows
     );
 
     let mut alo = Rounds::new("parse (at-least-once)", "pass-through of raw");
@@ -284,6 +298,9 @@ async fn run(args: Args) -> Result<()> {
     }
     drop_namespace(&parsed_src, &[]).await;
     drop_topics(&source, &[&raw]).await;
+    if let Some(path) = GEO_TABLE.get() {
+        let _ = std::fs::remove_file(path);
+    }
 
     println!(
         "stages benchmark: {n} records per pass, {} rounds",
@@ -301,7 +318,7 @@ async fn run(args: Args) -> Result<()> {
         write_json(
             path,
             &serde_json::json!({
-                "bench": "stages", "events": n, "rounds": args.rounds,
+                "bench": "stages", "events": n, "rounds": args.rounds, "geo_rows": args.geo_rows,
                 "parse_at_least_once": results[0], "parse_exactly_once": results[1],
                 "enrich": results[2], "at_least_once_vs_exactly_once": ordering,
                 "identity_stage": runtime, "cpu_us_per_record": cpu,

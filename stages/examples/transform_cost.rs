@@ -1,4 +1,5 @@
-//! How long the parse and enrich transforms take per record, without Kafka.
+//! How long the parse and enrich transforms take per record, without Kafka; enrich looks
+//! IPs up in the geo table given as the argument, if any.
 #![allow(clippy::unwrap_used)] // fixed, valid input
 use std::time::Instant;
 
@@ -19,7 +20,8 @@ fn main() {
                 RawMeta {
                     tenant: Some("acme"),
                     event_id: "e",
-                    received_at: 1,
+                    // After every event time, as ingest stamps it.
+                    received_at: 1_795_428_060_000,
                 },
             )
             .unwrap()
@@ -47,7 +49,12 @@ fn main() {
         "avro decode     {:>8.2} µs/record",
         t.elapsed().as_secs_f64() * 1e6 / n as f64
     );
-    let en = Enricher::new(IpTable::default());
+    // A geo table to look the IPs up in, if one is given (`transform_cost <table.csv>`).
+    let ips = std::env::args()
+        .nth(1)
+        .map(|path| IpTable::load(std::path::Path::new(&path)).unwrap())
+        .unwrap_or_default();
+    let en = Enricher::new(ips);
     let t = Instant::now();
     let enriched: Vec<_> = decoded.into_iter().map(|e| en.enrich(e)).collect();
     println!(

@@ -60,6 +60,25 @@ struct Pending {
 const HOUR_MS: i64 = 3_600_000;
 
 impl Pending {
+    /// Nothing gathered yet for `partition`, whose span starts at `first`; `fixed_end`:
+    /// the end a manifest already fixed for it.
+    fn new(partition: i32, first: i64, fixed_end: Option<i64>) -> Self {
+        Self {
+            span: Span {
+                partition,
+                first,
+                last: first,
+            },
+            folders: Vec::new(),
+            last: 0,
+            at: HashMap::new(),
+            records: 0,
+            bytes: 0,
+            opened: Instant::now(),
+            fixed_end,
+        }
+    }
+
     /// Add a record to its folder's file.
     fn push<M: Message>(&mut self, m: &M) -> Result<(), ArchiveError> {
         let id = Identity::of(m);
@@ -227,23 +246,7 @@ impl ArchiveSink<'_> {
                     "a manifest fixes this span's end; writing it again"
                 );
             }
-            self.pending.insert(
-                p,
-                Pending {
-                    span: Span {
-                        partition: p,
-                        first: offset,
-                        last: offset,
-                    },
-                    folders: Vec::new(),
-                    last: 0,
-                    at: HashMap::new(),
-                    records: 0,
-                    bytes: 0,
-                    opened: Instant::now(),
-                    fixed_end,
-                },
-            );
+            self.pending.insert(p, Pending::new(p, offset, fixed_end));
         }
         let Some(pending) = self.pending.get_mut(&p) else {
             return Ok(Flushed::Done);
@@ -597,20 +600,7 @@ mod tests {
     }
 
     fn pending() -> Pending {
-        Pending {
-            span: Span {
-                partition: 0,
-                first: 0,
-                last: 0,
-            },
-            folders: Vec::new(),
-            last: 0,
-            at: HashMap::new(),
-            records: 0,
-            bytes: 0,
-            opened: Instant::now(),
-            fixed_end: None,
-        }
+        Pending::new(0, 0, None)
     }
 
     /// `n` records of `tenants` tenants, interleaved, over two hours.

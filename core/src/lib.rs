@@ -14,6 +14,7 @@ pub mod replay_scope;
 pub mod retry;
 pub mod secret;
 pub mod telemetry;
+pub mod timing;
 pub mod tls;
 pub mod wiring;
 

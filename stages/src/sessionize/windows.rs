@@ -513,25 +513,23 @@ mod tests {
     #[test]
     fn many_open_sessions_do_not_slow_each_event() {
         let time = |idle: i64| {
-            (0..3)
-                .map(|_| {
-                    let mut s = Sessionizer::new(windows());
-                    for i in 0..idle {
-                        add(&mut s, &format!("idle-{i}"), true, 0, i).unwrap();
-                    }
-                    // Events of other users within the gap: nothing closes.
-                    let t = std::time::Instant::now();
-                    for i in 0..2_000 {
-                        add(&mut s, &format!("busy-{}", i % 50), true, i, idle + i).unwrap();
-                        assert!(s.close_due().is_empty());
-                    }
-                    t.elapsed()
-                })
-                .min()
-                .unwrap()
+            let with_idle = || {
+                let mut s = Sessionizer::new(windows());
+                for i in 0..idle {
+                    add(&mut s, &format!("idle-{i}"), true, 0, i).unwrap();
+                }
+                s
+            };
+            // Events of other users within the gap: nothing closes.
+            sluice_core::timing::fastest(3, with_idle, |mut s| {
+                for i in 0..2_000 {
+                    add(&mut s, &format!("busy-{}", i % 50), true, i, idle + i).unwrap();
+                    assert!(s.close_due().is_empty());
+                }
+            })
         };
         let (few, many) = (time(20), time(20_000));
-        let ratio = many.as_secs_f64() / few.as_secs_f64().max(1e-9);
+        let ratio = sluice_core::timing::slowdown(many, few);
         assert!(
             ratio < 8.0,
             "with 20,000 open sessions an event took {ratio:.1}x as long as with 20 ({many:?} vs {few:?})"

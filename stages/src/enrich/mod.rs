@@ -316,15 +316,14 @@ mod tests {
     use super::*;
 
     fn table() -> IpTable {
-        let dir = std::env::temp_dir().join(format!("sluice-ip-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("t.csv");
-        std::fs::write(
-            &f,
-            "cidr,network,country\n10.0.0.0/8,corp,DE\n10.1.0.0/16,lab,FR\n2001:db8::/32,doc,NL\n",
+        table_of(
+            &[
+                ("10.0.0.0/8", "corp", "DE"),
+                ("10.1.0.0/16", "lab", "FR"),
+                ("2001:db8::/32", "doc", "NL"),
+            ]
+            .map(|(cidr, network, country)| (cidr.into(), network.into(), country.into())),
         )
-        .unwrap();
-        IpTable::load(&f).unwrap()
     }
 
     #[test]

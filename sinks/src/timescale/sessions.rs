@@ -243,7 +243,7 @@ mod tests {
             sluice_core::timing::fastest(
                 5,
                 || (),
-                |()| assert_eq!(newest_overlapping(b).len(), b.len()),
+                |_| assert_eq!(newest_overlapping(b).len(), b.len()),
             )
         };
         let (small_t, large_t) = (time(&small), time(&large));

@@ -443,7 +443,7 @@ mod tests {
             sluice_core::timing::fastest(
                 5,
                 || (),
-                |()| {
+                |_| {
                     for ip in &probes {
                         assert_eq!(table.lookup(*ip), Some(("any", "ZZ")));
                     }

@@ -521,9 +521,9 @@ mod tests {
                 s
             };
             // Events of other users within the gap: nothing closes.
-            sluice_core::timing::fastest(3, with_idle, |mut s| {
+            sluice_core::timing::fastest(3, with_idle, |s| {
                 for i in 0..2_000 {
-                    add(&mut s, &format!("busy-{}", i % 50), true, i, idle + i).unwrap();
+                    add(s, &format!("busy-{}", i % 50), true, i, idle + i).unwrap();
                     assert!(s.close_due().is_empty());
                 }
             })

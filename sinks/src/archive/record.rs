@@ -380,7 +380,7 @@ pub fn decode(bytes: Bytes) -> Result<Vec<ArchivedRecord>, ArchiveError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn record(offset: i64, with_key: bool) -> ArchivedRecord {
@@ -401,27 +401,34 @@ mod tests {
         }
     }
 
+    /// A raw record at `offset` with Kafka timestamp `timestamp` and `headers`, in order.
+    pub(crate) fn message(
+        offset: i64,
+        timestamp: i64,
+        headers: &[(&str, &[u8])],
+    ) -> rdkafka::message::OwnedMessage {
+        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+        let mut h = OwnedHeaders::new();
+        for (key, value) in headers {
+            h = h.insert(Header {
+                key,
+                value: Some(*value),
+            });
+        }
+        OwnedMessage::new(
+            None,
+            None,
+            "raw".into(),
+            Timestamp::CreateTime(timestamp),
+            0,
+            offset,
+            Some(h),
+        )
+    }
+
     #[test]
     fn identity_takes_the_first_of_each_header_and_falls_back() {
-        use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
-        let msg = |headers: &[(&str, &[u8])]| {
-            let mut h = OwnedHeaders::new();
-            for (key, value) in headers {
-                h = h.insert(Header {
-                    key,
-                    value: Some(*value),
-                });
-            }
-            OwnedMessage::new(
-                None,
-                None,
-                "raw".into(),
-                Timestamp::CreateTime(7),
-                0,
-                1,
-                Some(h),
-            )
-        };
+        let msg = |headers: &[(&str, &[u8])]| message(1, 7, headers);
         let full = msg(&[
             ("x", b"y"),
             ("sluice.tenant", b"acme"),

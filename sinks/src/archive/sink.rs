@@ -574,28 +574,18 @@ pub async fn run_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+    use rdkafka::message::OwnedMessage;
 
     /// Record `i` of `tenant`, received at `at` (Unix ms).
     fn record(i: i64, tenant: &str, at: i64) -> OwnedMessage {
-        let at = at.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: sluice_core::headers::TENANT,
-                value: Some(tenant),
-            })
-            .insert(Header {
-                key: sluice_core::headers::RECEIVED_AT_MS,
-                value: Some(&at),
-            });
-        OwnedMessage::new(
-            Some(b"{}".to_vec()),
-            None,
-            "raw".into(),
-            Timestamp::CreateTime(at.parse().unwrap_or(0)),
-            0,
+        let received = at.to_string();
+        crate::archive::record::tests::message(
             i,
-            Some(headers),
+            at,
+            &[
+                (sluice_core::headers::TENANT, tenant.as_bytes()),
+                (sluice_core::headers::RECEIVED_AT_MS, received.as_bytes()),
+            ],
         )
     }
 
@@ -642,7 +632,7 @@ mod tests {
     fn many_tenants_do_not_slow_each_record() {
         let (one, many) = (records(20_000, 1), records(20_000, 2_000));
         let time = |records: &[OwnedMessage]| {
-            sluice_core::timing::fastest(3, pending, |mut p| {
+            sluice_core::timing::fastest(3, pending, |p| {
                 for m in records {
                     p.push(m).unwrap();
                 }

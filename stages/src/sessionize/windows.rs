@@ -120,7 +120,8 @@ impl OpenSessions {
         self.by_user.values()
     }
 
-    /// Open `s` for `key` (which has no open session).
+    /// Open `s` for `key`, in place of any session it had (the caller removes that one
+    /// first, to emit it).
     fn insert(&mut self, key: UserKey, s: Open) {
         let end = s.end;
         if let Some(old) = self.by_user.insert(key.clone(), s) {

@@ -626,7 +626,7 @@ mod tests {
 
     /// A record's cost does not grow with the tenants it is interleaved with. It did (a
     /// scan of every folder): 2,000 tenants took about 19 times as long as one, and now
-    /// about 1.7 times (their more, smaller files). Best of several, so the ratio is of
+    /// about twice (their more, smaller files). Best of several, so the ratio is of
     /// this machine at this moment.
     #[test]
     fn many_tenants_do_not_slow_each_record() {

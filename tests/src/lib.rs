@@ -48,6 +48,25 @@ pub fn stack_var(name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} is not in {}", stack_env_path().display()))
 }
 
+/// Whether the stack's broker is noida-db (`SLUICE_BROKER=noida`) rather than Apache
+/// Kafka. Its group-coordination gaps (docs/reliability.md) need the workarounds of
+/// [`noida_group_workarounds`].
+pub fn broker_is_noida() -> bool {
+    stack_var("SLUICE_STACK_BROKER") == "noida"
+}
+
+/// On noida-db only, the consumer settings its group coordinator needs
+/// (docs/reliability.md): the eager protocol, because it never completes
+/// cooperative-sticky's second round and stalls after a static member is replaced; and a
+/// 15 s rebalance timeout, because it never expires a member that left without telling
+/// it. Apache Kafka keeps Sluice's defaults.
+pub fn noida_group_workarounds(consumer: &mut std::collections::BTreeMap<String, String>) {
+    if broker_is_noida() {
+        consumer.insert("partition.assignment.strategy".into(), "roundrobin".into());
+        consumer.insert("max.poll.interval.ms".into(), "15000".into());
+    }
+}
+
 /// The configuration pointing at the local stack (no config file, no process env).
 pub fn stack_config() -> Config {
     Config::load_with(None, stack_vars()).expect("stack settings make a valid config")
@@ -76,28 +95,62 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[..10])
 }
 
-/// A Kafka broker of a test's own (noida-db on a free port), for tests that stop and
-/// restart the broker without disturbing the shared one. Killed on drop.
+/// A Kafka broker of a test's own on free ports, for tests that stop, kill, pause and
+/// restart the broker without disturbing the shared one: Apache Kafka (one KRaft node,
+/// through `scripts/kafka-broker`) or, when the stack runs noida-db, noida-db. Killed on
+/// drop.
 pub struct PrivateBroker {
     child: Option<std::process::Child>,
     port: u16,
     dir: PathBuf,
+    apache: bool,
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `scripts/kafka-broker` with the stack's tools folder.
+fn kafka_broker_script() -> std::process::Command {
+    let mut c = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/kafka-broker"
+    ));
+    c.env("SLUICE_TOOLS_DIR", stack_var("SLUICE_STACK_TOOLS_DIR"));
+    c
 }
 
 impl PrivateBroker {
     /// Start a broker with an empty data dir.
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(unique("sluice-broker-"));
         std::fs::create_dir_all(&dir).unwrap();
+        let apache = stack_var("SLUICE_STACK_BROKER") == "kafka";
+        if apache {
+            let out = kafka_broker_script()
+                .arg("init")
+                .arg(&dir)
+                .arg(port.to_string())
+                .arg(free_port().to_string())
+                .output()
+                .expect("running scripts/kafka-broker init");
+            assert!(
+                out.status.success(),
+                "scripts/kafka-broker init: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut b = Self {
             child: None,
             port,
             dir,
+            apache,
         };
         b.restart();
         b
@@ -108,13 +161,44 @@ impl PrivateBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Stop the broker (SIGTERM; it saves its data) and wait for it to exit.
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stop the broker (SIGTERM: a controlled shutdown) and wait for it to exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        self.signal_and_reap("TERM", std::time::Duration::from_secs(30));
+    }
+
+    /// Kill the broker (SIGKILL: no controlled shutdown, no flush) and reap it.
+    pub fn kill9(&mut self) {
+        self.signal_and_reap("KILL", std::time::Duration::from_secs(10));
+    }
+
+    /// Freeze the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Let a frozen broker go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        if let Some(pid) = self.pid() {
             let _ = std::process::Command::new("kill")
-                .arg(child.id().to_string())
+                .args([&format!("-{name}"), &pid.to_string()])
                 .status();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        }
+    }
+
+    fn signal_and_reap(&mut self, name: &str, wait: std::time::Duration) {
+        self.signal("CONT");
+        self.signal(name);
+        if let Some(mut child) = self.child.take() {
+            let deadline = std::time::Instant::now() + wait;
             while std::time::Instant::now() < deadline {
                 if child.try_wait().ok().flatten().is_some() {
                     return;
@@ -126,41 +210,59 @@ impl PrivateBroker {
         }
     }
 
-    /// Start (again) on the same port and data dir, and wait until it listens.
+    /// Start (again) on the same port and data dir, and wait until it answers.
     pub fn restart(&mut self) {
         self.stop();
-        let log = std::fs::File::create(self.dir.join("broker.log")).unwrap();
-        let child = std::process::Command::new(stack_var("SLUICE_STACK_NOIDA_BIN"))
-            .args([
-                "start",
-                "--only",
-                "kafka",
-                "--host",
-                "127.0.0.1",
-                "--kafka-port",
-            ])
-            .arg(self.port.to_string())
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .unwrap();
+        let mut command = if self.apache {
+            let mut c = kafka_broker_script();
+            c.arg("run").arg(&self.dir);
+            c
+        } else {
+            let mut c = std::process::Command::new(stack_var("SLUICE_STACK_NOIDA_BIN"));
+            c.args(["start", "--only", "kafka", "--host", "127.0.0.1"])
+                .arg("--kafka-port")
+                .arg(self.port.to_string())
+                .arg("--data-dir")
+                .arg(self.dir.join("data"));
+            c
+        };
+        let child = command
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("starting noida-db");
+            .expect("starting the private broker");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
-                "private broker did not listen"
+                "private broker did not listen; log: {}",
+                self.dir.join("broker.log").display()
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if self.apache {
+            let out = kafka_broker_script()
+                .args(["ready", &self.brokers(), "60"])
+                .output()
+                .expect("running scripts/kafka-broker ready");
+            assert!(
+                out.status.success(),
+                "private broker not ready: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        self.stop();
+        self.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

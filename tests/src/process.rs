@@ -13,9 +13,7 @@ pub struct SluiceProcess(Child, std::path::PathBuf);
 impl SluiceProcess {
     /// Run `sluice <args>` with `config` (written to a file of its own) as static group
     /// member `instance`: restarted with the same id, it takes the killed one's place at
-    /// once (noida-db never expires a killed member's session). Eager protocol: with
-    /// cooperative-sticky, noida-db stalls the other members' commits after a static
-    /// member is replaced.
+    /// once, without waiting for the session to expire (noida-db never expires one).
     pub fn spawn(config: &Config, args: &[&str], instance: &str) -> Self {
         let mut config = config.clone();
         config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -46,10 +44,10 @@ impl SluiceProcess {
             ("session.timeout.ms", "6000"),
             ("heartbeat.interval.ms", "500"),
             ("group.instance.id", instance),
-            ("partition.assignment.strategy", "roundrobin"),
         ] {
             config.kafka.consumer.insert(k.into(), v.into());
         }
+        crate::noida_group_workarounds(&mut config.kafka.consumer);
         let name = unique("proc");
         let file = std::env::temp_dir().join(format!("{name}.toml"));
         std::fs::write(&file, toml::to_string(&config).expect("config as TOML"))

@@ -331,12 +331,8 @@ async fn broker_restart_while_ingesting() {
     let mut broker = PrivateBroker::start();
     let mut config = pipeline_config(&unique("rb")).await;
     config.kafka.brokers = broker.brokers();
-    // Members rejoin after the restart; noida-db does not complete cooperative-sticky's
-    // second round on joins (docs/reliability.md), so this scenario runs eager.
-    config
-        .kafka
-        .consumer
-        .insert("partition.assignment.strategy".into(), "roundrobin".into());
+    // Members rejoin after the restart (on noida-db with its workarounds).
+    sluice_tests::noida_group_workarounds(&mut config.kafka.consumer);
     config.ingest.ack_timeout_ms = 2_000;
     create_topics(&config).await;
     let (addr, tasks) = start_all(&config, true).await;
@@ -625,22 +621,9 @@ async fn rebalance_storm() {
     let _serial = SERIAL.lock().await;
     let from = Utc::now() - chrono::Duration::seconds(5);
     let mut config = pipeline_config(&unique("rr")).await;
-    // noida-db 0.2.3 never completes cooperative-sticky's second round when a member
-    // joins (the newcomer gets nothing and the revoked partitions stay unowned), so
-    // this storm runs with the eager protocol there. Leaving members work with both.
-    config
-        .kafka
-        .consumer
-        .insert("partition.assignment.strategy".into(), "roundrobin".into());
-    // A replica that leaves while a join is in progress queues its LeaveGroup behind its
-    // own pending JoinGroup and closes before it is sent. Apache Kafka then drops the
-    // member when its session expires; noida-db never expires sessions and waits for it
-    // until the rebalance timeout (`max.poll.interval.ms`, 5 minutes by default) runs
-    // out. 15 s bounds each such stall; the stages poll far more often than that.
-    config
-        .kafka
-        .consumer
-        .insert("max.poll.interval.ms".into(), "15000".into());
+    // Sluice's defaults (cooperative-sticky) on Apache Kafka; noida-db needs the eager
+    // protocol and a short rebalance timeout (docs/reliability.md).
+    sluice_tests::noida_group_workarounds(&mut config.kafka.consumer);
     create_topics(&config).await;
     let (addr, tasks) = start_all(&config, true).await;
     let events = events("rb", 10_000);

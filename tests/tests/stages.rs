@@ -19,13 +19,16 @@ fn spawn_parse(config: &Config) -> Replica {
 }
 
 /// A parse replica; with `instance`, a static group member of that id (a restarted
-/// replica with the same id takes the place of a killed one at once). Static members use
-/// the eager protocol: with cooperative-sticky, noida-db 0.2.3 stalls the surviving
-/// member's commits after a static member is replaced.
+/// replica with the same id takes the place of a killed one at once).
 fn spawn_parse_as(config: &Config, instance: Option<&str>, exactly_once: bool) -> Replica {
     let mut consumer = "session.timeout.ms=6000,heartbeat.interval.ms=500".to_string();
     if let Some(id) = instance {
-        consumer += &format!(",group.instance.id={id},partition.assignment.strategy=roundrobin");
+        consumer += &format!(",group.instance.id={id}");
+    }
+    let mut workarounds = std::collections::BTreeMap::new();
+    sluice_tests::noida_group_workarounds(&mut workarounds);
+    for (k, v) in workarounds {
+        consumer += &format!(",{k}={v}");
     }
     let log = std::env::temp_dir().join(format!("{}-{}.log", config.parse.group, unique("r")));
     Command::new(sluice_bin())
@@ -171,29 +174,39 @@ async fn graceful_handover_loses_and_repeats_nothing() {
     assert_eq!(ids.len(), N, "no event lost");
     let repeated = ids.values().filter(|c| **c > 1).count();
     println!("graceful hand-over: {repeated} of {N} records repeated");
-    // Normally 0. Once, on a loaded CI machine, noida-db refused the leaving replica's
-    // last commits and the next owner repeated 826 records (0.4 s of input); the final
-    // commits are now retried, and anything beyond 1% is a failure. But noida-db moves
-    // the group to a new generation as soon as a member leaves, so the replica that
-    // stays may lose its own partitions, have its revocation's commit refused
-    // (IllegalGeneration) and repeat what it did since its last auto-commit, up to a
-    // second of its input (docs/reliability.md). The hand-over itself is still checked:
-    // only that replica's refusal allows more, and no more than a second of all input.
+    // On Apache Kafka, none. On noida-db, once on a loaded CI machine, it refused the
+    // leaving replica's last commits and the next owner repeated 826 records (0.4 s of
+    // input); the final commits are now retried, and anything beyond 1% is a failure.
+    // noida-db also moves the group to a new generation as soon as a member leaves, so
+    // the replica that stays may lose its own partitions, have its revocation's commit
+    // refused (IllegalGeneration) and repeat what it did since its last auto-commit, up
+    // to a second of its input (docs/reliability.md). Only that refusal allows more.
+    // A revoked partition's drain is bounded (stage.drain_timeout): on a machine too
+    // loaded to ack in time, the next owner repeats what was still in flight, and says so.
     let refused = b.log().contains("IllegalGeneration");
-    let allowed = if refused { N / 6 } else { N / 100 };
+    let (log_a, log_b) = (a.log(), b.log());
+    let timed_out = [&log_a, &log_b]
+        .iter()
+        .any(|l| l.contains("still had records in flight"));
+    let allowed = match (sluice_tests::broker_is_noida(), refused || timed_out) {
+        (false, false) => 0,
+        (_, false) => N / 100,
+        (_, true) => N / 6,
+    };
+    let warnings: Vec<&str> = log_a
+        .lines()
+        .chain(log_b.lines())
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
     assert!(
         repeated <= allowed,
-        "a graceful hand-over repeated {repeated} records (the staying replica's commit refused: {refused})"
+        "a graceful hand-over repeated {repeated} records (commit refused: {refused}, drain timed out: {timed_out}); warnings:\n{}",
+        warnings.join("\n")
     );
     signal(&b, "-TERM");
     assert!(b.wait().unwrap().success());
 }
 
-/// SIGKILL of a dynamic member: nothing is lost; what the dead replica had not committed
-/// is repeated. Ignored on the default broker: noida-db 0.2.3 never expires the killed
-/// member's session, so its group stays in a rebalance that cannot finish (seen: 7,000
-/// records stuck for 120 s, with or without a restarted replica). Run it against a broker
-/// that enforces `session.timeout.ms` with `cargo test -- --ignored`.
 /// SIGKILL of one of two static members, restarted with its `group.instance.id` (as a
 /// StatefulSet would): nothing lost; what the killed one had not committed is repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,15 +234,21 @@ async fn sigkilled_static_member_restarted_loses_nothing() {
     }
 }
 
+/// SIGKILL of a dynamic member: nothing is lost; what the dead replica had not committed
+/// is repeated. The broker expires the killed member's session and hands its partitions
+/// to the survivor. Skipped on noida-db: it never expires the session, so the group stays
+/// in a rebalance that cannot finish (seen: 7,000 records stuck for 120 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "noida-db does not expire the sessions of killed group members"]
 async fn sigkilled_replica_loses_nothing() {
+    if sluice_tests::broker_is_noida() {
+        println!("skipped: noida-db does not expire the sessions of killed group members");
+        return;
+    }
     const N: usize = 12_000;
     let (config, mut a, mut b, producing) = two_replicas_mid_stream(N).await;
     signal(&a, "-KILL");
     a.wait().unwrap();
-    // The replica is restarted, as an orchestrator would. (noida-db did not expire the
-    // killed member within minutes, so without a restart its partitions would wait.)
+    // A dynamic member is replaced by a new one, as a Deployment does.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _a2 = spawn_parse(&config);
     producing.await.unwrap();

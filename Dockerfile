@@ -4,9 +4,10 @@
 # helm/sluice runs it. Build: docker build -t ghcr.io/sluice/sluice:0.1.0 .
 
 FROM rust:1.85-bookworm AS build
-# librdkafka is built from source by the rdkafka crate: it needs a C toolchain and make.
+# librdkafka is built from source by the rdkafka crate: it needs a C toolchain and make,
+# and OpenSSL's headers for TLS and SASL/SCRAM towards the brokers.
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-      build-essential python3 && rm -rf /var/lib/apt/lists/*
+      build-essential python3 pkg-config libssl-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
@@ -23,7 +24,7 @@ COPY . .
 RUN cargo build --release --locked -p sluice --bin sluice
 
 FROM debian:bookworm-slim
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin sluice
 COPY --from=build /src/target/release/sluice /usr/local/bin/sluice

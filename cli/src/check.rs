@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
 use crate::components::{self, Component, Config};
@@ -70,19 +69,6 @@ pub async fn run(config: &Config, ingest: bool, selected: &[&'static Component])
     let brokers = kafka(config).await;
     let brokers_ok = brokers.ok;
     out.push(brokers);
-    if let Some(ca) = &config.kafka.security.ca_file {
-        out.push(Checked::new(
-            "kafka CA file",
-            if ca.is_file() {
-                Ok(ca.display().to_string())
-            } else {
-                Err(anyhow::anyhow!(
-                    "kafka.security.ca_file {}: no such file",
-                    ca.display()
-                ))
-            },
-        ));
-    }
     // The topics this process reads and writes, with their dead-letter topics.
     let mut names: Vec<String> = Vec::new();
     if ingest {
@@ -139,13 +125,10 @@ pub async fn run(config: &Config, ingest: bool, selected: &[&'static Component])
 async fn kafka(config: &Config) -> Checked {
     let kafka = config.kafka.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let consumer: BaseConsumer = kafka.consumer_config("sluice-check").create()?;
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(|e| anyhow::anyhow!("{} unreachable: {e}", kafka.brokers))?;
+        let reached = sluice_core::kafka_probe::probe(&kafka, Duration::from_secs(10))?;
         Ok(format!(
             "{} broker(s) at {}, {}",
-            metadata.brokers().len(),
+            reached.brokers,
             kafka.brokers,
             kafka.security.protocol.as_str()
         ))

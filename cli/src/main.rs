@@ -518,6 +518,7 @@ async fn main() -> Result<()> {
         Command::Ingest => {
             // Metrics on the ops port only: the public port is the tenants'.
             serve_ops(&config, "ingest").await?;
+            pipeline::reach_kafka(&config).await?;
             let shutdown = pipeline::shutdown_on_signals();
             let (_, task) = pipeline::start_ingest(&config, shutdown).await?;
             telemetry::process_readiness().set(true);
@@ -532,6 +533,7 @@ async fn main() -> Result<()> {
             let component = components::find(kind, &name)
                 .with_context(|| format!("no {name} in the registry"))?;
             serve_ops(&config, component.helm).await?;
+            pipeline::reach_kafka(&config).await?;
             let stats = component
                 .run(&config, pipeline::shutdown_on_signals())
                 .await?;

@@ -12,6 +12,37 @@ use tokio_util::sync::CancellationToken;
 
 use crate::components::Config;
 
+/// How long a process start waits for the brokers' first answer.
+const REACH_KAFKA_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reach the brokers before starting work. Settings the brokers refuse (a password, a
+/// certificate, a protocol their listener does not speak) stop the process with the
+/// setting named, instead of librdkafka retrying them for ever; brokers that do not
+/// answer yet are only warned about, and the process waits for them as it runs.
+pub async fn reach_kafka(config: &Config) -> Result<()> {
+    let kafka = config.kafka.clone();
+    let reached = tokio::task::spawn_blocking(move || {
+        sluice_core::kafka_probe::probe(&kafka, REACH_KAFKA_WITHIN)
+    })
+    .await?;
+    match reached {
+        Ok(r) => {
+            tracing::info!(
+                brokers = r.brokers,
+                protocol = config.kafka.security.protocol.as_str(),
+                took_ms = r.took.as_millis() as u64,
+                "kafka reached"
+            );
+            Ok(())
+        }
+        Err(e) if e.is_permanent() => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka not reachable yet; starting anyway");
+            Ok(())
+        }
+    }
+}
+
 /// Start the HTTP ingest server; returns its address and the task serving it.
 /// Its metrics are served on the ops port (`metrics.listen`), never on the public one.
 pub async fn start_ingest(

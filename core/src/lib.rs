@@ -8,6 +8,7 @@ pub mod events;
 pub mod failure;
 pub mod headers;
 pub mod kafka;
+pub mod kafka_probe;
 pub mod produce;
 pub mod redact;
 pub mod replay_scope;

@@ -294,7 +294,10 @@ fn client_error(kafka: &KafkaConfig, e: KafkaError) -> ConnectError {
     match &kafka.security.ca_file {
         Some(ca) if text.contains("ssl.ca.location") => ConnectError::CaFile {
             path: ca.display().to_string(),
-            reason: text,
+            reason: match std::fs::metadata(ca) {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("not a readable PEM file ({text})"),
+            },
         },
         _ => ConnectError::Client(text),
     }

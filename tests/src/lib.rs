@@ -8,6 +8,7 @@ pub mod faults;
 pub mod process;
 pub mod registry_fixture;
 pub mod running;
+pub mod scenario;
 pub mod tls;
 
 use std::path::PathBuf;

@@ -23,6 +23,9 @@ pub enum KafkaAdminError {
         /// The broker's error code.
         code: RDKafkaErrorCode,
     },
+    /// New topics' partitions had no leader in time.
+    #[error("new topics without partition leaders after 30 s: {0}")]
+    Leaders(String),
     /// The broker refused to delete a topic.
     #[error("cannot delete topic {topic}: {code}")]
     DeleteTopic {
@@ -173,7 +176,50 @@ pub async fn create_topics(
             Err((topic, code)) => return Err(KafkaAdminError::CreateTopic { topic, code }),
         }
     }
+    if !created.is_empty() {
+        let (kafka, names) = (kafka.clone(), created.clone());
+        tokio::task::spawn_blocking(move || await_leaders(&kafka, &names, LEADERS_WITHIN))
+            .await
+            .map_err(|_| KafkaAdminError::Leaders(created.join(", ")))??;
+    }
     Ok(created)
+}
+
+/// How long [`create_topics`] waits for a new topic's partitions to have leaders.
+const LEADERS_WITHIN: Duration = Duration::from_secs(30);
+
+/// Wait until every partition of `topics` has a leader. A broker answers CreateTopics
+/// before it has elected them; until then a metadata or offset request about the topic
+/// fails (`NotLeaderForPartition`, `LeaderNotAvailable`), which a process started at once
+/// would take for a fault. Blocking.
+pub fn await_leaders(
+    kafka: &KafkaConfig,
+    topics: &[String],
+    within: Duration,
+) -> Result<(), KafkaAdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka.consumer_config("sluice-inspect").create()?;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+        let ready = topics.iter().all(|name| {
+            metadata.topics().iter().any(|t| {
+                t.name() == name
+                    && t.error().is_none()
+                    && !t.partitions().is_empty()
+                    && t.partitions()
+                        .iter()
+                        .all(|p| p.error().is_none() && p.leader() >= 0)
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(KafkaAdminError::Leaders(topics.join(", ")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Delete `topics` (scratch topics of a `replay --diff`); ones already gone are fine.

@@ -102,13 +102,25 @@ impl KafkaConfig {
             .create_with_context(crate::consumer_metrics::MeteredConsumer::new(group))
     }
 
-    /// The settings of [`Self::metered_consumer_prefetching`].
+    /// The settings of [`Self::metered_consumer_prefetching`]. With the prefetch bound
+    /// comes a short `fetch.queue.backoff.ms` (unless the settings name it): librdkafka
+    /// waits that long (1 s by default) before it fetches again for a partition whose
+    /// queue reached the bound, so a bound of N records held every consumer to about N
+    /// records a partition a second (measured on Apache Kafka: a bare consumer read
+    /// 137 k records/s with a bound of 10,000 and 2.9 M/s with the bound and 10 ms).
     pub fn prefetching_consumer_config(&self, group: &str, records: usize) -> ClientConfig {
         let mut c = self.consumer_config(group);
-        let key = "queued.min.messages";
-        if !self.consumer.contains_key(key) && !self.properties.contains_key(key) {
+        let named =
+            |key: &str| self.consumer.contains_key(key) || self.properties.contains_key(key);
+        if !named("queued.min.messages") {
             // librdkafka accepts 1 to 10,000,000.
-            c.set(key, records.clamp(1, 10_000_000).to_string());
+            c.set(
+                "queued.min.messages",
+                records.clamp(1, 10_000_000).to_string(),
+            );
+        }
+        if !named("fetch.queue.backoff.ms") {
+            c.set("fetch.queue.backoff.ms", PREFETCH_BACKOFF_MS);
         }
         c
     }
@@ -135,6 +147,12 @@ impl KafkaConfig {
         self.base()
     }
 }
+
+/// How long a prefetching consumer waits before fetching again for a partition whose
+/// queue is full: short enough that a partition refills well ahead of any stage or sink
+/// (a bound of 10,000 records refilled every 20 ms is 500 k records/s), long enough not to
+/// wake up for nothing.
+const PREFETCH_BACKOFF_MS: &str = "20";
 
 /// Create the `wanted` topics (name, retention ms) that do not exist yet, with the
 /// partitions and replication of `topics`; existing ones are left alone. Returns the
@@ -604,5 +622,22 @@ mod tests {
         assert_eq!(c.get("queued.min.messages"), Some("7"));
         let c = KafkaConfig::default().prefetching_consumer_config("g", 0);
         assert_eq!(c.get("queued.min.messages"), Some("1"));
+    }
+
+    #[test]
+    fn a_prefetch_bound_comes_with_a_short_fetch_backoff() {
+        let mut kafka = KafkaConfig::default();
+        let c = kafka.prefetching_consumer_config("g", 2_000);
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some(PREFETCH_BACKOFF_MS));
+        assert_eq!(
+            kafka.consumer_config("g").get("fetch.queue.backoff.ms"),
+            None,
+            "other consumers keep librdkafka's default"
+        );
+        kafka
+            .consumer
+            .insert("fetch.queue.backoff.ms".into(), "100".into());
+        let c = kafka.prefetching_consumer_config("g", 2_000);
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("100"));
     }
 }

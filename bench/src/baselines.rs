@@ -16,7 +16,7 @@ use sluice::Config;
 use sluice_schemas::EnrichedEvent;
 use sluice_sinks::elasticsearch::{doc_id, document, index_name};
 
-use crate::procstat::CpuSplit;
+use crate::procstat::{CpuSplit, ThreadSplit};
 use crate::{rate, timed};
 
 /// A raw event line as clients send them: about 300 bytes.
@@ -108,13 +108,15 @@ pub async fn pass_through(config: &Config, input: &str, output: &str, n: usize) 
 }
 
 /// A pass, from its first output record to its last: how long it took, and the CPU this
-/// process and the broker used meanwhile.
-#[derive(Debug, Clone, Copy)]
+/// process and the broker used meanwhile, in all and by thread.
+#[derive(Debug, Clone)]
 pub struct Window {
     /// The time.
     pub elapsed: Duration,
     /// The CPU used.
     pub cpu: CpuSplit,
+    /// The CPU used by each kind of thread.
+    pub threads: ThreadSplit,
 }
 
 /// Wait until `output` holds `n` records and, when `committed` names a group and its
@@ -160,7 +162,7 @@ pub async fn finished(
             None => None,
         };
         let deadline = Instant::now() + Duration::from_secs(600);
-        let mut first: Option<(Instant, CpuSplit)> = None;
+        let mut first: Option<(Instant, CpuSplit, ThreadSplit)> = None;
         loop {
             let mut written = 0;
             for &p in &out_parts {
@@ -168,7 +170,7 @@ pub async fn finished(
             }
             let now = Instant::now();
             if written > 0 && first.is_none() {
-                first = Some((now, CpuSplit::now()));
+                first = Some((now, CpuSplit::now(), ThreadSplit::now()));
             }
             let mut done = written >= n as i64;
             if let (true, Some((c, ends))) = (done, &input) {
@@ -180,10 +182,12 @@ pub async fn finished(
                     .all(|(a, e)| a.offset() == e.offset());
             }
             if done {
-                let (start, cpu) = first.unwrap_or_else(|| (now, CpuSplit::now()));
+                let (start, cpu, threads) =
+                    first.unwrap_or_else(|| (now, CpuSplit::now(), ThreadSplit::now()));
                 return Ok(Window {
                     elapsed: now - start,
                     cpu: CpuSplit::now().since(&cpu),
+                    threads: ThreadSplit::now().since(&threads),
                 });
             }
             ensure!(

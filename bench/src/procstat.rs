@@ -1,4 +1,6 @@
-//! What a process used, from `/proc`: CPU seconds and resident memory.
+//! What a process used, from `/proc`: CPU seconds (also per thread) and resident memory.
+
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 
@@ -80,5 +82,111 @@ impl CpuSplit {
     pub fn per_record(&self, records: usize) -> (f64, f64) {
         let per = |seconds: f64| seconds * 1e6 / records.max(1) as f64;
         (per(self.process), per(self.broker))
+    }
+}
+
+/// CPU seconds each thread of process `pid` used so far, summed by thread name with its
+/// numbers replaced by `#` (`rdk:broker#`, `data-plane-kafka-request-handler-#`): one
+/// entry per kind of thread. Threads that ended meanwhile are not counted.
+pub fn thread_cpu_seconds(pid: i32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = procfs::process::Process::new(pid).and_then(|p| p.tasks()) else {
+        return out;
+    };
+    let ticks = procfs::ticks_per_second() as f64;
+    for t in tasks.flatten() {
+        if let Ok(stat) = t.stat() {
+            *out.entry(thread_kind(&stat.comm)).or_insert(0.0) +=
+                (stat.utime + stat.stime) as f64 / ticks;
+        }
+    }
+    out
+}
+
+/// A thread's name with each run of digits replaced by `#`.
+fn thread_kind(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_digit() {
+            if !out.ends_with('#') {
+                out.push('#');
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Per-thread CPU seconds of this process and of the broker: where a pass's time goes.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadSplit {
+    /// This process's threads, by kind.
+    pub process: BTreeMap<String, f64>,
+    /// The broker's threads, by kind.
+    pub broker: BTreeMap<String, f64>,
+}
+
+impl ThreadSplit {
+    /// Both now.
+    pub fn now() -> Self {
+        Self {
+            process: thread_cpu_seconds(std::process::id() as i32),
+            broker: service_pid("kafka")
+                .map(thread_cpu_seconds)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// What each kind of thread used since `before`.
+    pub fn since(&self, before: &Self) -> Self {
+        let diff = |now: &BTreeMap<String, f64>, then: &BTreeMap<String, f64>| {
+            now.iter()
+                .map(|(k, v)| (k.clone(), v - then.get(k).copied().unwrap_or(0.0)))
+                .filter(|(_, v)| *v > 0.0)
+                .collect()
+        };
+        Self {
+            process: diff(&self.process, &before.process),
+            broker: diff(&self.broker, &before.broker),
+        }
+    }
+
+    /// Add `other`'s seconds to these.
+    pub fn add(&mut self, other: &Self) {
+        for (mine, theirs) in [
+            (&mut self.process, &other.process),
+            (&mut self.broker, &other.broker),
+        ] {
+            for (k, v) in theirs {
+                *mine.entry(k.clone()).or_insert(0.0) += v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_kinds_fold_their_numbers() {
+        assert_eq!(thread_kind("rdk:broker1"), "rdk:broker#");
+        assert_eq!(
+            thread_kind("data-plane-kafka-request-handler-12"),
+            "data-plane-kafka-request-handler-#"
+        );
+        assert_eq!(thread_kind("tokio-runtime-w"), "tokio-runtime-w");
+    }
+
+    #[test]
+    fn this_process_has_threads_with_cpu() {
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        assert!(x > 0);
+        let threads = thread_cpu_seconds(std::process::id() as i32);
+        assert!(!threads.is_empty());
     }
 }

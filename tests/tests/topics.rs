@@ -124,7 +124,10 @@ async fn a_bounded_prefetch_reads_a_backlog_at_full_speed() {
             .create()
             .unwrap();
         let default = k.consumer_config(&unique("g-default-")).create().unwrap();
-        (read_timed(&bounded, &topic, N), read_timed(&default, &topic, N))
+        (
+            read_timed(&bounded, &topic, N),
+            read_timed(&default, &topic, N),
+        )
     })
     .await
     .unwrap();

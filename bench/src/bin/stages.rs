@@ -20,6 +20,7 @@ use sluice::Config;
 use sluice_bench::baselines::{
     drop_namespace, drop_topics, finished, geo_table, pass_through, produce_raw, Window,
 };
+use sluice_bench::procstat::ThreadSplit;
 use sluice_bench::{median, rate, write_json, Rounds};
 use tokio_util::sync::CancellationToken;
 
@@ -167,11 +168,13 @@ async fn pass(
         rate: rate(n, window.elapsed),
         process,
         broker,
+        threads: window.threads,
+        records: n,
     })
 }
 
 /// What one pass measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pass {
     /// Records per second.
     rate: f64,
@@ -179,6 +182,10 @@ struct Pass {
     process: f64,
     /// CPU microseconds per record of the broker.
     broker: f64,
+    /// CPU seconds by kind of thread, of this process and of the broker.
+    threads: ThreadSplit,
+    /// Records it passed.
+    records: usize,
 }
 
 /// The passes of a round, in the order they run.
@@ -228,6 +235,45 @@ fn report_costs(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_js
     }
     println!("{}", line.trim_end_matches(';'));
     json.insert("cost_ratios".into(), ratios.into());
+    json.insert("threads_us_per_record".into(), report_threads(costs));
+    json.into()
+}
+
+/// Print where each pass's CPU went, by kind of thread, over all its rounds: µs a record
+/// of this process's threads (tokio workers running the stage, librdkafka's broker and
+/// main threads, …) and of the broker's. Kinds under 0.05 µs are left out.
+fn report_threads(costs: &std::collections::BTreeMap<&str, Vec<Pass>>) -> serde_json::Value {
+    println!("CPU per record by thread, all rounds (here | broker), µs:");
+    let mut json = serde_json::Map::new();
+    for name in PASSES {
+        let passes = costs.get(name).map(Vec::as_slice).unwrap_or_default();
+        let mut sum = ThreadSplit::default();
+        for p in passes {
+            sum.add(&p.threads);
+        }
+        let records: usize = passes.iter().map(|p| p.records).sum::<usize>().max(1);
+        let side = |m: &std::collections::BTreeMap<String, f64>| {
+            let mut v: Vec<(String, f64)> = m
+                .iter()
+                .map(|(k, s)| (k.clone(), s * 1e6 / records as f64))
+                .filter(|(_, us)| *us >= 0.05)
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v
+        };
+        let (here, broker) = (side(&sum.process), side(&sum.broker));
+        let show = |v: &[(String, f64)]| {
+            v.iter()
+                .map(|(k, us)| format!("{k} {us:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("  {name:<22} {} | {}", show(&here), show(&broker));
+        json.insert(
+            name.to_string(),
+            serde_json::json!({"here": here, "broker": broker}),
+        );
+    }
     json.into()
 }
 
@@ -285,16 +331,16 @@ async fn run(args: Args) -> Result<()> {
             enriched.rate,
             enriched.rate / parsed_pt.rate
         );
+        alo.push(raw_pt.rate, parse.rate);
+        identity.push(raw_pt.rate, ident.rate);
+        eos.push(raw_pt.rate, parse_eos.rate);
+        enrich.push(parsed_pt.rate, enriched.rate);
         for (name, p) in PASSES
             .into_iter()
             .zip([raw_pt, ident, parse, parse_eos, parsed_pt, enriched])
         {
             costs.entry(name).or_default().push(p);
         }
-        alo.push(raw_pt.rate, parse.rate);
-        identity.push(raw_pt.rate, ident.rate);
-        eos.push(raw_pt.rate, parse_eos.rate);
-        enrich.push(parsed_pt.rate, enriched.rate);
     }
     drop_namespace(&parsed_src, &[]).await;
     drop_topics(&source, &[&raw]).await;

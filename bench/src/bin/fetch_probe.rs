@@ -22,9 +22,12 @@ use sluice_bench::{results_path, write_json};
 const RECORDS: usize = 300;
 const RECORD_BYTES: usize = 900_000;
 
+/// librdkafka properties, as (name, value).
+type Settings = &'static [(&'static str, &'static str)];
+
 /// The consumer settings tried, and the prefetch they should bound memory to (MiB):
 /// `queued.max.messages.kbytes` plus one fetch (`fetch.max.bytes`).
-const CASES: [(&str, &[(&str, &str)], u64); 2] = [
+const CASES: [(&str, Settings, u64); 2] = [
     ("librdkafka defaults", &[], 64 + 50),
     (
         "tight limits",
@@ -144,7 +147,7 @@ async fn main() -> Result<()> {
     let path = results_path("fetch_probe", args.json)?;
     write_json(
         &path,
-        &serde_json::json!({"bench": "fetch_probe", "backlog_mib": RECORDS * RECORD_BYTES >> 20, "cases": results}),
+        &serde_json::json!({"bench": "fetch_probe", "backlog_mib": (RECORDS * RECORD_BYTES) >> 20, "cases": results}),
     )?;
     Ok(())
 }

@@ -154,7 +154,7 @@ pub async fn finished(
                 let c: BaseConsumer = config.kafka.consumer_config(group).create()?;
                 let mut ends = rdkafka::TopicPartitionList::new();
                 for p in partitions(&c, input)? {
-                    let (_, high) = c.fetch_watermarks(input, p, timeout)?;
+                    let (_, high) = retried(|| c.fetch_watermarks(input, p, timeout))?;
                     ends.add_partition_offset(input, p, rdkafka::Offset::Offset(high))?;
                 }
                 Some((c, ends))
@@ -166,7 +166,7 @@ pub async fn finished(
         loop {
             let mut written = 0;
             for &p in &out_parts {
-                written += watcher.fetch_watermarks(&output, p, timeout)?.1;
+                written += retried(|| watcher.fetch_watermarks(&output, p, timeout))?.1;
             }
             let now = Instant::now();
             if written > 0 && first.is_none() {
@@ -174,7 +174,7 @@ pub async fn finished(
             }
             let mut done = written >= n as i64;
             if let (true, Some((c, ends))) = (done, &input) {
-                let at = c.committed_offsets(ends.clone(), timeout)?;
+                let at = retried(|| c.committed_offsets(ends.clone(), timeout))?;
                 done = at
                     .elements()
                     .iter()
@@ -198,6 +198,25 @@ pub async fn finished(
         }
     })
     .await?
+}
+
+/// `ask`, asked again (up to 5 times, 100 ms apart) while it fails: a broker busy creating
+/// an internal topic (the transaction log, on the first exactly-once pass) can answer a
+/// request about a partition with NotLeaderForPartition.
+fn retried<T>(
+    mut ask: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> rdkafka::error::KafkaResult<T> {
+    let mut tries = 1;
+    loop {
+        match ask() {
+            Err(e) if tries < 5 => {
+                eprintln!("{e}; asking again");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
 }
 
 async fn copy(config: &Config, input: &str, output: &str, n: usize) -> Result<()> {

@@ -230,7 +230,22 @@ pub fn await_leaders(
                         .all(|p| p.error().is_none() && p.leader() >= 0)
             })
         });
-        if ready {
+        // The metadata can name a leader a moment before the partition answers as one;
+        // an offsets request is what clients will ask first.
+        if ready
+            && topics.iter().all(|name| {
+                metadata
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == name)
+                    .flat_map(|t| t.partitions())
+                    .all(|p| {
+                        consumer
+                            .fetch_watermarks(name, p.id(), Duration::from_secs(5))
+                            .is_ok()
+                    })
+            })
+        {
             return Ok(());
         }
         if std::time::Instant::now() >= deadline {

@@ -208,6 +208,7 @@ pub async fn run(
     let mut spec = crate::SinkSpec::new(t, &settings.group, &t.enriched, rewiring);
     // One bulk request per batch, several in flight.
     spec.batch_size = settings.bulk_max_docs;
+    spec.max_batch_bytes = settings.bulk_max_bytes;
     spec.linger = Duration::from_millis(settings.linger_ms);
     spec.write_concurrency = settings.bulk_in_flight;
     let codec = sluice_schemas::setup::reading_codec(&shared.schemas)

@@ -58,7 +58,7 @@ impl Default for TimescaleConfig {
             sessions_group: "sluice-sink-sessions".into(),
             pool_size: 1,
             batch_size: 2_000,
-            max_batch_bytes: 8 * 1024 * 1024,
+            max_batch_bytes: crate::consumer::DEFAULT_MAX_BATCH_BYTES,
             linger_ms: 200,
             refresh_policies: true,
             retention_days: None,

@@ -66,6 +66,20 @@ pub enum StageError {
     /// The stage's settings are wrong.
     #[error("{0}")]
     Settings(String),
+    /// An aborted transaction's records could not be rewound on a partition the stage
+    /// still owns: going on would commit past them, so the stage stops, and its restart
+    /// reads from the committed offsets.
+    #[error("cannot rewind {topic} [{partition}] to offset {offset} after an aborted transaction: {source}")]
+    Rewind {
+        /// The input topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// The aborted batch's first offset there.
+        offset: i64,
+        /// Why the seek failed.
+        source: KafkaError,
+    },
 }
 
 /// Where a stage reads from and writes to.
@@ -149,6 +163,14 @@ pub struct StageStats {
     pub published: u64,
     /// Records dead-lettered.
     pub dead_lettered: u64,
+}
+
+impl std::ops::AddAssign for StageStats {
+    fn add_assign(&mut self, other: Self) {
+        self.consumed += other.consumed;
+        self.published += other.published;
+        self.dead_lettered += other.dead_lettered;
+    }
 }
 
 impl StageStats {

@@ -6,16 +6,23 @@
 //! crash or a rebalance either publishes a batch and its offsets or neither: downstream
 //! `read_committed` consumers see every output exactly once.
 //!
-//! A failed commit (e.g. the partitions were revoked meanwhile) aborts the transaction and
-//! rewinds to the batch's first offsets; a fenced producer (another instance took over the
+//! Before partitions are revoked, the revoke callback commits the open transaction (or
+//! aborts it), while the group's generation is still the one its records were read in:
+//! otherwise the partitions' next owner (or this member, re-assigned at the committed
+//! offset) would process the open transaction's records again, and both copies would be
+//! committed.
+//!
+//! A failed commit aborts the transaction and rewinds the partitions still owned to the
+//! batch's first offsets (a rewind that fails there stops the stage: going on would
+//! commit past the aborted records); a fenced producer (another instance took over the
 //! transactional id) stops the stage.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -25,6 +32,7 @@ use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
 use tokio_util::sync::CancellationToken;
 
+use super::produce::lock;
 use crate::transform::{process, Held, Meters, StageError, StageSpec, StageStats, Transform};
 
 /// Timeout of transaction calls.
@@ -49,6 +57,45 @@ struct Batch {
     stats: StageStats,
 }
 
+/// What the stage loop and the revoke callback share. The callback runs inside the
+/// loop's own poll of the consumer, so neither waits on the other's lock.
+struct Txn {
+    name: &'static str,
+    input: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    batch: Mutex<Batch>,
+    /// What committed transactions did.
+    stats: Mutex<StageStats>,
+    /// Why the revoke callback could not settle the open transaction, for the loop to stop on.
+    failed: Mutex<Option<StageError>>,
+}
+
+impl Txn {
+    /// Commit the open transaction, if any (or abort it and rewind the partitions that
+    /// stay, all but `leaving`).
+    fn settle<C: Consumer<MeteredConsumer>>(
+        &self,
+        consumer: &C,
+        leaving: Option<&TopicPartitionList>,
+    ) -> Result<(), StageError> {
+        let done = std::mem::take(&mut *lock(&self.batch));
+        if !done.open {
+            return Ok(());
+        }
+        let committed = finish(self, consumer, done, leaving)?;
+        *lock(&self.stats) += committed;
+        Ok(())
+    }
+
+    /// The revoke callback: settle the open transaction before `revoked` go.
+    fn on_revoke(&self, consumer: &BaseConsumer<MeteredConsumer>, revoked: &TopicPartitionList) {
+        if let Err(e) = self.settle(consumer, Some(revoked)) {
+            tracing::error!(stage = self.name, error = %e, "cannot settle the open transaction before a rebalance");
+            lock(&self.failed).get_or_insert(e);
+        }
+    }
+}
+
 /// Run `transform` with Kafka transactions until `shutdown`; the open transaction is
 /// committed before returning.
 pub async fn run<T: Transform>(
@@ -65,9 +112,6 @@ pub async fn run<T: Transform>(
     consumer_config
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false");
-    let consumer: StreamConsumer<MeteredConsumer> =
-        consumer_config.create_with_context(MeteredConsumer::new(&spec.group))?;
-    consumer.subscribe(&[&spec.input])?;
     let mut producer_config = kafka.producer_config();
     producer_config
         .set("transactional.id", transactional_id(kafka, &spec.group))
@@ -75,23 +119,43 @@ pub async fn run<T: Transform>(
     // Deliveries need no per-record callback: the commit fails if any of them did.
     let producer: ThreadedProducer<DefaultProducerContext> = producer_config.create()?;
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
-    let mut stats = StageStats::default();
+    let txn = Arc::new(Txn {
+        name,
+        input: spec.input.clone(),
+        producer,
+        batch: Mutex::default(),
+        stats: Mutex::default(),
+        failed: Mutex::default(),
+    });
+    let hook_txn = txn.clone();
+    let context =
+        MeteredConsumer::new(&spec.group).with_revoke_hook(Box::new(move |consumer, revoked| {
+            hook_txn.on_revoke(consumer, revoked)
+        }));
+    let consumer: StreamConsumer<MeteredConsumer> = consumer_config.create_with_context(context)?;
+    consumer.subscribe(&[&spec.input])?;
     let mut retry = crate::retry::Retry::new(spec.retry.clone(), name);
-    let mut batch = Batch::default();
     let mut deadline = tokio::time::Instant::now() + spec.transaction_linger;
     let meters = Meters::of(name, spec);
     let receiver = Receiver::new(&consumer, spec.scope.as_deref(), name);
     tracing::info!(stage = name, input = %spec.input, output = %spec.output, group = %spec.group, "exactly-once stage started");
 
     loop {
-        let due = batch.open
-            && (batch.records >= spec.transaction_max_records.max(1)
+        if let Some(e) = lock(&txn.failed).take() {
+            return Err(e);
+        }
+        let (open, records) = {
+            let b = lock(&txn.batch);
+            (b.open, b.records)
+        };
+        let due = open
+            && (records >= spec.transaction_max_records.max(1)
                 || tokio::time::Instant::now() >= deadline);
         if due {
-            finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
+            txn.settle(&consumer, None)?;
             continue;
         }
-        let wake = if batch.open {
+        let wake = if open {
             deadline
         } else {
             tokio::time::Instant::now() + Duration::from_secs(3600)
@@ -108,34 +172,44 @@ pub async fn run<T: Transform>(
                 // the transaction's size.
                 while let Some((msg, admit)) = next.take() {
                     receiver.throttle().await;
-                    if !batch.open {
-                        producer.begin_transaction()?;
-                        batch.open = true;
-                        deadline = tokio::time::Instant::now() + spec.transaction_linger;
-                    }
-                    let entry = batch.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
-                    entry.1 = msg.offset() + 1;
-                    batch.records += 1;
-                    batch.stats.consumed += 1;
+                    // A revoke callback (inside `receiver.next()`) may have settled the
+                    // transaction since the last record: then this one opens a new one.
+                    let records = {
+                        let mut b = lock(&txn.batch);
+                        if !b.open {
+                            txn.producer.begin_transaction()?;
+                            b.open = true;
+                            deadline = tokio::time::Instant::now() + spec.transaction_linger;
+                        }
+                        let entry = b.offsets.entry(msg.partition()).or_insert((msg.offset(), msg.offset()));
+                        entry.1 = msg.offset() + 1;
+                        b.records += 1;
+                        b.stats.consumed += 1;
+                        b.records
+                    };
                     meters.records_in.increment(1);
                     // Outputs (or the dead letter) are produced in the open transaction.
-                    let done = process(&*transform, &mut retry, spec, Held::Borrowed(msg), admit, &mut batch.stats, &meters).await;
+                    let mut counted = StageStats::default();
+                    let done = process(&*transform, &mut retry, spec, Held::Borrowed(msg), admit, &mut counted, &meters).await;
                     drop(done.held);
                     for o in done.outputs {
-                        produce(&producer, done.topic, o.key.as_deref(), &o.payload, o.headers).await?;
+                        produce(&txn.producer, done.topic, o.key.as_deref(), &o.payload, o.headers).await?;
                     }
+                    lock(&txn.batch).stats += counted;
                     taken += 1;
-                    if taken < super::BURST && batch.records < spec.transaction_max_records.max(1) {
+                    if taken < super::BURST && records < spec.transaction_max_records.max(1) {
                         next = receiver.next().now_or_never();
                     }
                 }
             }
         }
     }
-    if batch.open {
-        finish(name, &producer, &consumer, spec, &mut batch, &mut stats)?;
-    }
+    txn.settle(&consumer, None)?;
     close_within(consumer, &spec.group, CLOSE_WAIT).await;
+    if let Some(e) = lock(&txn.failed).take() {
+        return Err(e);
+    }
+    let stats = *lock(&txn.stats);
     stats.log_stopped(name, run_started, "exactly-once stage stopped");
     Ok(stats)
 }
@@ -158,20 +232,19 @@ async fn produce(
         .map_err(|(e, _)| e.into())
 }
 
-/// Commit the open transaction with its offsets; on a failure that needs it, abort and
-/// rewind to the batch's start, so the records are processed again in a new transaction.
-fn finish(
-    name: &'static str,
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    consumer: &StreamConsumer<MeteredConsumer>,
-    spec: &StageSpec,
-    batch: &mut Batch,
-    stats: &mut StageStats,
-) -> Result<(), StageError> {
-    let done = std::mem::take(batch);
+/// Commit the transaction `done` with its offsets, and return what it did; on a failure
+/// that needs it, abort, and rewind the partitions that stay (all but `leaving`) to the
+/// batch's start, so their records are processed again in a new transaction.
+fn finish<C: Consumer<MeteredConsumer>>(
+    txn: &Txn,
+    consumer: &C,
+    done: Batch,
+    leaving: Option<&TopicPartitionList>,
+) -> Result<StageStats, StageError> {
+    let producer = &txn.producer;
     let mut next = TopicPartitionList::new();
     for (&p, &(_, n)) in &done.offsets {
-        next.add_partition_offset(&spec.input, p, Offset::Offset(n))?;
+        next.add_partition_offset(&txn.input, p, Offset::Offset(n))?;
     }
     let started = std::time::Instant::now();
     let result = tokio::task::block_in_place(|| -> Result<(), KafkaError> {
@@ -188,37 +261,52 @@ fn finish(
         producer.send_offsets_to_transaction(&next, &metadata, TXN_TIMEOUT)?;
         producer.commit_transaction(TXN_TIMEOUT)
     });
-    metrics::histogram!("sluice_stage_transaction_commit_seconds", "stage" => name)
+    metrics::histogram!("sluice_stage_transaction_commit_seconds", "stage" => txn.name)
         .record(started.elapsed().as_secs_f64());
     tracing::debug!(
         records = done.records,
         commit_ms = started.elapsed().as_millis() as u64,
+        before_revoke = leaving.is_some(),
         "transaction committed"
     );
     match result {
-        Ok(()) => {
-            stats.consumed += done.stats.consumed;
-            stats.published += done.stats.published;
-            stats.dead_lettered += done.stats.dead_lettered;
-            Ok(())
-        }
+        Ok(()) => Ok(done.stats),
         Err(KafkaError::Transaction(e)) if !e.is_fatal() => {
             tracing::warn!(error = %e, records = done.records, "transaction failed; aborting and reprocessing the batch");
             tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT))?;
             for (&p, &(first, _)) in &done.offsets {
-                // A partition revoked meanwhile is no longer ours: its next owner starts
-                // from the last committed offset.
-                if let Err(e) = consumer.seek(
-                    &spec.input,
-                    p,
-                    Offset::Offset(first),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::debug!(partition = p, error = %e, "rewind skipped");
+                // Leaving: its next owner starts from the last committed offset.
+                if leaving.is_some_and(|l| l.find_partition(&txn.input, p).is_some()) {
+                    continue;
                 }
+                let Err(e) =
+                    consumer.seek(&txn.input, p, Offset::Offset(first), Duration::from_secs(5))
+                else {
+                    continue;
+                };
+                // Still ours: its position is past the aborted records, and the next
+                // transaction would commit over them.
+                if owns(consumer, &txn.input, p) {
+                    return Err(StageError::Rewind {
+                        topic: txn.input.clone(),
+                        partition: p,
+                        offset: first,
+                        source: e,
+                    });
+                }
+                // Revoked meanwhile: its next owner starts from the last committed offset.
+                tracing::debug!(partition = p, error = %e, "rewind skipped: partition revoked");
             }
-            Ok(())
+            Ok(StageStats::default())
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether the consumer still owns `topic` [`partition`]; when its assignment cannot be
+/// read, it is taken to (the safe side: a failed rewind then stops the stage).
+fn owns<C: Consumer<MeteredConsumer>>(consumer: &C, topic: &str, partition: i32) -> bool {
+    consumer
+        .assignment()
+        .map_or(true, |a| a.find_partition(topic, partition).is_some())
 }

@@ -132,8 +132,9 @@ struct Stage<'a, T: Transform> {
 }
 
 impl<T: Transform> Stage<'_, T> {
-    /// Process one record and enqueue its outputs (or dead letter).
-    async fn handle(&mut self, msg: Held<'_>, admit: Admit) {
+    /// Process one record and enqueue its outputs (or dead letter). Returns whether it
+    /// took the record: not at shutdown while the in-flight bounds are reached.
+    async fn handle(&mut self, msg: Held<'_>, admit: Admit) -> bool {
         // Bounded in records and in bytes: a burst of large records must not queue
         // max_in_flight of them.
         while self.acks.in_flight.load(Ordering::Acquire) >= self.spec.max_in_flight.max(1)
@@ -142,7 +143,7 @@ impl<T: Transform> Stage<'_, T> {
         {
             // Not taken yet: nothing is tracked for it, a restart reads it again.
             if self.shutdown.is_cancelled() {
-                return;
+                return false;
             }
             self.settle().await;
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -174,7 +175,7 @@ impl<T: Transform> Stage<'_, T> {
         // Nothing to wait for (e.g. filtered out by a replay): completed at once.
         if done.outputs.is_empty() {
             self.acks.acked(&record);
-            return;
+            return true;
         }
         for o in done.outputs {
             enqueue(
@@ -188,6 +189,7 @@ impl<T: Transform> Stage<'_, T> {
             )
             .await;
         }
+        true
     }
 
     async fn settle(&mut self) {
@@ -304,15 +306,15 @@ pub async fn run<T: Transform>(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => stage.settle().await,
-            (msg, admit) = receiver.next() => {
-                receiver.throttle().await;
-                stage.handle(Held::Borrowed(msg), admit).await;
-                for _ in 1..super::BURST {
-                    let Some((msg, admit)) = receiver.next().now_or_never() else {
-                        break;
-                    };
+            first = receiver.next() => {
+                let mut burst = super::Burst::default();
+                let mut next = Some(first);
+                while let Some((msg, admit)) = next.take() {
                     receiver.throttle().await;
-                    stage.handle(Held::Borrowed(msg), admit).await;
+                    let took = stage.handle(Held::Borrowed(msg), admit).await;
+                    if burst.goes_on(took) {
+                        next = receiver.next().now_or_never();
+                    }
                 }
             }
         }
@@ -386,7 +388,9 @@ pub async fn run_fed<T: Transform>(
                     if let Some(s) = scope {
                         s.throttle().await;
                     }
-                    stage.handle(Held::Owned(msg), admit).await;
+                    if !stage.handle(Held::Owned(msg), admit).await {
+                        break 'feed;
+                    }
                 }
             }
         }
@@ -457,6 +461,12 @@ fn drain_revoked(
         }
     }
     if commit.count() > 0 {
+        // Stored too: librdkafka commits the *stored* offsets of removed partitions once
+        // the assignment changes (auto-commit), which would otherwise move this commit
+        // back to the last offset the stage loop stored, up to `max_in_flight` records.
+        if let Err(e) = consumer.store_offsets(&commit) {
+            tracing::debug!(error = %e, "offsets of revoked partitions not stored");
+        }
         for attempt in 1..=3 {
             match consumer.commit(&commit, CommitMode::Sync) {
                 Ok(()) => break,

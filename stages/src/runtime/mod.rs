@@ -16,6 +16,26 @@ use crate::transform::{StageError, StageSpec, StageStats, Transform};
 /// through its loop's `select!`: a wake-up per record cost more than the transforms.
 const BURST: usize = 256;
 
+/// Counts the records a runtime takes in one go, up to [`BURST`], and ends the burst at
+/// the first one it refuses. A runtime refuses a record only at shutdown with no room
+/// for it, and leaves it untracked for the next run; a record taken after it (an ack
+/// having freed room meanwhile) would let the committed offset pass it.
+#[derive(Debug, Default)]
+struct Burst {
+    taken: usize,
+}
+
+impl Burst {
+    /// The runtime took (or refused) a record: whether to take another.
+    fn goes_on(&mut self, took: bool) -> bool {
+        if !took {
+            return false;
+        }
+        self.taken += 1;
+        self.taken < BURST
+    }
+}
+
 /// Run `transform` as a stage until `shutdown` is cancelled, at-least-once or (with
 /// `spec.exactly_once`) in Kafka transactions; then drain, commit, and return what was
 /// done. Fed in-process (`spec.feed`), it runs until the records end, at-least-once:
@@ -34,5 +54,38 @@ pub async fn run_stage<T: Transform>(
         exactly_once::run(kafka, &spec, transform, shutdown).await
     } else {
         at_least_once::run(kafka, &spec, transform, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Take records 0.. in bursts as the at-least-once loop does; `refuse` is refused.
+    fn burst_of(refuse: usize) -> Vec<usize> {
+        let mut burst = Burst::default();
+        let mut taken = Vec::new();
+        for record in 0.. {
+            let took = record != refuse;
+            if took {
+                taken.push(record);
+            }
+            if !burst.goes_on(took) {
+                break;
+            }
+        }
+        taken
+    }
+
+    #[test]
+    fn a_burst_stops_at_the_first_refused_record() {
+        // Record 3 meets a full in-flight bound at shutdown; by record 4 an ack may have
+        // freed room. Nothing after 3 may be taken.
+        assert_eq!(burst_of(3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_burst_takes_at_most_its_bound() {
+        assert_eq!(burst_of(usize::MAX).len(), BURST);
     }
 }

@@ -114,8 +114,13 @@ async fn setup(n: usize) -> (Config, Vec<String>) {
 
 /// Produce raw records over about `seconds`, so replicas change mid-stream.
 async fn produce_raw(config: &Config, lines: &[String], seconds: f64) {
+    produce_raw_in_chunks(config, lines, seconds, 500).await;
+}
+
+/// [`produce_raw`], `chunk` records at a time (small chunks keep records in flight in
+/// the stages most of the time).
+async fn produce_raw_in_chunks(config: &Config, lines: &[String], seconds: f64, chunk: usize) {
     let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
-    let chunk = 500;
     let pause = Duration::from_secs_f64(seconds / (lines.len() / chunk).max(1) as f64);
     for (c, part) in lines.chunks(chunk).enumerate() {
         let mut acks = Vec::new();
@@ -233,7 +238,8 @@ async fn a_joining_replica_repeats_nothing() {
     let (config, lines) = setup(N).await;
     let mut a = spawn_parse(&config);
     let c = config.clone();
-    let producing = tokio::spawn(async move { produce_raw(&c, &lines, 6.0).await });
+    // 20 records every 10 ms: the join meets records in flight.
+    let producing = tokio::spawn(async move { produce_raw_in_chunks(&c, &lines, 6.0, 20).await });
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut b = spawn_parse(&config);
     producing.await.unwrap();

@@ -435,6 +435,36 @@ async fn copy_and_refused_reset_of_an_active_group() {
     assert_eq!(committed(&config, &group, &config.topics.raw).await, now);
     replay::restore(&config, &saved, true).unwrap();
     assert_eq!(committed(&config, &group, &config.topics.raw).await, before);
+
+    // Sessionize's group is never reset: it would start mid-session, and the partial
+    // sessions would replace complete ones. The refusal points to the batch replay. (The
+    // plan is on sessionize's own input, so only that refusal stands in the way.)
+    let sessionize = stage("sessionize");
+    let input = sessionize.input(&config);
+    let on_input = resolve_on(
+        &config,
+        input,
+        Range::Times {
+            from: None,
+            to: None,
+        },
+    )
+    .await;
+    let err = replay::run(
+        &config,
+        &on_input,
+        &Target::Component(sessionize),
+        &reset(false, None),
+        &Filters::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let err = format!("{err}");
+    assert!(
+        err.contains("--reset cannot replay sessionize") && err.contains("mid-session"),
+        "{err}"
+    );
 }
 
 /// The whole pipeline once; then the audit balances, replays into both sinks change

@@ -76,11 +76,18 @@ pub async fn run(
         Target::Copy(to) => return super::copy::copy(&config.kafka, plan, to, filters, stop).await,
         Target::Component(c) => (c.group(config), c.input(config)),
     };
-    if let (Target::Component(c), Mode::FreshGroup(name)) = (target, mode) {
+    if let Target::Component(c) = target {
         if c.kind == Kind::Stage && c.name == "sessionize" {
-            // Sessions of a bounded range are recomputed in batch (a streaming run's
-            // commits wait for open sessions, and corrected events arrive out of order).
-            return replay_sessions(config, plan, name, filters, stop).await;
+            match mode {
+                // Sessions of a bounded range are recomputed in batch (a streaming run's
+                // commits wait for open sessions, and corrected events arrive out of order).
+                Mode::FreshGroup(name) => {
+                    return replay_sessions(config, plan, name, filters, stop).await
+                }
+                Mode::ResetGroup { .. } => bail!(
+                    "--reset cannot replay sessionize: its group would start mid-session, and the partial sessions, stamped newer, would replace the complete rows they overlap. Drop --reset: `sluice replay --stage sessionize` recomputes the range's sessions in batch"
+                ),
+            }
         }
     }
     match mode {

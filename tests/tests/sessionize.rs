@@ -443,3 +443,79 @@ async fn an_idle_partition_closes_its_sessions() {
         ("quiet-user", 3, 3)
     );
 }
+
+/// Two sessions sinks (a live one and a replay's, or a pool of several connections)
+/// writing overlapping versions of the same users' sessions at once leave one session per
+/// user: the newest. Each write takes a per-user advisory lock (in sorted order) first;
+/// under READ COMMITTED alone, each statement's "is a newer one stored?" missed the
+/// other's uncommitted row, and both versions were kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_session_writers_leave_one_version() {
+    use sluice_sinks::consumer::{BatchWriter, Versioned};
+    use sluice_sinks::timescale::sessions::SessionsWriter;
+    let mut config = stack_config();
+    let schema = unique("sr");
+    config = config.namespaced(&format!("t-{schema}"), &schema);
+    config.timescale.url = stack_var("SLUICE_STACK_PG_URL");
+    // A connection for each writer, as two sinks (or one with pool_size 2) have.
+    config.timescale.pool_size = 2;
+    let pool = sluice_sinks::timescale::pool(&config.timescale).unwrap();
+    sluice_sinks::timescale::migrations::migrate(&pool, &config.timescale)
+        .await
+        .unwrap();
+    let version = |round: usize, user: usize, start: i64, processed_at: i64| Versioned {
+        record: SessionSummary {
+            session_id: format!("s-{round}-{user}-{start}"),
+            tenant: "acme".into(),
+            user_id: format!("user-{round}-{user}"),
+            started_at: 1_795_428_000_000 + start * 60_000,
+            ended_at: 1_795_428_000_000 + (start + 10) * 60_000,
+            page_views: 1,
+            events: 2,
+            duration_ms: 600_000,
+        },
+        processed_at,
+    };
+    const USERS: usize = 2_000;
+    for round in 0..5 {
+        // The newer version starts at minute 0, the older (overlapping) one at minute 5.
+        let newer: Vec<_> = (0..USERS).map(|u| version(round, u, 0, 2_000)).collect();
+        let older: Vec<_> = (0..USERS).map(|u| version(round, u, 5, 1_000)).collect();
+        let (a, b) = (
+            SessionsWriter::new(pool.clone(), &schema),
+            SessionsWriter::new(pool.clone(), &schema),
+        );
+        let (ra, rb) = tokio::join!(a.write(&newer), b.write(&older));
+        assert!(
+            matches!(ra, sluice_core::retry::RetryAction::Successful(ref r) if r.is_empty()),
+            "{ra:?}"
+        );
+        assert!(
+            matches!(rb, sluice_core::retry::RetryAction::Successful(ref r) if r.is_empty()),
+            "{rb:?}"
+        );
+    }
+    let client = pool.get().await.unwrap();
+    let rows = client
+        .query(
+            &format!("SELECT user_id, session_id FROM {schema}.sessions ORDER BY 1, 2"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut per_user: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rows {
+        per_user.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    let doubled: Vec<_> = per_user.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert_eq!(per_user.len(), 5 * USERS, "every user has a session");
+    assert!(
+        doubled.is_empty(),
+        "{} users kept two overlapping versions, e.g. {:?}",
+        doubled.len(),
+        doubled.first()
+    );
+    for (user, s) in &per_user {
+        assert!(s[0].ends_with("-0"), "{user} kept the older version {s:?}");
+    }
+}

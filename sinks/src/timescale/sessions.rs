@@ -5,7 +5,9 @@
 //! from another processing. When the incoming one is newer, the overlapped ones go (a
 //! corrected event or gap merged or split them); when a stored one is newer, the
 //! incoming one is stale and changes nothing. A session re-emitted unchanged (after a
-//! restart) has the same key and is written once.
+//! restart) has the same key and is written once. Writers of the same users take turns
+//! (an advisory lock per user), so concurrent writers cannot both keep overlapping
+//! versions.
 
 use std::collections::HashMap;
 
@@ -23,6 +25,16 @@ pub struct SessionsWriter {
     pool: Pool,
     write: String,
 }
+
+/// Takes a transaction-scoped advisory lock per (tenant, user) of the batch, in sorted
+/// order (so two writers never wait on each other in a cycle). The write's "is a newer
+/// version stored?" and its delete of older ones see only committed rows: without the
+/// lock, two writers (a live sink and a replay's, or one with `pool_size` > 1) could each
+/// miss the other's overlapping session and both keep theirs.
+const LOCK_USERS: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended(tenant || chr(31) || user_id, 0))
+     FROM (SELECT DISTINCT tenant, user_id FROM unnest($1::text[], $2::text[]) AS u(tenant, user_id)
+           ORDER BY tenant, user_id) AS k";
 
 impl SessionsWriter {
     /// A writer into `schema`'s sessions table through `pool` (already migrated).
@@ -65,15 +77,17 @@ impl SessionsWriter {
         let events: Vec<i32> = rows.iter().map(|r| r.record.events).collect();
         let duration: Vec<i64> = rows.iter().map(|r| r.record.duration_ms).collect();
         let version: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.processed_at)).collect();
-        let client = self.pool.get().await?;
-        client
-            .execute(
-                &self.write,
-                &[
-                    &tenant, &user, &id, &start, &end, &views, &events, &duration, &version,
-                ],
-            )
-            .await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(LOCK_USERS, &[&tenant, &user]).await?;
+        tx.execute(
+            &self.write,
+            &[
+                &tenant, &user, &id, &start, &end, &views, &events, &duration, &version,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -266,6 +266,37 @@ async fn a_kill_between_files_and_commit_archives_each_event_once() {
     assert_archived_exactly_once(&config).await;
 }
 
+/// A graceful stop with records gathered and not yet written: the sink writes their
+/// spans, waits for the files written in the background, and commits them all, so the
+/// next run starts at the end. (It used to commit before the files were written: their
+/// offsets stayed uncommitted, and the next run wrote them again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_commits_every_span_it_writes() {
+    let _serial = SERIAL.lock().await;
+    let mut config = namespace("ar-stop-").await;
+    // No span is due by count or time before the stop.
+    config.archive.flush_records = 1_000_000;
+    config.archive.rotate_interval_ms = 600_000;
+    let (addr, ingest) = Running::ingest(&config).await;
+    let sink = Running::sink(&config, "archive");
+    post(addr, &lines(3_000, 0, false)).await;
+    // Consumed long before this; nothing written or committed yet.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        archive_lag(&config).await,
+        3_000,
+        "the stop meets gathered records"
+    );
+    sink.stop().await;
+    assert_eq!(
+        archive_lag(&config).await,
+        0,
+        "the final commit includes every span written at the stop"
+    );
+    ingest.stop().await;
+    assert_archived_exactly_once(&config).await;
+}
+
 /// The store goes away for 5 s while events arrive: the sink retries, commits nothing
 /// meanwhile, and once the store is back archives everything once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

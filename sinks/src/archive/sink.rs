@@ -545,14 +545,23 @@ pub async fn run_archive(
         });
         sink.forget_revoked();
         let partitions: Vec<i32> = sink.pending.keys().copied().collect();
+        let mut flushed = Flushed::Done;
         for p in partitions {
-            if let Flushed::Interrupted = sink.flush(p).await.map_err(fail)? {
-                tracing::warn!(
-                    sink = NAME,
-                    "stopping with records unwritten; they stay uncommitted"
-                );
+            flushed = sink.flush(p).await.map_err(fail)?;
+            if let Flushed::Interrupted = flushed {
                 break;
             }
+        }
+        // The files of those spans (and of earlier ones) are written in the background:
+        // wait for them, so the final commit includes their offsets.
+        while matches!(flushed, Flushed::Done) && !sink.writing.is_empty() {
+            flushed = sink.finish_one().await.map_err(fail)?;
+        }
+        if let Flushed::Interrupted = flushed {
+            tracing::warn!(
+                sink = NAME,
+                "stopping with records unwritten; they stay uncommitted"
+            );
         }
         cutoff.abort();
     }

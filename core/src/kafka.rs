@@ -651,40 +651,31 @@ mod tests {
         assert_eq!(c.get("queued.min.messages"), Some("1"));
     }
 
-    #[test]
-    fn a_prefetch_bound_comes_with_a_short_fetch_backoff() {
+    /// A prefetching consumer sets `key` to `default`; other consumers leave it to
+    /// librdkafka; settings that name it (in `kafka.consumer` or `kafka.properties`) win.
+    fn assert_prefetch_default(key: &str, default: &str) {
         let mut kafka = KafkaConfig::default();
-        let c = kafka.prefetching_consumer_config("g", 2_000);
-        assert_eq!(c.get("fetch.queue.backoff.ms"), Some(PREFETCH_BACKOFF_MS));
+        let prefetching = |k: &KafkaConfig| k.prefetching_consumer_config("g", 2_000);
+        assert_eq!(prefetching(&kafka).get(key), Some(default));
         assert_eq!(
-            kafka.consumer_config("g").get("fetch.queue.backoff.ms"),
+            kafka.consumer_config("g").get(key),
             None,
             "other consumers keep librdkafka's default"
         );
-        kafka
-            .consumer
-            .insert("fetch.queue.backoff.ms".into(), "100".into());
-        let c = kafka.prefetching_consumer_config("g", 2_000);
-        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("100"));
+        kafka.consumer.insert(key.into(), "100".into());
+        assert_eq!(prefetching(&kafka).get(key), Some("100"));
+        kafka.consumer.clear();
+        kafka.properties.insert(key.into(), "1048576".into());
+        assert_eq!(prefetching(&kafka).get(key), Some("1048576"));
+    }
+
+    #[test]
+    fn a_prefetch_bound_comes_with_a_short_fetch_backoff() {
+        assert_prefetch_default("fetch.queue.backoff.ms", PREFETCH_BACKOFF_MS);
     }
 
     #[test]
     fn a_prefetch_bound_comes_with_smaller_partition_fetches() {
-        let mut kafka = KafkaConfig::default();
-        let c = kafka.prefetching_consumer_config("g", 2_000);
-        assert_eq!(
-            c.get("max.partition.fetch.bytes"),
-            Some(PREFETCH_PARTITION_FETCH_BYTES)
-        );
-        assert_eq!(
-            kafka.consumer_config("g").get("max.partition.fetch.bytes"),
-            None,
-            "other consumers keep librdkafka's default"
-        );
-        kafka
-            .properties
-            .insert("max.partition.fetch.bytes".into(), "1048576".into());
-        let c = kafka.prefetching_consumer_config("g", 2_000);
-        assert_eq!(c.get("max.partition.fetch.bytes"), Some("1048576"));
+        assert_prefetch_default("max.partition.fetch.bytes", PREFETCH_PARTITION_FETCH_BYTES);
     }
 }

@@ -176,7 +176,7 @@ pub struct SinkSpec {
     /// Batches written at once (committed in order all the same).
     pub write_concurrency: usize,
     /// Most bytes of records in one batch: with large records, memory is bounded by
-    /// bytes, not counts (received records wait for at most two batches' worth).
+    /// bytes, not counts (received records wait for at most two batches' worth of bytes).
     pub max_batch_bytes: usize,
     /// Bounds of a replay run (end offsets, tenant, rate); `None` for a normal run.
     pub scope: Option<std::sync::Arc<ReplayScope>>,
@@ -354,10 +354,10 @@ const STALLED_AFTER: Duration = Duration::from_secs(2);
 /// Records gather into batches bounded by `spec.batch_size` and `spec.linger`. Up to
 /// `spec.write_concurrency` batches are written at once (each on its own connection or
 /// bulk request), but batches are committed strictly in the order they were consumed,
-/// so a commit never covers an unwritten record. When writes fall behind and two
-/// batches wait, the sink takes no more records until one is written; when that lasts
-/// (the destination is slow or down), consumption is paused: the consumer keeps
-/// polling, so it stays in its group, but fetches nothing new.
+/// so a commit never covers an unwritten record. When writes fall behind and four
+/// batches (or two batches' bytes) wait, the sink takes no more records until one is
+/// written; when that lasts (the destination is slow or down), consumption is paused:
+/// the consumer keeps polling, so it stays in its group, but fetches nothing new.
 pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     kafka: &KafkaConfig,
     spec: &SinkSpec,
@@ -367,7 +367,7 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
 ) -> Result<SinkStats, SinkError> {
     let name = writer.name();
     let writer = std::sync::Arc::new(writer);
-    // The sink buffers up to two batches itself: a batch per partition fetched ahead
+    // The sink buffers up to four batches itself: a batch per partition fetched ahead
     // keeps it fed.
     let consumer = kafka.metered_consumer_prefetching(&spec.group, spec.batch_size)?;
     consumer.subscribe(&[&spec.input])?;

@@ -166,7 +166,7 @@ pub async fn run<T: Transform>(
             _ = tokio::time::sleep_until(wake) => {}
             (msg, admit) = receiver.next() => {
                 let mut next = Some((msg, admit));
-                let mut taken = 0;
+                let mut burst = super::Burst::default();
                 // Take what else is already fetched without going back through
                 // `select!` (a wake-up per record costs more than the transforms), up to
                 // the transaction's size.
@@ -196,8 +196,7 @@ pub async fn run<T: Transform>(
                         produce(&txn.producer, done.topic, o.key.as_deref(), &o.payload, o.headers).await?;
                     }
                     lock(&txn.batch).stats += counted;
-                    taken += 1;
-                    if taken < super::BURST && records < spec.transaction_max_records.max(1) {
+                    if burst.goes_on(true) && records < spec.transaction_max_records.max(1) {
                         next = receiver.next().now_or_never();
                     }
                 }

@@ -115,6 +115,7 @@ impl Config {
         t.parsed = format!("{prefix}.parsed");
         t.enriched = format!("{prefix}.enriched");
         t.sessions = format!("{prefix}.sessions");
+        t.replays = format!("{prefix}.replays");
         for c in COMPONENTS {
             *(c.group_mut)(&mut self) = format!("{prefix}-{}", c.helm);
         }
@@ -132,6 +133,16 @@ pub enum Kind {
     Stage,
     /// Reads a topic, writes a destination (`sluice sink NAME`).
     Sink,
+}
+
+impl Kind {
+    /// `stage` or `sink`, as on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stage => "stage",
+            Self::Sink => "sink",
+        }
+    }
 }
 
 /// What a stage or sink did, when it stopped.

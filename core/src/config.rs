@@ -264,6 +264,9 @@ pub struct TopicsConfig {
     pub enriched: String,
     /// Session summaries (Avro), from the sessionize stage.
     pub sessions: String,
+    /// The replay log: one record per replay run, whose offset is the replay's epoch (the
+    /// high-order part of the versions it stamps). One partition, kept for ever.
+    pub replays: String,
     /// Suffix of each topic's dead-letter topic.
     pub dlq_suffix: String,
     /// Partitions of each topic created by Sluice.
@@ -288,6 +291,7 @@ impl Default for TopicsConfig {
             parsed: "sluice.parsed".into(),
             enriched: "sluice.enriched".into(),
             sessions: "sluice.sessions".into(),
+            replays: "sluice.replays".into(),
             dlq_suffix: ".dlq".into(),
             partitions: 6,
             replication_factor: 1,

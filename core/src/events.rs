@@ -98,6 +98,37 @@ impl Emit for BatchRetrying<'_> {
     }
 }
 
+/// Records of a sink's batch were stamped further ahead of the sink's clock than
+/// [`MAX_CLOCK_SKEW_MS`]: the host that processed them has a clock running fast. Their
+/// versions would beat a correcting replay's if replays trusted clocks (they carry a
+/// replay epoch instead), and they beat later live processing of the same events.
+#[derive(Debug)]
+pub struct VersionsAhead {
+    /// The sink.
+    pub sink: &'static str,
+    /// How many records.
+    pub records: usize,
+    /// How far ahead the furthest one was, in milliseconds.
+    pub ahead_ms: i64,
+}
+
+/// How far ahead of a sink's clock a processing stamp may be before it is counted as a
+/// clock running fast (hosts synchronised by NTP differ by far less).
+pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+
+impl Emit for VersionsAhead {
+    fn emit(self) {
+        tracing::warn!(
+            sink = self.sink,
+            records = self.records,
+            ahead_ms = self.ahead_ms,
+            "records stamped ahead of this host's clock: a stage's clock runs fast"
+        );
+        metrics::counter!("sluice_sink_versions_ahead_total", "sink" => self.sink)
+            .increment(self.records as u64);
+    }
+}
+
 /// Some items of a sink's request were refused for load; they are sent again.
 #[derive(Debug)]
 pub struct ItemsRetrying {

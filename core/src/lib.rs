@@ -19,7 +19,17 @@ pub mod timing;
 pub mod tls;
 pub mod wiring;
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now, by this host's clock.
 pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+    chrono::Utc::now().timestamp_millis() + *CLOCK_OFFSET_MS
 }
+
+/// Fault injection: `SLUICE_FAULT_CLOCK_OFFSET_MS` moves this process's clock by that many
+/// milliseconds (a host whose clock runs fast or slow). Tests set it on a child process;
+/// nothing in production does.
+static CLOCK_OFFSET_MS: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| {
+    std::env::var("SLUICE_FAULT_CLOCK_OFFSET_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+});

@@ -28,6 +28,7 @@ pub struct ReplayScope {
     limiter: Option<DefaultDirectRateLimiter>,
     admitted: AtomicU64,
     skipped: AtomicU64,
+    epoch: u32,
 }
 
 impl std::fmt::Debug for ReplayScope {
@@ -36,6 +37,7 @@ impl std::fmt::Debug for ReplayScope {
             .field("ends", &self.ends)
             .field("tenant", &self.tenant)
             .field("rate_limited", &self.limiter.is_some())
+            .field("epoch", &self.epoch)
             .finish()
     }
 }
@@ -50,7 +52,19 @@ impl ReplayScope {
             limiter: rate.map(|r| RateLimiter::direct(Quota::per_second(r))),
             admitted: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            epoch: 0,
         }
+    }
+
+    /// The same scope, whose outputs carry replay epoch `epoch` (from the replay log).
+    pub fn with_epoch(mut self, epoch: u32) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The replay epoch stamped on what this replay produces (0: none drawn).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
     }
 
     /// Decide what to do with the record at `partition`/`offset` carrying `headers`.

@@ -21,8 +21,9 @@ pub struct Stored {
     pub event_id: String,
     /// When ingest received it, Unix milliseconds.
     pub received_at: i64,
-    /// Its version (processing stamp), Unix milliseconds; 0 when unknown.
-    pub processed_at: i64,
+    /// Its version ([`sluice_core::headers::version_of`]: replay epoch, then processing
+    /// time); 0 when unknown.
+    pub version: i64,
     /// The whole event, when asked for.
     pub event: Option<sluice_schemas::EnrichedEvent>,
 }

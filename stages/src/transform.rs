@@ -10,6 +10,7 @@ use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
 use sluice_core::config::TopicsConfig;
 use sluice_core::events::{Component, DeadLettered, Emit};
 use sluice_core::failure::{DeadLetter, Failure};
+use sluice_core::headers;
 use sluice_core::replay_scope::{Admit, ReplayScope};
 use sluice_core::wiring::Rewiring;
 
@@ -243,6 +244,10 @@ pub(crate) async fn process<'a, 's, T: Transform>(
     meters: &Meters,
 ) -> Processed<'a, 's> {
     let name = transform.name();
+    let input_epoch = match &msg {
+        Held::Borrowed(m) => headers::epoch(m.headers()),
+        Held::Owned(m) => headers::epoch(m.headers()),
+    };
     let started = std::time::Instant::now();
     let mut result = match (admit, &msg) {
         (Admit::Process, Held::Borrowed(m)) => transform.process(m),
@@ -269,7 +274,7 @@ pub(crate) async fn process<'a, 's, T: Transform>(
     // An output the producer would refuse for its size is a defect of the record: it is
     // dead-lettered instead of retried for ever (which would stall the partition).
     let result = result
-        .map(|outputs| stamped(outputs, spec))
+        .map(|outputs| stamped(outputs, spec, input_epoch))
         .and_then(|outputs| {
             let mut bytes = 0;
             for size in outputs.iter().map(Output::size) {
@@ -325,14 +330,20 @@ pub(crate) async fn process<'a, 's, T: Transform>(
     }
 }
 
-/// Stamp a record's outputs with this processing (and the replay running it, if any).
-pub(crate) fn stamped(outputs: Vec<Output>, spec: &StageSpec) -> Vec<Output> {
-    let now = sluice_core::now_ms();
+/// Stamp a record's outputs with this processing (and the replay running it, if any): the
+/// time now, and the higher of the input's replay epoch and this replay's.
+pub(crate) fn stamped(outputs: Vec<Output>, spec: &StageSpec, input_epoch: u32) -> Vec<Output> {
+    let epoch = spec
+        .scope
+        .as_ref()
+        .map_or(0, |s| s.epoch())
+        .max(input_epoch);
+    let now = headers::version_of(epoch, sluice_core::now_ms());
     let replay = spec.scope.is_some().then_some(spec.group.as_str());
     outputs
         .into_iter()
         .map(|o| Output {
-            headers: sluice_core::headers::stamp(o.headers, now, replay),
+            headers: headers::stamp(o.headers, now, replay),
             ..o
         })
         .collect()

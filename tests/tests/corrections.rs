@@ -710,3 +710,104 @@ async fn a_replay_whose_sink_is_killed_and_restarted_ends_correct() {
     println!("killed with {at_kill} of 2000 rows corrected and {behind} records uncommitted; 0 lost, 0 duplicated");
     pipeline.stop().await;
 }
+
+/// A clock running fast: the live enrich stage runs as its own process on a "host" whose
+/// clock is 10 minutes ahead, so every version it stamps lies in the future. Its host is
+/// then fixed (the stage restarted with the right table and clock) and the correction
+/// replayed from a host with a right clock. Versions that were wall-clock stamps lost to
+/// the fast ones in both sinks (Elasticsearch's 409 counted as kept); the replay's epoch
+/// from the replay log beats them. Server-generated event ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_corrects_what_a_fast_clock_stamped() {
+    const FAST_MS: i64 = 10 * 60_000;
+    let _serial = SERIAL.lock().await;
+    let mut config = namespace(&unique("cskew")).await;
+    let wrong = geo_table("XX");
+    config.enrich.geo_csv = Some(wrong.clone());
+    let (addr, ingest) = Running::ingest(&config).await;
+    let parse = Running::stage(&config, "parse");
+    let log = std::env::temp_dir().join(format!("{}.log", unique("fast-enrich-")));
+    let mut fast_enrich = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["stage", "enrich"])
+        .env("SLUICE_STACK_ENV", sluice_tests::stack_env_path())
+        .env("SLUICE__TOPICS__PARSED", &config.topics.parsed)
+        .env("SLUICE__TOPICS__ENRICHED", &config.topics.enriched)
+        .env("SLUICE__ENRICH__GROUP", &config.enrich.group)
+        .env("SLUICE__ENRICH__GEO_CSV", &wrong)
+        .env("SLUICE__METRICS__LISTEN", "127.0.0.1:0")
+        .env("SLUICE_FAULT_CLOCK_OFFSET_MS", FAST_MS.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let sinks = start_sinks(&config);
+    let lines = geo_lines(200, last_week() + 8 * 3_600_000);
+    for (t, lines) in lines.iter().enumerate() {
+        for chunk in lines.chunks(500) {
+            post_lines(addr, TENANTS[t].1, chunk).await;
+        }
+    }
+    let t = &config.topics;
+    caught_up(&config, &config.parse.group, &t.raw).await;
+    caught_up(&config, &config.enrich.group, &t.parsed).await;
+    caught_up(&config, &config.timescale.group, &t.enriched).await;
+    caught_up(&config, &config.elasticsearch.group, &t.enriched).await;
+    for s in sinks {
+        s.stop().await;
+    }
+    let ids = raw_ids(&config).await;
+    assert_eq!(ids.len(), 400);
+    assert_exactly(&config, &ids, |e| match e.country.as_deref() {
+        Some("XX") => Ok(()),
+        other => Err(format!("country {other:?} before the fix")),
+    })
+    .await;
+    // The fault hit: every stored version is stamped minutes ahead of the real clock.
+    let now = sluice_core::now_ms();
+    for (sink, held) in ["timescale", "elasticsearch"]
+        .iter()
+        .zip(stored(&config).await)
+    {
+        for (id, rows) in &held {
+            let (epoch, at) = headers::split_version(rows[0].version);
+            assert!(
+                epoch == 0 && at > now + FAST_MS / 2,
+                "{sink}: {id:?} stamped {at} (epoch {epoch}), now {now}"
+            );
+        }
+    }
+
+    // The fix: the right table, and the host's clock corrected (a stage without the fault).
+    let _ = fast_enrich.kill();
+    let _ = fast_enrich.wait();
+    let mut fixed = config.clone();
+    fixed.enrich.geo_csv = Some(geo_table("DE"));
+    let enrich = Running::stage(&fixed, "enrich");
+    let outcome = replay_stage(&fixed, "enrich", &t.parsed).await;
+    assert_eq!((outcome.read, outcome.written), (400, 400));
+    let sinks = start_sinks(&fixed);
+    caught_up(&fixed, &fixed.timescale.group, &t.enriched).await;
+    caught_up(&fixed, &fixed.elasticsearch.group, &t.enriched).await;
+    for s in sinks {
+        s.stop().await;
+    }
+    assert_exactly(&fixed, &ids, |e| match e.country.as_deref() {
+        Some("DE") => Ok(()),
+        other => Err(format!(
+            "country {other:?} after the replay: the fast clock's stamps won"
+        )),
+    })
+    .await;
+    for (sink, held) in ["timescale", "elasticsearch"]
+        .iter()
+        .zip(stored(&fixed).await)
+    {
+        for (id, rows) in &held {
+            let (epoch, _) = headers::split_version(rows[0].version);
+            assert!(epoch > 0, "{sink}: {id:?} holds epoch {epoch}");
+        }
+    }
+    enrich.stop().await;
+    parse.stop().await;
+    ingest.stop().await;
+}

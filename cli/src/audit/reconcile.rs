@@ -162,10 +162,10 @@ pub(crate) fn reconcile(
                     continue; // its newest record is still on its way
                 }
                 // 0: written before versions were stored; only values can tell.
-                if stored.processed_at != 0 && stored.processed_at < latest.version {
+                if stored.version != 0 && stored.version < latest.version {
                     stale.push(format!(
                         "{id}: version {} < {}",
-                        stored.processed_at, latest.version
+                        stored.version, latest.version
                     ));
                     continue;
                 }
@@ -256,7 +256,7 @@ mod tests {
             tenant: "acme".into(),
             event_id: id.into(),
             received_at: 0,
-            processed_at: version,
+            version,
             event: None,
         }
     }

@@ -160,7 +160,7 @@ pub(crate) fn scan_topics(
                 }
             }
             count_write(c, "enriched", m);
-            let version = headers::processed_at(m);
+            let version = headers::version(m);
             let newer = c.latest.get(&id).is_none_or(|l| version >= l.version);
             if newer {
                 let payload = window

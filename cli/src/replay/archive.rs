@@ -312,7 +312,11 @@ pub async fn replay(
     };
     let started = std::time::Instant::now();
     let ends = part.bounds.iter().map(|(p, (_, end))| (*p, *end)).collect();
-    let scope = Arc::new(ReplayScope::new(ends, filters.tenant.clone(), filters.rate));
+    let what = format!("{} {}", component.kind.as_str(), component.name);
+    let entry = super::epoch::LogEntry::of(group, &what, &config.topics.raw);
+    let epoch = super::epoch::draw(&config.kafka, &config.topics, &entry).await?;
+    let scope =
+        Arc::new(ReplayScope::new(ends, filters.tenant.clone(), filters.rate).with_epoch(epoch));
     let (sender, records) = Feed::channel(FEED_AHEAD);
     let rewiring = Rewiring {
         group: Some(group.to_string()),

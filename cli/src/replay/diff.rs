@@ -239,7 +239,7 @@ async fn run_chain(
         if let Some(raw) = headers::get(m.headers(), headers::RAW_EVENT_ID) {
             accounted.insert(raw.to_string());
         }
-        let version = headers::processed_at(m);
+        let version = headers::version(m);
         let key = (e.tenant.clone(), e.event_id.clone());
         if outputs.get(&key).is_none_or(|(_, v)| version >= *v) {
             outputs.insert(key, (e, version));
@@ -524,7 +524,7 @@ mod tests {
             tenant: e.tenant.clone(),
             event_id: e.event_id.clone(),
             received_at: 0,
-            processed_at: 1,
+            version: 1,
             event: Some(e.clone()),
         }
     }

@@ -9,6 +9,7 @@ use crate::components::Component;
 pub mod archive;
 mod copy;
 pub mod diff;
+pub mod epoch;
 pub mod plan;
 mod run;
 

@@ -15,6 +15,7 @@ use sluice_core::replay_scope::ReplayScope;
 use sluice_core::wiring::Rewiring;
 use tokio_util::sync::CancellationToken;
 
+use super::epoch::LogEntry;
 use super::plan::{Plan, TIMEOUT};
 use super::{Filters, Mode, Outcome, Target};
 use crate::components::{Config, Kind};
@@ -129,11 +130,15 @@ async fn replay_sessions(
         &rewiring,
     )
     .await?;
-    let scope = Arc::new(ReplayScope::new(
-        plan.ends(),
-        filters.tenant.clone(),
-        filters.rate,
-    ));
+    let epoch = super::epoch::draw(
+        &config.kafka,
+        &config.topics,
+        &LogEntry::of(name, "stage sessionize", &plan.topic),
+    )
+    .await?;
+    let scope = Arc::new(
+        ReplayScope::new(plan.ends(), filters.tenant.clone(), filters.rate).with_epoch(epoch),
+    );
     let ranges = plan.ranges.clone();
     let done =
         sluice_stages::sessionize::replay_sessions(&config.kafka, &spec, ranges, scope, name, stop)
@@ -356,11 +361,19 @@ pub(crate) async fn fresh_rewired(
     let (kafka, g, topic) = (config.kafka.clone(), group.to_string(), plan.topic.clone());
     blocking(move || commit_group(&kafka, &g, &topic, &starts))?;
 
-    let scope = Arc::new(ReplayScope::new(
-        plan.ends(),
-        filters.tenant.clone(),
-        filters.rate,
-    ));
+    let what = match target {
+        Target::Component(c) => format!("{} {}", c.kind.as_str(), c.name),
+        Target::Copy(to) => format!("copy {to}"),
+    };
+    let epoch = super::epoch::draw(
+        &config.kafka,
+        &config.topics,
+        &LogEntry::of(group, &what, &plan.topic),
+    )
+    .await?;
+    let scope = Arc::new(
+        ReplayScope::new(plan.ends(), filters.tenant.clone(), filters.rate).with_epoch(epoch),
+    );
     let rewiring = Rewiring {
         group: Some(group.to_string()),
         input: Some(plan.topic.clone()),

@@ -106,7 +106,7 @@ impl ElasticsearchWriter {
         let op = match self.config.op_type {
             EsOpType::Create => "create",
             EsOpType::Index => {
-                meta["version"] = json!(v.processed_at.max(0));
+                meta["version"] = json!(v.version.max(0));
                 meta["version_type"] = json!("external_gte");
                 "index"
             }
@@ -115,7 +115,7 @@ impl ElasticsearchWriter {
         let encode = |e: serde_json::Error| Failure::new("encode", e.to_string());
         serde_json::to_writer(&mut out, &json!({ op: meta })).map_err(encode)?;
         out.push(b'\n');
-        write_document(&mut out, e, v.processed_at).map_err(encode)?;
+        write_document(&mut out, e, v.version).map_err(encode)?;
         out.push(b'\n');
         Ok(Item {
             record,

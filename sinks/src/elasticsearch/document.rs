@@ -17,6 +17,8 @@ pub fn document_field(field: &str) -> &str {
 
 /// The document field holding the event's version (processing stamp).
 pub const PROCESSED_AT: &str = "processed_at";
+/// The document field holding the replay epoch part of its version.
+pub const REPLAY_EPOCH: &str = "replay_epoch";
 
 /// The index an event goes to: `<prefix>-<tenant>-YYYY.MM.DD` of the day ingest received
 /// it (UTC). The ingest time never changes when a replay corrects an event, so a
@@ -67,14 +69,16 @@ fn iso(ms: i64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-/// Append the JSON document of an event at version `processed_at` to `out`.
+/// Append the JSON document of an event at `version` (see
+/// [`sluice_core::headers::version_of`]) to `out`.
 pub fn write_document(
     out: &mut Vec<u8>,
     e: &EnrichedEvent,
-    processed_at: i64,
+    version: i64,
 ) -> Result<(), serde_json::Error> {
+    let (epoch, processed_at) = sluice_core::headers::split_version(version);
     let mut ser = serde_json::Serializer::new(out);
-    let mut map = ser.serialize_map(Some(ENRICHED_FIELDS.len() + 1))?;
+    let mut map = ser.serialize_map(Some(ENRICHED_FIELDS.len() + 2))?;
     for f in ENRICHED_FIELDS {
         let key = document_field(f.name);
         match (f.get)(e) {
@@ -84,13 +88,14 @@ pub fn write_document(
         }
     }
     map.serialize_entry(PROCESSED_AT, &iso(processed_at))?;
+    map.serialize_entry(REPLAY_EPOCH, &epoch)?;
     map.end()
 }
 
 /// The document of an event, as a value (tests and benchmarks).
-pub fn document(e: &EnrichedEvent, processed_at: i64) -> Value {
+pub fn document(e: &EnrichedEvent, version: i64) -> Value {
     let mut out = Vec::new();
-    write_document(&mut out, e, processed_at)
+    write_document(&mut out, e, version)
         .ok()
         .and_then(|()| serde_json::from_slice(&out).ok())
         .unwrap_or(Value::Null)
@@ -110,6 +115,7 @@ pub fn mapping() -> Value {
         properties.insert(document_field(f.name).to_string(), m);
     }
     properties.insert(PROCESSED_AT.into(), json!({"type": "date"}));
+    properties.insert(REPLAY_EPOCH.into(), json!({"type": "integer"}));
     json!({"dynamic": "strict", "properties": properties})
 }
 
@@ -163,8 +169,15 @@ mod tests {
         assert_eq!(doc["referrer"], Value::Null);
         assert_eq!(doc["extra"]["price"], 5);
         assert_eq!(doc[PROCESSED_AT], "2026-11-24T00:01:40.000Z");
+        assert_eq!(doc[REPLAY_EPOCH], 0);
         let fields = doc.as_object().unwrap().len();
-        assert_eq!(fields, ENRICHED_FIELDS.len() + 1);
+        assert_eq!(fields, ENRICHED_FIELDS.len() + 2);
+        let replayed = document(
+            &event(),
+            sluice_core::headers::version_of(4, 1_795_478_500_000),
+        );
+        assert_eq!(replayed[PROCESSED_AT], "2026-11-24T00:01:40.000Z");
+        assert_eq!(replayed[REPLAY_EPOCH], 4);
         // Every field of a document is in the mapping (which is strict).
         let mapping = mapping();
         for key in doc.as_object().unwrap().keys() {

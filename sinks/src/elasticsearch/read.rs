@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sluice_schemas::fields::{json_texts, FieldKind, Stored as FieldStored, ENRICHED_FIELDS};
 use sluice_schemas::EnrichedEvent;
 
-use super::document::{document_field, PROCESSED_AT};
+use super::document::{document_field, PROCESSED_AT, REPLAY_EPOCH};
 use super::EsError;
 use crate::{Selection, Stored};
 
@@ -91,7 +91,13 @@ pub async fn read_stored(
     let source = if events {
         json!(true)
     } else {
-        json!(["tenant", "event_id", "received_at", PROCESSED_AT])
+        json!([
+            "tenant",
+            "event_id",
+            "received_at",
+            PROCESSED_AT,
+            REPLAY_EPOCH
+        ])
     };
     let mut out = Vec::new();
     for query in queries {
@@ -130,7 +136,13 @@ pub async fn read_stored(
                     tenant: s["tenant"].as_str().unwrap_or_default().to_string(),
                     event_id: s["event_id"].as_str().unwrap_or_default().to_string(),
                     received_at: millis(&s["received_at"]).unwrap_or(0),
-                    processed_at: millis(&s[PROCESSED_AT]).unwrap_or(0),
+                    version: sluice_core::headers::version_of(
+                        s[REPLAY_EPOCH]
+                            .as_u64()
+                            .and_then(|e| u32::try_from(e).ok())
+                            .unwrap_or(0),
+                        millis(&s[PROCESSED_AT]).unwrap_or(0),
+                    ),
                     event: events.then(|| event_of(s)),
                 });
             }

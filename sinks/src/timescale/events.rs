@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::config::TimescaleConfig;
 use chrono::{DateTime, Utc};
 use sluice_core::failure::Failure;
+use sluice_core::headers::split_version;
 use sluice_schemas::fields::{FieldKind, FieldValue, ENRICHED_FIELDS};
 use sluice_schemas::EnrichedEvent;
 use tokio_postgres::types::ToSql;
@@ -40,6 +41,8 @@ pub enum SqlType {
     Time,
     /// `jsonb`, sent as text.
     Json,
+    /// `integer`.
+    Int,
 }
 
 /// One column of the events table.
@@ -58,7 +61,10 @@ pub struct Column {
 #[derive(Debug, Clone, Copy)]
 enum Source {
     Field(for<'a> fn(&'a EnrichedEvent) -> FieldValue<'a>),
+    /// The processing-time part of the version.
     ProcessedAt,
+    /// The replay-epoch part of the version.
+    ReplayEpoch,
 }
 
 impl Column {
@@ -68,6 +74,7 @@ impl Column {
             SqlType::Text => "text",
             SqlType::Time => "timestamptz",
             SqlType::Json => "jsonb",
+            SqlType::Int => "integer",
         }
     }
 
@@ -75,6 +82,7 @@ impl Column {
         match self.ty {
             SqlType::Text | SqlType::Json => "text[]",
             SqlType::Time => "timestamptz[]",
+            SqlType::Int => "int[]",
         }
     }
 }
@@ -103,17 +111,26 @@ const fn column_of(f: &sluice_schemas::fields::Field) -> Column {
     }
 }
 
-/// The events table's columns: one per field of the event, then its version.
+/// The events table's columns: one per field of the event, then its version (processing
+/// time and replay epoch).
 pub static COLUMNS: std::sync::LazyLock<Vec<Column>> = std::sync::LazyLock::new(|| {
     ENRICHED_FIELDS
         .iter()
         .map(column_of)
-        .chain([Column {
-            name: "processed_at",
-            ty: SqlType::Time,
-            not_null: false,
-            source: Source::ProcessedAt,
-        }])
+        .chain([
+            Column {
+                name: "processed_at",
+                ty: SqlType::Time,
+                not_null: false,
+                source: Source::ProcessedAt,
+            },
+            Column {
+                name: "replay_epoch",
+                ty: SqlType::Int,
+                not_null: false,
+                source: Source::ReplayEpoch,
+            },
+        ])
         .collect()
 });
 
@@ -204,7 +221,8 @@ pub fn upsert_sql(schema: &str, layout: Layout) -> String {
                INSERT INTO {schema}.events AS e ({list})
                SELECT {selected} FROM input i ORDER BY i.tenant, i.event_id
                ON CONFLICT (tenant, event_id) DO UPDATE SET {moves}
-                 WHERE coalesce(e.processed_at, '-infinity') < EXCLUDED.processed_at
+                 WHERE (coalesce(e.replay_epoch, 0), coalesce(e.processed_at, '-infinity'))
+                     < (EXCLUDED.replay_epoch, EXCLUDED.processed_at)
                RETURNING 1)
              SELECT (SELECT count(*) FROM written), '{{}}'::text[], '{{}}'::text[], '{{}}'::timestamptz[]",
             arrays = arrays.join(", "),
@@ -215,18 +233,19 @@ pub fn upsert_sql(schema: &str, layout: Layout) -> String {
     format!(
         "WITH input AS (SELECT * FROM unnest({arrays}) AS r({list})),
          keys AS (
-           INSERT INTO {schema}.event_keys AS k (tenant, event_id, time, processed_at)
-           SELECT tenant, event_id, time, processed_at FROM input ORDER BY tenant, event_id
+           INSERT INTO {schema}.event_keys AS k (tenant, event_id, time, processed_at, replay_epoch)
+           SELECT tenant, event_id, time, processed_at, replay_epoch FROM input ORDER BY tenant, event_id
            ON CONFLICT (tenant, event_id) DO UPDATE
-             SET time = EXCLUDED.time, processed_at = EXCLUDED.processed_at, prev_time = k.time
-             WHERE k.processed_at <= EXCLUDED.processed_at
+             SET time = EXCLUDED.time, processed_at = EXCLUDED.processed_at,
+               replay_epoch = EXCLUDED.replay_epoch, prev_time = k.time
+             WHERE (k.replay_epoch, k.processed_at) <= (EXCLUDED.replay_epoch, EXCLUDED.processed_at)
            RETURNING k.tenant, k.event_id, k.time, k.prev_time),
          written AS (
            INSERT INTO {schema}.events AS e ({list})
            SELECT {selected} FROM input i JOIN keys USING (tenant, event_id)
            ORDER BY i.tenant, i.event_id
            ON CONFLICT (tenant, event_id, time) DO UPDATE SET {updates}
-             WHERE e.processed_at IS DISTINCT FROM EXCLUDED.processed_at
+             WHERE (e.processed_at, e.replay_epoch) IS DISTINCT FROM (EXCLUDED.processed_at, EXCLUDED.replay_epoch)
            RETURNING 1)
          SELECT (SELECT count(*) FROM written),
            ARRAY(SELECT tenant FROM keys WHERE prev_time <> time),
@@ -259,9 +278,16 @@ impl<'a> Params<'a> {
             .iter()
             .map(|c| -> Box<dyn ToSql + Send + Sync + 'a> {
                 match c.source {
-                    Source::ProcessedAt => {
-                        Box::new(rows.iter().map(|(_, v)| ts(*v)).collect::<Vec<_>>())
-                    }
+                    Source::ProcessedAt => Box::new(
+                        rows.iter()
+                            .map(|(_, v)| ts(split_version(*v).1))
+                            .collect::<Vec<_>>(),
+                    ),
+                    Source::ReplayEpoch => Box::new(
+                        rows.iter()
+                            .map(|(_, v)| split_version(*v).0 as i32)
+                            .collect::<Vec<i32>>(),
+                    ),
                     Source::Field(get) => match c.ty {
                         SqlType::Text => Box::new(
                             rows.iter()
@@ -289,6 +315,8 @@ impl<'a> Params<'a> {
                                 })
                                 .collect::<Vec<String>>(),
                         ),
+                        // No field is an integer column (only the replay epoch is).
+                        SqlType::Int => Box::new(vec![0i32; rows.len()]),
                     },
                 }
             })
@@ -463,7 +491,7 @@ fn newest_per_event(
         newest
             .entry((e.tenant.as_str(), e.event_id.as_str()))
             .and_modify(|j| {
-                if v.processed_at >= batch[*j].processed_at {
+                if v.version >= batch[*j].version {
                     *j = i;
                 }
             })
@@ -485,7 +513,7 @@ impl EventsWriter {
         let keep = newest_per_event(batch, &mut failures);
         let rows: Vec<(&EnrichedEvent, i64)> = keep
             .iter()
-            .map(|&i| (&batch[i].record, batch[i].processed_at))
+            .map(|&i| (&batch[i].record, batch[i].version))
             .collect();
         match self.upsert(&rows).await {
             Ok(outcome) => {
@@ -567,15 +595,16 @@ mod tests {
     #[test]
     fn columns_follow_the_field_table() {
         let names: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
-        assert_eq!(names.len(), ENRICHED_FIELDS.len() + 1);
+        assert_eq!(names.len(), ENRICHED_FIELDS.len() + 2);
         assert!(names.contains(&"time") && !names.contains(&"event_time"));
-        assert_eq!(names.last(), Some(&"processed_at"));
+        assert_eq!(names[names.len() - 2..], ["processed_at", "replay_epoch"]);
         for layout in [Layout::Direct, Layout::Keyed] {
             let sql = upsert_sql("s", layout);
             for n in &names {
                 assert!(sql.contains(n), "{n} missing from the statement");
             }
-            assert!(sql.contains(&format!("${}::timestamptz[]", COLUMNS.len())));
+            assert!(sql.contains(&format!("${}::timestamptz[]", COLUMNS.len() - 1)));
+            assert!(sql.contains(&format!("${}::int[]", COLUMNS.len())));
         }
     }
 
@@ -583,7 +612,7 @@ mod tests {
     fn the_newest_version_of_an_event_in_a_batch_wins() {
         let v = |tenant: &str, id: &str, at: i64| Versioned {
             record: event(tenant, id),
-            processed_at: at,
+            version: at,
         };
         let mut bad = v("a", "x", 1);
         bad.record.event_time = i64::MAX;

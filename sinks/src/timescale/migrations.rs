@@ -129,6 +129,15 @@ const MIGRATIONS: &[Migration] = &[
         on: For::Postgres,
         sql: Layout::Direct.ddl(),
     },
+    Migration {
+        version: 9,
+        name: "replay epochs in session and event versions",
+        on: For::Both,
+        sql: &[
+            "ALTER TABLE {s}.sessions ADD COLUMN IF NOT EXISTS replay_epoch int NOT NULL DEFAULT 0",
+            "ALTER TABLE IF EXISTS {s}.event_keys ADD COLUMN IF NOT EXISTS replay_epoch int NOT NULL DEFAULT 0",
+        ],
+    },
 ];
 
 /// Run the migrations that have not run yet, then add the columns of the column table

@@ -1,6 +1,7 @@
 //! Reading events back from the events table (for `sluice audit` and `replay --diff`).
 
 use chrono::{DateTime, Utc};
+use sluice_core::headers::version_of;
 use sluice_schemas::fields::{json_texts, Stored as Value, ENRICHED_FIELDS};
 use sluice_schemas::EnrichedEvent;
 
@@ -20,7 +21,8 @@ pub async fn read_stored(
     let cols: Vec<String> = COLUMNS.iter().map(|c| format!("e.{}", c.name)).collect();
     let select = format!(
         "SELECT e.tenant, e.event_id, (extract(epoch FROM e.received_at) * 1000)::bigint,
-           coalesce((extract(epoch FROM e.processed_at) * 1000)::bigint, 0){}",
+           coalesce((extract(epoch FROM e.processed_at) * 1000)::bigint, 0),
+           coalesce(e.replay_epoch, 0){}",
         if events {
             format!(", {}", cols.join(", "))
         } else {
@@ -89,8 +91,8 @@ fn stored(r: &tokio_postgres::Row, events: bool) -> Stored {
         tenant: r.get(0),
         event_id: r.get(1),
         received_at: r.get(2),
-        processed_at: r.get(3),
-        event: events.then(|| event_of(r, 4)),
+        version: version_of(u32::try_from(r.get::<_, i32>(4)).unwrap_or(0), r.get(3)),
+        event: events.then(|| event_of(r, 5)),
     }
 }
 
@@ -111,6 +113,7 @@ fn event_of(r: &tokio_postgres::Row, first: usize) -> EnrichedEvent {
                 &r.get::<_, Option<serde_json::Value>>(first + i)
                     .unwrap_or_default(),
             )),
+            SqlType::Int => continue,
         };
         (f.set)(&mut e, value);
     }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sluice_core::failure::Failure;
+use sluice_core::headers::split_version;
 use sluice_schemas::SessionSummary;
 
 use super::errors::{InsertError, Verdict};
@@ -41,27 +42,31 @@ impl SessionsWriter {
     pub fn new(pool: Pool, schema: &str) -> Self {
         let overlaps = "s.tenant = i.tenant AND s.user_id = i.user_id
             AND s.started_at <= i.ended_at AND s.ended_at >= i.started_at";
+        // A version is (replay epoch, processing time), compared as a row.
+        let stored = "(s.replay_epoch, coalesce(s.processed_at, '-infinity'))";
         let write = format!(
             "WITH input AS (
                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                 $5::timestamptz[], $6::int[], $7::int[], $8::bigint[], $9::timestamptz[])
-               AS r(tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at)),
+                 $5::timestamptz[], $6::int[], $7::int[], $8::bigint[], $9::timestamptz[], $10::int[])
+               AS r(tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at, replay_epoch)),
              fresh AS (
                SELECT i.* FROM input i WHERE NOT EXISTS (
-                 SELECT 1 FROM {schema}.sessions s WHERE {overlaps} AND s.processed_at > i.processed_at)),
+                 SELECT 1 FROM {schema}.sessions s WHERE {overlaps}
+                   AND {stored} > (i.replay_epoch, i.processed_at))),
              replaced AS (
                DELETE FROM {schema}.sessions s USING fresh i
-               WHERE {overlaps} AND coalesce(s.processed_at, '-infinity') < i.processed_at
+               WHERE {overlaps} AND {stored} < (i.replay_epoch, i.processed_at)
                  AND NOT (s.session_id = i.session_id AND s.started_at = i.started_at)
                RETURNING 1)
              INSERT INTO {schema}.sessions AS s
-               (tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at)
+               (tenant, user_id, session_id, started_at, ended_at, page_views, events, duration_ms, processed_at, replay_epoch)
              SELECT * FROM fresh ORDER BY tenant, session_id
              ON CONFLICT (tenant, session_id, started_at) DO UPDATE SET
                ended_at = EXCLUDED.ended_at, page_views = EXCLUDED.page_views, events = EXCLUDED.events,
-               duration_ms = EXCLUDED.duration_ms, processed_at = EXCLUDED.processed_at
-             WHERE s.processed_at IS DISTINCT FROM EXCLUDED.processed_at
-               AND coalesce(s.processed_at, '-infinity') <= EXCLUDED.processed_at"
+               duration_ms = EXCLUDED.duration_ms, processed_at = EXCLUDED.processed_at,
+               replay_epoch = EXCLUDED.replay_epoch
+             WHERE (s.replay_epoch, s.processed_at) IS DISTINCT FROM (EXCLUDED.replay_epoch, EXCLUDED.processed_at)
+               AND {stored} <= (EXCLUDED.replay_epoch, EXCLUDED.processed_at)"
         );
         Self { pool, write }
     }
@@ -76,14 +81,16 @@ impl SessionsWriter {
         let views: Vec<i32> = rows.iter().map(|r| r.record.page_views).collect();
         let events: Vec<i32> = rows.iter().map(|r| r.record.events).collect();
         let duration: Vec<i64> = rows.iter().map(|r| r.record.duration_ms).collect();
-        let version: Vec<DateTime<Utc>> = rows.iter().map(|r| ts(r.processed_at)).collect();
+        let split: Vec<(u32, i64)> = rows.iter().map(|r| split_version(r.version)).collect();
+        let version: Vec<DateTime<Utc>> = split.iter().map(|&(_, at)| ts(at)).collect();
+        let epoch: Vec<i32> = split.iter().map(|&(e, _)| e as i32).collect();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(LOCK_USERS, &[&tenant, &user]).await?;
         tx.execute(
             &self.write,
             &[
-                &tenant, &user, &id, &start, &end, &views, &events, &duration, &version,
+                &tenant, &user, &id, &start, &end, &views, &events, &duration, &version, &epoch,
             ],
         )
         .await?;
@@ -96,7 +103,7 @@ impl SessionsWriter {
 /// processings), the newest; the others are dropped. Returns indices in batch order.
 fn newest_overlapping(batch: &[Versioned<SessionSummary>]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].processed_at));
+    order.sort_by_key(|&i| std::cmp::Reverse(batch[i].version));
     // Only a user's own sessions can overlap, so each is compared with those alone: a
     // batch is mostly distinct users, and comparing with every kept session was
     // quadratic in the batch size.
@@ -111,7 +118,7 @@ fn newest_overlapping(batch: &[Versioned<SessionSummary>]) -> Vec<usize> {
             let t = &batch[k].record;
             t.started_at <= s.ended_at
                 && t.ended_at >= s.started_at
-                && batch[k].processed_at > batch[i].processed_at
+                && batch[k].version > batch[i].version
         });
         let same = theirs.iter().any(|&k| batch[k] == batch[i]);
         if !shadowed && !same {
@@ -182,7 +189,7 @@ mod tests {
                 events: 1,
                 duration_ms: end - start,
             },
-            processed_at,
+            version: processed_at,
         }
     }
 
@@ -202,7 +209,7 @@ mod tests {
     /// The definition, as first written: each session against every kept one.
     fn every_pair(batch: &[Versioned<SessionSummary>]) -> Vec<usize> {
         let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(batch[i].processed_at));
+        order.sort_by_key(|&i| std::cmp::Reverse(batch[i].version));
         let mut kept: Vec<usize> = Vec::with_capacity(batch.len());
         for i in order {
             let s = &batch[i].record;
@@ -212,7 +219,7 @@ mod tests {
                     && t.user_id == s.user_id
                     && t.started_at <= s.ended_at
                     && t.ended_at >= s.started_at
-                    && batch[k].processed_at > batch[i].processed_at
+                    && batch[k].version > batch[i].version
             });
             let same = kept.iter().any(|&k| batch[k] == batch[i]);
             if !shadowed && !same {

@@ -14,9 +14,13 @@
 //! after a rebalance is rebuilt the same way (reading from before the offset expected
 //! next drops its state).
 //!
-//! The watermark never passes the wall clock by more than a minute, so one event from a
-//! clock far ahead cannot make everyone else's late; and a partition without events for
-//! longer than the gap plus the lateness (processing time) closes its open sessions.
+//! A restart decides as the first reading did: the watermark as of the committed offset
+//! is kept in the commit's metadata, an event moves the watermark at most a minute past
+//! its own ingest time (so one event from a clock far ahead cannot make everyone else's
+//! late, and no wall clock is consulted), and a session's version is its newest event's.
+//! So the re-emitted sessions are byte-identical and carry the same versions. One
+//! exception: a partition without events for longer than the gap plus the lateness
+//! (processing time) closes its open sessions, which a re-read may not repeat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,7 +46,9 @@ pub mod config;
 mod windows;
 
 use tokio_util::sync::CancellationToken;
-pub use windows::{sessions_of, Click, Late, Sessionizer, Windows, CLOCK_SLACK_MS};
+pub use windows::{
+    sessions_of, Click, CommitPoint, Emitted, Late, Sessionizer, Windows, CLOCK_SLACK_MS,
+};
 
 use crate::transform::{StageError, StageStats};
 use sluice_core::failure::{DeadLetter, Failure};
@@ -131,13 +137,12 @@ pub async fn run_sessionize(
             biased;
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                let now = sluice_core::now_ms();
                 for (p, state) in partitions.iter_mut() {
                     if state.idle_for() >= idle_after && state.sessions.has_open() {
                         let closed = state.sessions.close_all();
                         tracing::debug!(partition = *p, sessions = closed.len(), "idle partition: sessions closed");
                         for s in closed {
-                            emit(&producer, &spec.output, &spec.output_codec, &s, now, None, &shutdown).await?;
+                            emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown).await?;
                             stats.published += 1;
                         }
                     }
@@ -148,19 +153,26 @@ pub async fn run_sessionize(
                 stats.consumed += 1;
                 records_in.increment(1);
                 let (p, offset) = (msg.partition(), msg.offset());
-                let entry = partitions
-                    .entry(p)
-                    .or_insert_with(|| PartitionState::new(spec.windows, offset));
-                entry.at(p, offset, spec.windows);
+                if partitions.get(&p).is_none_or(|s| offset < s.next) {
+                    // First read of the partition, or a re-read from its commit point (a
+                    // re-assignment or seek): its sessions are rebuilt from the records,
+                    // as after a restart, with the watermark the commit recorded.
+                    if let Some(s) = partitions.get(&p) {
+                        tracing::info!(partition = p, from = offset, expected = s.next, "partition re-read from an earlier offset; its sessions are rebuilt");
+                    }
+                    let newest = committed_newest(&consumer, &spec.input, p, offset);
+                    partitions.insert(p, PartitionState::new(spec.windows, offset, newest));
+                }
+                let Some(entry) = partitions.get_mut(&p) else { continue };
+                entry.at(offset);
                 let failure = match spec.input_codec.decode(msg.payload().unwrap_or_default()) {
                     Err(e) => Some(Failure::from(e)),
-                    Ok(e) => match entry.sessions.add(&Click::of(&e, headers::processed_at(&msg)), offset) {
+                    Ok(e) => match entry.sessions.add(&Click::of(&e, headers::version(&msg)), offset) {
                         Ok(closed) => {
-                            let mut out: Vec<SessionSummary> = closed.into_iter().collect();
+                            let mut out: Vec<Emitted> = closed.into_iter().collect();
                             out.extend(entry.sessions.close_due());
-                            let now = sluice_core::now_ms();
                             for s in out {
-                                emit(&producer, &spec.output, &spec.output_codec, &s, now, None, &shutdown).await?;
+                                emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown).await?;
                                 stats.published += 1;
                             }
                             None
@@ -205,7 +217,7 @@ pub async fn run_sessionize(
 /// The stage's name in metrics, logs and dead letters.
 const NAME: &str = "sessionize";
 
-/// Send one summary, stamped with `processed_at` (and the replay, if any), and wait for
+/// Send one summary, stamped with `version` (and the replay, if any), and wait for
 /// its ack (sessions are few; commits follow acks). A summary that does not encode is a
 /// defect of this stage: it stops; so does one still undelivered at shutdown (nothing
 /// more is committed, so a restart emits it again).
@@ -214,7 +226,7 @@ async fn emit(
     topic: &str,
     codec: &Codec<SessionSummary>,
     s: &SessionSummary,
-    processed_at: i64,
+    version: i64,
     replay: Option<&str>,
     shutdown: &CancellationToken,
 ) -> Result<(), StageError> {
@@ -232,7 +244,7 @@ async fn emit(
                 key: headers::ENCODING,
                 value: Some(codec.encoding().as_str()),
             }),
-        processed_at,
+        version,
         replay,
     );
     if deliver(
@@ -304,7 +316,7 @@ pub async fn replay_sessions(
                     return Ok::<(), std::convert::Infallible>(());
                 }
                 match codec.decode(m.payload().unwrap_or_default()) {
-                    Ok(e) => clicks.push(Click::of(&e, headers::processed_at(m))),
+                    Ok(e) => clicks.push(Click::of(&e, headers::version(m))),
                     Err(_) => counts.undecodable += 1,
                 }
                 Ok(())
@@ -328,7 +340,8 @@ pub async fn replay_sessions(
     let (sessions, edges) = sessions_of(&clicks, spec.windows.gap_ms);
     out.at_edges = edges as u64;
     let producer: FutureProducer = kafka.producer_config().create()?;
-    let now = sluice_core::now_ms();
+    // The replay's epoch: its sessions replace the live ones whatever the clocks say.
+    let now = headers::version_of(scope.epoch(), sluice_core::now_ms());
     for s in &sessions {
         scope.throttle().await;
         emit(
@@ -354,36 +367,52 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    fn new(windows: Windows, offset: i64) -> Self {
+    /// A partition read from `offset`, whose newest event time before it was `newest`.
+    fn new(windows: Windows, offset: i64, newest: Option<i64>) -> Self {
         Self {
-            sessions: Sessionizer::new(windows),
+            sessions: Sessionizer::resume(windows, newest),
             next: offset,
             last_event: std::time::Instant::now(),
         }
     }
 
-    /// A record at `offset` arrives. Reading from before the expected offset means the
-    /// partition was re-assigned (or sought) and is re-read from its commit point: its
-    /// sessions are rebuilt from the records, as after a restart, instead of counting
-    /// the re-read events a second time.
-    fn at(&mut self, partition: i32, offset: i64, windows: Windows) {
-        if offset < self.next {
-            tracing::info!(
-                partition,
-                from = offset,
-                expected = self.next,
-                "partition re-read from an earlier offset; its sessions are rebuilt"
-            );
-            self.sessions = Sessionizer::new(windows);
-        }
+    /// A record at `offset` arrives.
+    fn at(&mut self, offset: i64) {
         self.next = offset + 1;
         self.last_event = std::time::Instant::now();
-        self.sessions.set_clock(sluice_core::now_ms());
     }
 
     fn idle_for(&self) -> Duration {
         self.last_event.elapsed()
     }
+}
+
+/// Prefix of the commit metadata that records a partition's newest event time as of the
+/// committed offset.
+const NEWEST: &str = "sluice.newest=";
+
+/// The newest event time the group's commit of `partition` recorded, when reading starts
+/// exactly at that commit (otherwise nothing is known and the watermark starts afresh).
+fn committed_newest(
+    consumer: &StreamConsumer<MeteredConsumer>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(partition, error = %e, "could not read the committed watermark; it starts afresh");
+            return None;
+        }
+    };
+    let e = committed.find_partition(topic, partition)?;
+    if e.offset() != Offset::Offset(offset) {
+        return None;
+    }
+    e.metadata().strip_prefix(NEWEST)?.parse().ok()
 }
 
 fn commit(
@@ -398,7 +427,12 @@ fn commit(
     for e in assigned.elements() {
         if let Some(state) = partitions.get_mut(&e.partition()) {
             let point = state.sessions.commit_point(state.next);
-            let _ = tpl.add_partition_offset(topic, e.partition(), Offset::Offset(point));
+            let _ = tpl.add_partition_offset(topic, e.partition(), Offset::Offset(point.offset));
+            if let (Some(newest), Some(mut elem)) =
+                (point.newest, tpl.find_partition(topic, e.partition()))
+            {
+                elem.set_metadata(format!("{NEWEST}{newest}"));
+            }
         }
     }
     // Partitions no longer ours are rebuilt by their new owner from its commits.
@@ -423,61 +457,80 @@ mod tests {
             event_id: format!("e{offset}"),
             at,
             page_view: true,
-            version: 1,
+            received_at: at,
+            // Versions differ per event: a session's version is its newest event's.
+            version: 1_000 + offset,
         }
     }
 
-    /// A partition re-assigned to this process is re-read from its commit point: its
-    /// sessions are rebuilt, the re-read events are neither late nor counted twice, and
-    /// the emitted session comes out again identical (which the sessions table absorbs).
+    /// Feed `events` from offset `from` into `state`; returns the sessions emitted (with
+    /// the offset of the event that closed each) and the offsets of late events.
+    #[allow(clippy::type_complexity)]
+    fn feed(
+        state: &mut PartitionState,
+        events: &[(&str, i64)],
+        from: usize,
+    ) -> (Vec<(i64, Emitted)>, Vec<i64>) {
+        let (mut emitted, mut late) = (Vec::new(), Vec::new());
+        for (offset, (user, at)) in events.iter().enumerate().skip(from) {
+            let offset = offset as i64;
+            state.at(offset);
+            match state.sessions.add(&click(user, offset, *at), offset) {
+                Ok(closed) => emitted.extend(closed.map(|c| (offset, c))),
+                Err(_) => late.push(offset),
+            }
+            emitted.extend(state.sessions.close_due().into_iter().map(|c| (offset, c)));
+        }
+        (emitted, late)
+    }
+
+    /// A restart resumes at the commit point with the watermark the commit recorded, so
+    /// the re-read decides exactly as the first reading did: the same late event, and
+    /// byte-identical sessions with the same versions. Without the recorded watermark,
+    /// the re-read starts lower and takes the late event into a's session.
     #[test]
-    fn a_partition_read_again_from_its_commit_point_is_rebuilt() {
+    fn a_restart_from_the_commit_point_decides_and_emits_the_same() {
         let w = Windows {
             gap_ms: 30 * MIN,
             allowed_lateness_ms: 5 * MIN,
         };
-        // a's first session closes when a comes back at minute 45; b's (minute 12) is
-        // still open then, and holds the commit point before a's emitted events.
         let events = [
-            ("a", 10 * MIN),
-            ("b", 12 * MIN),
-            ("a", 11 * MIN),
-            ("a", 45 * MIN),
+            ("z", 300 * MIN),  // 0: moves the watermark to 295
+            ("a", 296 * MIN),  // 1: a's session opens (the commit point)
+            ("c", 292 * MIN),  // 2: late: before 295, and c has no open session
+            ("z", 331 * MIN),  // 3: past z's gap: z's first session (offset 0) closes
+            ("y", 1000 * MIN), // 4: closes everything
         ];
-        // Feed the events from offset `from`; returns (sessions emitted, late events).
-        let feed = |state: &mut PartitionState, from: usize| {
-            let (mut emitted, mut late) = (Vec::new(), 0);
-            for (offset, (user, at)) in events.iter().enumerate().skip(from) {
-                state.at(0, offset as i64, w);
-                match state
-                    .sessions
-                    .add(&click(user, offset as i64, *at), offset as i64)
-                {
-                    Ok(closed) => emitted.extend(closed),
-                    Err(_) => late += 1,
-                }
-                emitted.extend(state.sessions.close_due());
-            }
-            let sessions: Vec<(String, i32)> = emitted
-                .iter()
-                .map(|s: &SessionSummary| (s.session_id.clone(), s.events))
-                .collect();
-            (sessions, late)
-        };
-        let mut state = PartitionState::new(w, 0);
-        let (first, late) = feed(&mut state, 0);
+        let mut first = PartitionState::new(w, 0, None);
+        let (emitted, late) = feed(&mut first, &events[..4], 0);
+        assert_eq!(late, vec![2]);
+        assert_eq!(emitted.len(), 1, "z's first session");
+        let point = first.sessions.commit_point(first.next);
         assert_eq!(
-            (first.clone(), late),
-            (vec![("a-600000".to_string(), 2)], 0)
+            point,
+            CommitPoint {
+                offset: 1,
+                newest: Some(300 * MIN)
+            },
+            "a's open session holds the point; the watermark there came from z at 300"
         );
-        let point = state.sessions.commit_point(state.next);
-        assert_eq!(
-            point, 0,
-            "b's open session (and a's emitted one) hold the point"
-        );
-        // Revoked and assigned again: the consumer resumes at the commit point.
-        let (again, late) = feed(&mut state, point as usize);
-        assert_eq!(late, 0, "no re-read event is late");
-        assert_eq!(again, first, "the same session, counted once");
+        let (rest, late_rest) = feed(&mut first, &events, 4);
+        assert!(late_rest.is_empty());
+        // The process stops after offset 3; the next one resumes at the point.
+        let mut again = PartitionState::new(w, point.offset, point.newest);
+        let (re_emitted, re_late) = feed(&mut again, &events, point.offset as usize);
+        assert_eq!(re_late, vec![2], "the same event is late again");
+        // z's first session lies wholly before the point: emitted once, never re-read.
+        let after_point: Vec<&Emitted> = emitted
+            .iter()
+            .chain(&rest)
+            .map(|(_, e)| e)
+            .filter(|e| e.session_id != "z-18000000")
+            .collect();
+        assert_eq!(after_point.len(), 2);
+        let re: Vec<&Emitted> = re_emitted.iter().map(|(_, e)| e).collect();
+        assert_eq!(re, after_point, "identical sessions, identical versions");
+        assert_eq!(re[0].session_id, "a-17760000");
+        assert_eq!(re[0].version, 1_001);
     }
 }

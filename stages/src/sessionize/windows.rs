@@ -28,7 +28,10 @@ pub struct Click {
     pub at: i64,
     /// Whether it is a page view.
     pub page_view: bool,
-    /// Its processing stamp.
+    /// When ingest received it, Unix milliseconds: the watermark does not pass it by more
+    /// than [`CLOCK_SLACK_MS`] (the record's own clock, so a re-read decides the same).
+    pub received_at: i64,
+    /// Its version ([`sluice_core::headers::version`]).
     pub version: i64,
 }
 
@@ -41,6 +44,7 @@ impl Click {
             event_id: e.event_id.clone(),
             at: e.event_time,
             page_view: e.event_type == "page_view",
+            received_at: e.received_at,
             version,
         }
     }
@@ -53,6 +57,9 @@ struct Member {
     page_view: bool,
     version: i64,
     offset: i64,
+    /// The partition's newest event time before this event was read: the watermark state
+    /// to resume from when the commit point is this event's offset.
+    newest_before: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -84,8 +91,25 @@ impl Open {
         }
     }
 
-    fn first_offset(&self) -> i64 {
-        self.members.values().map(|m| m.offset).min().unwrap_or(0)
+    /// The member read first (the session's commit point).
+    fn first(&self) -> Member {
+        self.members
+            .values()
+            .min_by_key(|m| m.offset)
+            .copied()
+            .unwrap_or(Member {
+                at: 0,
+                page_view: false,
+                version: 0,
+                offset: 0,
+                newest_before: None,
+            })
+    }
+
+    /// The session's version: its newest member's, so a session rebuilt from the same
+    /// events after a restart carries the same version.
+    fn version(&self) -> i64 {
+        self.members.values().map(|m| m.version).max().unwrap_or(0)
     }
 
     fn last_offset(&self) -> i64 {
@@ -166,9 +190,36 @@ impl OpenSessions {
     }
 }
 
-/// How far past the wall clock an event time may still move the watermark (clients'
+/// How far past its ingest time an event time may still move the watermark (clients'
 /// clocks run a little ahead).
 pub const CLOCK_SLACK_MS: i64 = 60_000;
+
+/// A closed session and its version (its newest event's), to be emitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// The summary.
+    pub summary: SessionSummary,
+    /// Its version.
+    pub version: i64,
+}
+
+impl std::ops::Deref for Emitted {
+    type Target = SessionSummary;
+    fn deref(&self) -> &SessionSummary {
+        &self.summary
+    }
+}
+
+/// Where to resume a partition: the offset to commit, and the partition's newest event
+/// time as of that offset (kept in the commit's metadata, so the watermark after a
+/// restart is the one the records from that offset were first judged by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPoint {
+    /// The offset to commit.
+    pub offset: i64,
+    /// The newest event time read before it (watermark plus lateness), if any.
+    pub newest: Option<i64>,
+}
 
 /// The sessions of one partition.
 #[derive(Debug)]
@@ -178,11 +229,9 @@ pub struct Sessionizer {
     /// Which open session holds each event, by (tenant, event id).
     holder: HashMap<(String, String), UserKey>,
     newest: Option<i64>,
-    /// Event times beyond this (the wall clock plus a little) do not move the watermark:
-    /// one event from a clock far ahead would otherwise make every other one late.
-    ceiling: Option<i64>,
-    /// Offset ranges of emitted sessions that may still straddle the commit point.
-    closed: Vec<(i64, i64)>,
+    /// Offset ranges of emitted sessions that may still straddle the commit point, with
+    /// the newest event time before the first.
+    closed: Vec<(Member, i64)>,
     /// Events already in an open session at the same or a newer version (repeats).
     repeats: u64,
 }
@@ -197,21 +246,19 @@ pub struct Late {
 impl Sessionizer {
     /// No sessions yet.
     pub fn new(windows: Windows) -> Self {
+        Self::resume(windows, None)
+    }
+
+    /// No sessions yet, and the newest event time a commit point recorded.
+    pub fn resume(windows: Windows, newest: Option<i64>) -> Self {
         Self {
             windows,
             open: OpenSessions::default(),
             holder: HashMap::new(),
-            newest: None,
-            ceiling: None,
+            newest,
             closed: Vec::new(),
             repeats: 0,
         }
-    }
-
-    /// The wall clock now, in Unix milliseconds: from here on the watermark does not
-    /// pass it by more than [`CLOCK_SLACK_MS`].
-    pub fn set_clock(&mut self, now_ms: i64) {
-        self.ceiling = Some(now_ms.saturating_add(CLOCK_SLACK_MS));
     }
 
     /// Whether any session is open.
@@ -221,7 +268,7 @@ impl Sessionizer {
 
     /// Close and return every open session, oldest first: the partition has been idle
     /// for longer than the gap and the lateness, so no event is coming to extend them.
-    pub fn close_all(&mut self) -> Vec<SessionSummary> {
+    pub fn close_all(&mut self) -> Vec<Emitted> {
         let mut keys = self.open.users();
         keys.sort_by_key(|k| self.open.get(k).map_or(0, |s| s.start));
         keys.into_iter()
@@ -244,7 +291,7 @@ impl Sessionizer {
     /// replaces it (even in another user's session, or at another time); the same or an
     /// older version is ignored. Returns the session it closed, if it started a new one
     /// for a user whose previous session had ended.
-    pub fn add(&mut self, c: &Click, offset: i64) -> Result<Option<SessionSummary>, Late> {
+    pub fn add(&mut self, c: &Click, offset: i64) -> Result<Option<Emitted>, Late> {
         let id = (c.tenant.clone(), c.event_id.clone());
         if let Some(key) = self.holder.get(&id) {
             let held = self.open.get(key).and_then(|s| s.members.get(&c.event_id));
@@ -268,6 +315,7 @@ impl Sessionizer {
             page_view: c.page_view,
             version: c.version,
             offset,
+            newest_before: self.newest,
         };
         let fits = |s: &Open| at >= s.start - gap && at <= s.end + gap;
         let watermark = self.watermark();
@@ -293,21 +341,27 @@ impl Sessionizer {
             self.open.insert(key.clone(), s);
         }
         self.holder.insert(id, key);
-        let capped = self.ceiling.map_or(at, |c| at.min(c));
+        // An event time far past its ingest time (a client clock far ahead) does not move
+        // the watermark beyond the ingest time plus a little: it would make every other
+        // event late.
+        let capped = at.min(c.received_at.saturating_add(CLOCK_SLACK_MS));
         self.newest = Some(self.newest.map_or(capped, |n| n.max(capped)));
         Ok(closed)
     }
 
-    fn emit(&mut self, key: &UserKey, s: Open) -> SessionSummary {
-        self.closed.push((s.first_offset(), s.last_offset()));
+    fn emit(&mut self, key: &UserKey, s: Open) -> Emitted {
+        self.closed.push((s.first(), s.last_offset()));
         for id in s.members.keys() {
             self.holder.remove(&(key.0.clone(), id.clone()));
         }
-        summary(key, s.start, s.end, s.page_views, s.members.len() as i32)
+        Emitted {
+            summary: summary(key, s.start, s.end, s.page_views, s.members.len() as i32),
+            version: s.version(),
+        }
     }
 
     /// Close and return every session the watermark has passed (end + gap), oldest first.
-    pub fn close_due(&mut self) -> Vec<SessionSummary> {
+    pub fn close_due(&mut self) -> Vec<Emitted> {
         let Some(w) = self.watermark() else {
             return Vec::new();
         };
@@ -321,30 +375,45 @@ impl Sessionizer {
             .collect()
     }
 
-    /// The offset to commit, given that everything before `next` was read: not past the
-    /// first event of an open session, nor through an emitted session that reaches past it.
-    pub fn commit_point(&mut self, next: i64) -> i64 {
-        let mut point = self
+    /// Where to resume, given that everything before `next` was read: not past the first
+    /// event of an open session, nor through an emitted session that reaches past it; and
+    /// the newest event time as of that offset.
+    pub fn commit_point(&mut self, next: i64) -> CommitPoint {
+        let mut point = CommitPoint {
+            offset: next,
+            newest: self.newest,
+        };
+        if let Some(first) = self
             .open
             .values()
-            .map(Open::first_offset)
-            .min()
-            .unwrap_or(next)
-            .min(next);
+            .map(Open::first)
+            .filter(|m| m.offset < next)
+            .min_by_key(|m| m.offset)
+        {
+            point = CommitPoint {
+                offset: first.offset,
+                newest: first.newest_before,
+            };
+        }
         loop {
             let straddling = self
                 .closed
                 .iter()
-                .filter(|(first, last)| *first < point && *last >= point)
+                .filter(|(first, last)| first.offset < point.offset && *last >= point.offset)
                 .map(|(first, _)| *first)
-                .min();
+                .min_by_key(|m| m.offset);
             match straddling {
-                Some(first) => point = first,
+                Some(first) => {
+                    point = CommitPoint {
+                        offset: first.offset,
+                        newest: first.newest_before,
+                    }
+                }
                 None => break,
             }
         }
         // Emitted sessions wholly before the point can never be re-read: forget them.
-        self.closed.retain(|(_, last)| *last >= point);
+        self.closed.retain(|(_, last)| *last >= point.offset);
         point
     }
 }
@@ -429,6 +498,7 @@ mod tests {
             event_id: id.into(),
             at,
             page_view,
+            received_at: at,
             version,
         }
     }
@@ -440,7 +510,7 @@ mod tests {
         page_view: bool,
         at: i64,
         offset: i64,
-    ) -> Result<Option<SessionSummary>, Late> {
+    ) -> Result<Option<Emitted>, Late> {
         s.add(
             &click(user, &format!("e{offset}"), page_view, at, 1),
             offset,
@@ -498,7 +568,7 @@ mod tests {
                 let starts: Vec<i64> = closed.iter().map(|x| x.started_at).collect();
                 proptest::prop_assert!(starts.is_sorted(), "{:?}", starts);
                 let mut got: Vec<(i64, String)> =
-                    closed.into_iter().map(|x| (x.started_at, x.user_id)).collect();
+                    closed.iter().map(|x| (x.started_at, x.user_id.clone())).collect();
                 got.sort();
                 want.sort();
                 proptest::prop_assert_eq!(got, want);
@@ -578,18 +648,19 @@ mod tests {
         assert_eq!(out[0].session_id, "a-0");
         assert_eq!(out[0].duration_ms, 25 * MIN);
         // b's second session is still open: the commit point stays at its first event.
-        assert_eq!(s.commit_point(6), 5);
+        assert_eq!(s.commit_point(6).offset, 5);
     }
 
     #[test]
     fn an_event_from_a_clock_far_ahead_does_not_move_the_watermark_past_now() {
         let now = 1_000 * MIN;
         let mut s = Sessionizer::new(windows());
-        s.set_clock(now);
         add(&mut s, "a", true, now - MIN, 0).unwrap();
         // One client's clock is a day ahead (parse lets an hour through; this is the
-        // window's own defence).
-        add(&mut s, "x", true, now + 24 * 60 * MIN, 1).unwrap();
+        // window's own defence): ingest received the event now.
+        let mut outlier = click("x", "e1", true, now + 24 * 60 * MIN, 1);
+        outlier.received_at = now;
+        s.add(&outlier, 1).unwrap();
         assert_eq!(s.watermark(), Some(now + CLOCK_SLACK_MS - 5 * MIN));
         // Everyone else's events keep their sessions: not late, and a's is still open.
         assert!(add(&mut s, "b", true, now - 2 * MIN, 2).is_ok());
@@ -607,7 +678,7 @@ mod tests {
         assert_eq!(users, vec!["b", "a"], "oldest first");
         assert!(!s.has_open());
         assert_eq!(
-            s.commit_point(2),
+            s.commit_point(2).offset,
             2,
             "nothing open holds the commit point back"
         );
@@ -641,7 +712,11 @@ mod tests {
         add(&mut s, "a", true, 2 * MIN, 3).unwrap();
         let closed = add(&mut s, "b", true, 40 * MIN, 4).unwrap();
         assert!(closed.is_some());
-        assert_eq!(s.commit_point(5), 0, "a's open session starts at offset 0");
+        assert_eq!(
+            s.commit_point(5).offset,
+            0,
+            "a's open session starts at offset 0"
+        );
         // Both old sessions close; a's new one (offset 5) holds the point.
         add(&mut s, "a", true, 100 * MIN, 5).unwrap();
         assert_eq!(
@@ -649,7 +724,7 @@ mod tests {
             1,
             "b's second session is past the watermark"
         );
-        assert_eq!(s.commit_point(6), 5);
+        assert_eq!(s.commit_point(6).offset, 5);
     }
 
     #[test]
@@ -661,7 +736,7 @@ mod tests {
         // a's first session (offsets 0..2) is emitted; b's (from offset 1) stays open.
         assert!(add(&mut s, "a", true, 40 * MIN, 3).unwrap().is_some());
         // Committing 1 would cut a's emitted session: a restart would re-read half of it.
-        assert_eq!(s.commit_point(4), 0);
+        assert_eq!(s.commit_point(4).offset, 0);
     }
 
     #[test]

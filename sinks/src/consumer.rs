@@ -18,7 +18,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use sluice_core::config::KafkaConfig;
 use sluice_core::consume::{close_within, Receiver, CLOSE_WAIT};
 use sluice_core::consumer_metrics::MeteredConsumer;
-use sluice_core::events::{BatchRetrying, Component, DeadLettered, Emit, ItemsRetrying};
+use sluice_core::events::{
+    BatchRetrying, Component, DeadLettered, Emit, ItemsRetrying, VersionsAhead, MAX_CLOCK_SKEW_MS,
+};
 use sluice_core::failure::{DeadLetter, Failure};
 use sluice_core::headers;
 use sluice_core::produce::deliver;
@@ -69,9 +71,9 @@ impl From<WriteError> for WriteResult {
 pub struct Versioned<R> {
     /// The record.
     pub record: R,
-    /// When the stage that produced it processed it, Unix milliseconds
-    /// ([`headers::PROCESSED_AT_MS`]): of two versions of one event, the newer wins.
-    pub processed_at: i64,
+    /// Its version ([`headers::version`]: replay epoch, then processing time): of two
+    /// versions of one event, the greater wins.
+    pub version: i64,
 }
 
 /// A destination for batches of records (enriched events, session summaries).
@@ -256,6 +258,7 @@ async fn write_batch<W: BatchWriter>(
         Ok(d) => d,
         Err(_) => return Ok(Written::Abandoned),
     };
+    count_versions_ahead(sink, &events, sluice_core::now_ms());
     // Write, then write again what was refused for load (all of it, or some records),
     // until nothing is left, the writer fails for good, or shutdown comes.
     let mut backoff = Backoff::standard();
@@ -316,6 +319,25 @@ async fn write_batch<W: BatchWriter>(
     }
 }
 
+/// Count the records stamped more than [`MAX_CLOCK_SKEW_MS`] ahead of `now` (the sink's
+/// clock); returns how many.
+fn count_versions_ahead<R>(sink: &'static str, events: &[Versioned<R>], now: i64) -> usize {
+    let ahead: Vec<i64> = events
+        .iter()
+        .map(|v| headers::split_version(v.version).1 - now)
+        .filter(|&a| a > MAX_CLOCK_SKEW_MS)
+        .collect();
+    if let Some(&furthest) = ahead.iter().max() {
+        VersionsAhead {
+            sink,
+            records: ahead.len(),
+            ahead_ms: furthest,
+        }
+        .emit();
+    }
+    ahead.len()
+}
+
 /// The records of a batch that decode, their indices, and the dead letters; fails as a
 /// whole when a schema could not be fetched from an unreachable registry.
 #[allow(clippy::type_complexity)]
@@ -335,7 +357,7 @@ fn decode_batch<R: AvroRecord>(
             Ok(record) => {
                 events.push(Versioned {
                     record,
-                    processed_at: headers::processed_at(msg),
+                    version: headers::version(msg),
                 });
                 sources.push(i);
             }
@@ -383,10 +405,12 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
     let max_batch_bytes = spec.max_batch_bytes.max(1);
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut in_flight = FuturesOrdered::new();
+    let mut idle_positions: HashMap<i32, i64> = HashMap::new();
     let mut paused = false;
     let mut consuming = true;
     // Export the error counters from the start, so rate() and alerts see a zero.
     metrics::counter!("sluice_sink_retries_total", "sink" => name).increment(0);
+    metrics::counter!("sluice_sink_versions_ahead_total", "sink" => name).increment(0);
     for reason in ["decode", "write"] {
         metrics::counter!("sluice_sink_dead_letters_total", "sink" => name, "reason" => reason)
             .increment(0);
@@ -486,6 +510,9 @@ pub async fn run_sink<W: BatchWriter + Sync + 'static>(
             }
             _ = shutdown.cancelled(), if consuming => consuming = false,
             _ = settle_tick.tick(), if settling.is_none() => {
+                if pending.is_empty() && in_flight.is_empty() && spec.scope.is_none() {
+                    commit_positions(&consumer, &mut idle_positions);
+                }
                 let w = writer.clone();
                 settling = Some(tokio::spawn(async move { w.settle().await }));
             }
@@ -586,6 +613,30 @@ fn set_paused(consumer: &StreamConsumer<MeteredConsumer>, pause: bool) {
     }
 }
 
+/// With nothing pending or being written, commit the consumer's position where it is
+/// past what was committed: the records between were never handed over (transaction
+/// markers and aborted records of a transactional input). Without this, a sink reading
+/// an exactly-once stage's output stays a record behind per partition, and its lag
+/// never reaches 0. `last` remembers what was committed this way.
+fn commit_positions(consumer: &StreamConsumer<MeteredConsumer>, last: &mut HashMap<i32, i64>) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut tpl = TopicPartitionList::new();
+    for e in positions.elements() {
+        if let Offset::Offset(next) = e.offset() {
+            if last.insert(e.partition(), next) != Some(next) {
+                let _ = tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+            }
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "commit of positions failed");
+        }
+    }
+}
+
 /// Commit, per partition, the offset after the batch's last record.
 fn commit(consumer: &StreamConsumer<MeteredConsumer>, batch: &[OwnedMessage]) {
     let mut next: HashMap<(&str, i32), i64> = HashMap::new();
@@ -625,4 +676,27 @@ pub async fn send_dead_letter(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_stamps_beyond_the_skew_count_as_ahead_whatever_their_epoch() {
+        let now = 1_800_000_000_000;
+        let at = |epoch, ms| Versioned {
+            record: (),
+            version: headers::version_of(epoch, ms),
+        };
+        let batch = [
+            at(0, now),
+            at(0, now + MAX_CLOCK_SKEW_MS),
+            at(0, now + MAX_CLOCK_SKEW_MS + 1),
+            at(7, now + 600_000),
+            at(7, now - 600_000),
+        ];
+        assert_eq!(count_versions_ahead("test", &batch, now), 2);
+        assert_eq!(count_versions_ahead("test", &batch[..2], now), 0);
+    }
 }

@@ -114,6 +114,36 @@ impl OffsetTracker {
             .filter(|r| *r >= 0)
     }
 
+    /// The consumer's position in a partition is `next`: every record before it was
+    /// handed to the stage. When none of them is in flight and the committable position
+    /// is below `next`, the gap holds only records a `read_committed` consumer is never
+    /// given (transaction markers, aborted records); returns `true` and moves the
+    /// committable position to `next` (the caller stores it). Without this, a group
+    /// reading a transactional topic stays a record behind per partition for good, and
+    /// its lag never reaches 0.
+    pub fn skip_to(&mut self, topic: &str, partition: i32, next: i64) -> bool {
+        let Ok(index) = usize::try_from(partition) else {
+            return false;
+        };
+        if !self.topics.iter().any(|(t, _)| t == topic) {
+            self.topics.push((topic.to_string(), Vec::new()));
+        }
+        let Some((_, parts)) = self.topics.iter_mut().find(|(t, _)| t == topic) else {
+            return false;
+        };
+        if parts.len() <= index {
+            parts.resize_with(index + 1, PartitionOffsets::default);
+        }
+        let p = &mut parts[index];
+        if p.open > 0 || p.reported.is_some_and(|r| r + 1 >= next) || next <= 0 {
+            return false;
+        }
+        p.records.clear();
+        p.reported = Some(next - 1);
+        p.highest = Some(p.highest.map_or(next - 1, |h| h.max(next - 1)));
+        true
+    }
+
     /// Forget a partition (after it was revoked).
     pub fn forget(&mut self, topic: &str, partition: i32) {
         if let Some(p) = self.partition_mut(topic, partition) {
@@ -124,6 +154,29 @@ impl OffsetTracker {
 
 #[cfg(test)]
 mod tests {
+    use super::OffsetTracker as Tracker;
+
+    #[test]
+    fn a_gap_after_the_last_record_is_skipped_only_when_nothing_is_in_flight() {
+        let mut t = Tracker::default();
+        t.begin("in", 0, 10);
+        t.begin("in", 0, 11);
+        // Offset 12 is a transaction marker: the consumer's position is 13.
+        assert!(!t.skip_to("in", 0, 13), "records in flight");
+        assert_eq!(t.complete("in", 0, 10), Some(10));
+        assert!(!t.skip_to("in", 0, 13), "11 still in flight");
+        assert_eq!(t.complete("in", 0, 11), Some(11));
+        assert!(t.skip_to("in", 0, 13));
+        assert_eq!(t.committable("in", 0), Some(12));
+        assert!(!t.skip_to("in", 0, 13), "already there");
+        // The next record after the gap is tracked from there.
+        t.begin("in", 0, 14);
+        assert_eq!(t.complete("in", 0, 14), Some(14));
+        // A partition whose first records were all markers.
+        assert!(t.skip_to("in", 3, 2));
+        assert_eq!(t.committable("in", 3), Some(1));
+    }
+
     use super::*;
 
     #[test]

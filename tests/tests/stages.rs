@@ -445,3 +445,45 @@ async fn exactly_once_through_cooperative_rebalances() {
 async fn exactly_once_through_eager_rebalances() {
     exactly_once_through_membership_changes("range").await;
 }
+
+/// A group reading an exactly-once stage's output catches up to the topic's end: after
+/// its last records each partition holds a transaction marker, which a consumer is never
+/// given, so the offset after the last record is one short of the end. Enrich stored only
+/// offsets of records it had processed, stayed one record behind per partition for good,
+/// and its lag (what alerts and the autoscaler read) never reached 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_of_an_exactly_once_topic_catches_up_to_its_end() {
+    let (mut config, lines) = setup(3_000).await;
+    config.parse.exactly_once = true;
+    let parse = sluice_tests::running::Running::stage(&config, "parse");
+    let enrich = sluice_tests::running::Running::stage(&config, "enrich");
+    produce_raw(&config, &lines, 1.0).await;
+    caught_up(&config, &config.parse.group, &config.topics.raw).await;
+    caught_up(&config, &config.enrich.group, &config.topics.parsed).await;
+    parse.stop().await;
+    enrich.stop().await;
+}
+
+/// The same for a sink: the Elasticsearch sink reading an exactly-once enrich's output
+/// commits past the markers once it has nothing pending (it committed only the offset
+/// after each batch's last record, and stayed a record behind per partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_of_an_exactly_once_topic_catches_up_to_its_end() {
+    let (mut config, lines) = setup(3_000).await;
+    config.enrich.exactly_once = true;
+    config.elasticsearch.index_prefix = format!("{}-events", config.parse.group);
+    let parse = sluice_tests::running::Running::stage(&config, "parse");
+    let enrich = sluice_tests::running::Running::stage(&config, "enrich");
+    let sink = sluice_tests::running::Running::sink(&config, "elasticsearch");
+    produce_raw(&config, &lines, 1.0).await;
+    caught_up(&config, &config.parse.group, &config.topics.raw).await;
+    caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    sink.stop().await;
+    enrich.stop().await;
+    parse.stop().await;
+}

@@ -193,6 +193,17 @@ impl<T: Transform> Stage<'_, T> {
     }
 
     async fn settle(&mut self) {
+        self.settle_and(false).await;
+    }
+
+    /// [`Self::settle`] from the loop between bursts, when every record handed over has
+    /// been tracked: positions past records the stage is never given are stored too
+    /// (not in a replay, whose records past its end are handed over and left alone).
+    async fn settle_between_bursts(&mut self) {
+        self.settle_and(self.spec.scope.is_none()).await;
+    }
+
+    async fn settle_and(&mut self, past_gaps: bool) {
         let name = self.transform.name();
         settle(
             self.kafka,
@@ -200,6 +211,7 @@ impl<T: Transform> Stage<'_, T> {
             self.consumer,
             &mut self.producer,
             &self.acks,
+            past_gaps,
         )
         .await;
     }
@@ -305,7 +317,7 @@ pub async fn run<T: Transform>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => stage.settle().await,
+            _ = tick.tick() => stage.settle_between_bursts().await,
             first = receiver.next() => {
                 let mut burst = super::Burst::default();
                 let mut next = Some(first);
@@ -422,6 +434,36 @@ fn store(consumer: &StreamConsumer<MeteredConsumer>, topic: &str, partition: i32
     }
 }
 
+/// Store the consumer's position where it passed records the stage is never given
+/// (transaction markers and aborted records of a transactional input) with nothing in
+/// flight (see [`OffsetTracker::skip_to`]). Only between bursts, when every record
+/// handed over is tracked.
+fn store_past_gaps(consumer: &StreamConsumer<MeteredConsumer>, acks: &AckState) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut skipped = TopicPartitionList::new();
+    {
+        let mut t = lock(&acks.tracker);
+        for e in positions.elements() {
+            if let Offset::Offset(next) = e.offset() {
+                if t.skip_to(e.topic(), e.partition(), next) {
+                    let _ = skipped.add_partition_offset(
+                        e.topic(),
+                        e.partition(),
+                        Offset::Offset(next),
+                    );
+                }
+            }
+        }
+    }
+    if skipped.count() > 0 {
+        if let Err(e) = consumer.store_offsets(&skipped) {
+            tracing::debug!(error = %e, "positions past skipped records not stored");
+        }
+    }
+}
+
 /// Before partitions move to another replica: wait (bounded) until their in-flight
 /// records are acked, then commit what is done, so the new owner neither skips nor
 /// (beyond what timed out) repeats records.
@@ -437,6 +479,21 @@ fn drain_revoked(
         .iter()
         .map(|e| (e.topic().to_string(), e.partition()))
         .collect();
+    if consumer.assignment_lost() {
+        // The group already gave the partitions away (this member's session expired,
+        // e.g. while the broker did not answer): a commit under the old generation is
+        // refused, and a synchronous one waits on the coordinator for as long as it is
+        // gone, holding this thread. The next owner repeats from the last commit.
+        let mut t = lock(tracker);
+        for (topic, partition) in &parts {
+            t.forget(topic, *partition);
+        }
+        tracing::warn!(
+            partitions = parts.len(),
+            "assignment lost; the next owner repeats what was not committed"
+        );
+        return;
+    }
     while parts
         .iter()
         .any(|(t, p)| lock(tracker).in_flight_of(t, *p) > 0)
@@ -546,11 +603,15 @@ async fn settle(
     consumer: Option<&StreamConsumer<MeteredConsumer>>,
     producer: &mut ThreadedProducer<Acks>,
     acks: &Arc<AckState>,
+    past_gaps: bool,
 ) {
     let moved = std::mem::take(&mut *lock(&acks.moved));
     if let Some(consumer) = consumer {
         for (partition, through) in moved {
             store(consumer, &acks.input, partition, through);
+        }
+        if past_gaps {
+            store_past_gaps(consumer, acks);
         }
     }
     if let Some((_, reason)) = producer.client().fatal_error() {

@@ -165,6 +165,18 @@ impl Rounds {
     }
 }
 
+/// POST an NDJSON `body` to ingest at `url` with API key `key`; whether it was accepted
+/// (202).
+pub async fn post_ndjson(http: &reqwest::Client, url: &str, key: &str, body: String) -> bool {
+    http.post(url)
+        .bearer_auth(key)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 202)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

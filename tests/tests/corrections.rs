@@ -725,7 +725,6 @@ async fn a_replay_corrects_what_a_fast_clock_stamped() {
     let wrong = geo_table("XX");
     config.enrich.geo_csv = Some(wrong.clone());
     let (addr, ingest) = Running::ingest(&config).await;
-    let parse = Running::stage(&config, "parse");
     let log = std::env::temp_dir().join(format!("{}.log", unique("fast-enrich-")));
     let mut fast_enrich = std::process::Command::new(sluice_tests::sluice_bin())
         .args(["stage", "enrich"])
@@ -740,21 +739,17 @@ async fn a_replay_corrects_what_a_fast_clock_stamped() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let sinks = start_sinks(&config);
-    let lines = geo_lines(200, last_week() + 8 * 3_600_000);
-    for (t, lines) in lines.iter().enumerate() {
-        for chunk in lines.chunks(500) {
-            post_lines(addr, TENANTS[t].1, chunk).await;
-        }
-    }
-    let t = &config.topics;
-    caught_up(&config, &config.parse.group, &t.raw).await;
-    caught_up(&config, &config.enrich.group, &t.parsed).await;
-    caught_up(&config, &config.timescale.group, &t.enriched).await;
-    caught_up(&config, &config.elasticsearch.group, &t.enriched).await;
-    for s in sinks {
-        s.stop().await;
-    }
+    let mut pipeline = Pipeline {
+        ingest,
+        addr,
+        parse: Some(Running::stage(&config, "parse")),
+        enrich: None,
+        sinks: start_sinks(&config),
+    };
+    pipeline
+        .post(&geo_lines(200, last_week() + 8 * 3_600_000))
+        .await;
+    pipeline.settle(&config).await;
     let ids = raw_ids(&config).await;
     assert_eq!(ids.len(), 400);
     assert_exactly(&config, &ids, |e| match e.country.as_deref() {
@@ -782,15 +777,11 @@ async fn a_replay_corrects_what_a_fast_clock_stamped() {
     let _ = fast_enrich.wait();
     let mut fixed = config.clone();
     fixed.enrich.geo_csv = Some(geo_table("DE"));
-    let enrich = Running::stage(&fixed, "enrich");
-    let outcome = replay_stage(&fixed, "enrich", &t.parsed).await;
+    pipeline.enrich = Some(Running::stage(&fixed, "enrich"));
+    let outcome = replay_stage(&fixed, "enrich", &fixed.topics.parsed).await;
     assert_eq!((outcome.read, outcome.written), (400, 400));
-    let sinks = start_sinks(&fixed);
-    caught_up(&fixed, &fixed.timescale.group, &t.enriched).await;
-    caught_up(&fixed, &fixed.elasticsearch.group, &t.enriched).await;
-    for s in sinks {
-        s.stop().await;
-    }
+    pipeline.sinks = start_sinks(&fixed);
+    pipeline.settle(&fixed).await;
     assert_exactly(&fixed, &ids, |e| match e.country.as_deref() {
         Some("DE") => Ok(()),
         other => Err(format!(
@@ -807,7 +798,5 @@ async fn a_replay_corrects_what_a_fast_clock_stamped() {
             assert!(epoch > 0, "{sink}: {id:?} holds epoch {epoch}");
         }
     }
-    enrich.stop().await;
-    parse.stop().await;
-    ingest.stop().await;
+    pipeline.stop().await;
 }

@@ -446,44 +446,75 @@ async fn exactly_once_through_eager_rebalances() {
     exactly_once_through_membership_changes("range").await;
 }
 
-/// A group reading an exactly-once stage's output catches up to the topic's end: after
-/// its last records each partition holds a transaction marker, which a consumer is never
-/// given, so the offset after the last record is one short of the end. Enrich stored only
-/// offsets of records it had processed, stayed one record behind per partition for good,
-/// and its lag (what alerts and the autoscaler read) never reached 0.
+/// A stage stopped while its in-flight bound is reached (the producer lingers 3 s, so no
+/// ack frees a slot) commits nothing past a record it did not take: every raw record
+/// below the committed offset has its output, and a restart takes the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_of_an_exactly_once_topic_catches_up_to_its_end() {
-    let (mut config, lines) = setup(3_000).await;
-    config.parse.exactly_once = true;
-    let parse = sluice_tests::running::Running::stage(&config, "parse");
-    let enrich = sluice_tests::running::Running::stage(&config, "enrich");
-    produce_raw(&config, &lines, 1.0).await;
-    caught_up(&config, &config.parse.group, &config.topics.raw).await;
-    caught_up(&config, &config.enrich.group, &config.topics.parsed).await;
+async fn a_stop_at_the_in_flight_bound_commits_no_record_it_did_not_take() {
+    const N: usize = 2_000;
+    let (config, lines) = setup(N).await;
+    produce_raw(&config, &lines, 0.5).await;
+    let mut held = config.clone();
+    held.parse.max_in_flight = 20;
+    held.kafka
+        .producer
+        .insert("linger.ms".into(), "3000".into());
+    let parse = sluice_tests::running::Running::stage(&held, "parse");
+    // The first 20 records' outputs linger; every later record waits for a slot.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
     parse.stop().await;
-    enrich.stop().await;
-}
 
-/// The same for a sink: the Elasticsearch sink reading an exactly-once enrich's output
-/// commits past the markers once it has nothing pending (it committed only the offset
-/// after each batch's last record, and stayed a record behind per partition).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sink_of_an_exactly_once_topic_catches_up_to_its_end() {
-    let (mut config, lines) = setup(3_000).await;
-    config.enrich.exactly_once = true;
-    config.elasticsearch.index_prefix = format!("{}-events", config.parse.group);
+    let (k, g, t) = (
+        config.kafka.clone(),
+        config.parse.group.clone(),
+        config.topics.raw.clone(),
+    );
+    let committed: HashMap<i32, i64> = tokio::task::spawn_blocking(move || {
+        kafka::committed_offsets(&k, &g, &t)
+            .unwrap()
+            .into_iter()
+            .collect()
+    })
+    .await
+    .unwrap();
+    let (k, t) = (config.kafka.clone(), config.topics.raw.clone());
+    let raw = tokio::task::spawn_blocking(move || kafka::read_all(&k, &t, Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let parsed = parsed_ids(&config).await;
+    let below: Vec<&str> = raw
+        .iter()
+        .filter(|m| {
+            committed
+                .get(&m.partition())
+                .is_some_and(|c| m.offset() < *c)
+        })
+        .map(|m| headers::get(m.headers(), headers::EVENT_ID).unwrap())
+        .collect();
+    let untaken: Vec<&&str> = below
+        .iter()
+        .filter(|id| !parsed.contains_key(**id))
+        .collect();
+    assert!(
+        untaken.is_empty(),
+        "committed past {} records without output, e.g. {:?}",
+        untaken.len(),
+        untaken.first()
+    );
+    assert!(
+        below.len() < N,
+        "the stop landed after everything was taken ({} committed)",
+        below.len()
+    );
+    println!(
+        "stopped at the bound: {} of {N} committed, {} outputs",
+        below.len(),
+        parsed.len()
+    );
+    // The restart takes the rest.
     let parse = sluice_tests::running::Running::stage(&config, "parse");
-    let enrich = sluice_tests::running::Running::stage(&config, "enrich");
-    let sink = sluice_tests::running::Running::sink(&config, "elasticsearch");
-    produce_raw(&config, &lines, 1.0).await;
     caught_up(&config, &config.parse.group, &config.topics.raw).await;
-    caught_up(
-        &config,
-        &config.elasticsearch.group,
-        &config.topics.enriched,
-    )
-    .await;
-    sink.stop().await;
-    enrich.stop().await;
     parse.stop().await;
+    assert_eq!(parsed_ids(&config).await.len(), N);
 }

@@ -186,20 +186,10 @@ async fn offer(
             let (http, url, key) = (http.clone(), url.clone(), key.clone());
             let (accepted, errors) = (accepted.clone(), errors.clone());
             tasks.spawn(async move {
-                let sent = http
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("content-type", "application/x-ndjson")
-                    .body(body)
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status().as_u16() == 202 => {
-                        accepted.fetch_add(batch as u64, Ordering::Relaxed);
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                if sluice_bench::post_ndjson(&http, &url, &key, body).await {
+                    accepted.fetch_add(batch as u64, Ordering::Relaxed);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
                 drop(permit);
             });

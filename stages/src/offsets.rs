@@ -38,21 +38,24 @@ impl OffsetTracker {
         parts.get_mut(usize::try_from(partition).ok()?)
     }
 
-    /// A record started processing.
-    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
-        let Ok(index) = usize::try_from(partition) else {
-            return;
-        };
+    /// A partition's offsets, created (with its topic) when first seen.
+    fn partition_entry(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionOffsets> {
+        let index = usize::try_from(partition).ok()?;
         if !self.topics.iter().any(|(t, _)| t == topic) {
             self.topics.push((topic.to_string(), Vec::new()));
         }
-        let Some((_, parts)) = self.topics.iter_mut().find(|(t, _)| t == topic) else {
-            return;
-        };
+        let (_, parts) = self.topics.iter_mut().find(|(t, _)| t == topic)?;
         if parts.len() <= index {
             parts.resize_with(index + 1, PartitionOffsets::default);
         }
-        let p = &mut parts[index];
+        parts.get_mut(index)
+    }
+
+    /// A record started processing.
+    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
+        let Some(p) = self.partition_entry(topic, partition) else {
+            return;
+        };
         // Nothing below the first record seen here is ours to commit.
         p.reported.get_or_insert(offset - 1);
         match p.records.back() {
@@ -122,19 +125,9 @@ impl OffsetTracker {
     /// reading a transactional topic stays a record behind per partition for good, and
     /// its lag never reaches 0.
     pub fn skip_to(&mut self, topic: &str, partition: i32, next: i64) -> bool {
-        let Ok(index) = usize::try_from(partition) else {
+        let Some(p) = self.partition_entry(topic, partition) else {
             return false;
         };
-        if !self.topics.iter().any(|(t, _)| t == topic) {
-            self.topics.push((topic.to_string(), Vec::new()));
-        }
-        let Some((_, parts)) = self.topics.iter_mut().find(|(t, _)| t == topic) else {
-            return false;
-        };
-        if parts.len() <= index {
-            parts.resize_with(index + 1, PartitionOffsets::default);
-        }
-        let p = &mut parts[index];
         if p.open > 0 || p.reported.is_some_and(|r| r + 1 >= next) || next <= 0 {
             return false;
         }

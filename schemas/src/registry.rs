@@ -6,16 +6,22 @@ use std::time::Duration;
 
 use apache_avro::Schema;
 use schema_registry_converter::async_impl::schema_registry::{
-    get_schema_by_id, is_compatible_schema, post_schema, SrSettings,
+    get_schema_by_id, post_schema, SrSettings,
 };
 use schema_registry_converter::avro_common::get_supplied_schema;
 use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::RawError;
+
+/// The registry's own error body (`{"error_code", "message"}`) behind a failed call.
+fn registry_answer(e: &SRCError) -> Option<&RawError> {
+    std::error::Error::source(e)?.downcast_ref::<RawError>()
+}
 
 /// Why the registry could not answer or refused a schema.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RegistryError {
-    /// The schema is not compatible with what the subject already holds.
-    #[error("schema {name} is not compatible with the versions registered under subject `{subject}` at {url}; bump it compatibly (new fields need defaults) or change the subject's compatibility level")]
+    /// The registry refused the schema: it is not compatible with what the subject holds.
+    #[error("schema {name} is not compatible with the versions registered under subject `{subject}` at {url} (the registry says: {reason}); bump it compatibly (new fields need defaults) or change the subject's compatibility level")]
     Incompatible {
         /// The record's name.
         name: String,
@@ -23,6 +29,8 @@ pub enum RegistryError {
         subject: String,
         /// The registry.
         url: String,
+        /// The registry's own explanation.
+        reason: String,
     },
     /// No schema has this id.
     #[error("schema id {id} is not in the registry at {url}")]
@@ -142,33 +150,30 @@ impl SchemaRegistry {
         }
     }
 
-    /// Register `schema` under `subject` after checking it is compatible with the
-    /// versions there (by the subject's compatibility level); returns its id. Registering
-    /// a schema that is already there returns the existing id.
+    /// Register `schema` under `subject`; returns its id. The registry checks it against
+    /// the subject's compatibility level and refuses it with a reason (HTTP 409), which
+    /// [`RegistryError::Incompatible`] carries. Registering a schema that is already
+    /// there returns the existing id.
+    ///
+    /// There is no separate compatibility call first: registration enforces the same
+    /// rule, and only its refusal says why (Apicurio's compatibility endpoint answers a
+    /// bare `false`).
     pub async fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
         let settings = self.settings()?;
         let supplied = get_supplied_schema(schema);
         let name = supplied.name.clone().unwrap_or_default();
-        let incompatible = || RegistryError::Incompatible {
-            name: name.clone(),
-            subject: subject.to_string(),
-            url: self.url().to_string(),
-        };
-        match is_compatible_schema(&settings, subject.to_string(), supplied.clone()).await {
-            Ok(true) => {}
-            Ok(false) => return Err(incompatible()),
-            // A subject not registered yet: the first version is compatible by definition.
-            Err(e) if e.error.contains("404") => {}
-            Err(e) => return Err(self.request_error("compatibility check", &e)),
-        }
         let registered = post_schema(&settings, subject.to_string(), supplied)
             .await
-            .map_err(|e| {
-                if e.error.contains("409") {
-                    incompatible()
-                } else {
-                    self.request_error("registration", &e)
+            .map_err(|e| match registry_answer(&e) {
+                Some(answer) if answer.error_code == 409 || answer.error_code / 100 == 409 => {
+                    RegistryError::Incompatible {
+                        name,
+                        subject: subject.to_string(),
+                        url: self.url().to_string(),
+                        reason: answer.message.clone(),
+                    }
                 }
+                _ => self.request_error("registration", &e),
             })?;
         Ok(registered.id)
     }

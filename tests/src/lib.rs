@@ -6,7 +6,7 @@
 
 pub mod faults;
 pub mod process;
-pub mod registry_fixture;
+pub mod registry;
 pub mod running;
 pub mod scenario;
 pub mod tls;

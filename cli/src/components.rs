@@ -72,6 +72,22 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         self.kafka.security.check()?;
         self.kafka.check_event_size(self.topics.max_event_bytes)?;
+        // The schema is spliced into SQL as an identifier (it cannot be a bind parameter),
+        // so only a plain, unquoted one is taken.
+        let schema = &self.timescale.schema;
+        let plain = schema.len() <= 63
+            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain {
+            return Err(ConfigError::Setting {
+                key: "timescale.schema",
+                reason: format!(
+                    "{schema:?} is not a plain SQL identifier (lowercase letters, digits and _, at most 63, not starting with a digit)"
+                ),
+            });
+        }
         self.ingest.check().map_err(|reason| ConfigError::Setting {
             key: "ingest",
             reason,
@@ -629,6 +645,36 @@ mod tests {
             assert!(comp.group(&c).starts_with("t-x-"), "{}", comp.name);
         }
         assert_eq!(c.topics.raw, "t-x.raw");
+    }
+
+    #[test]
+    fn a_schema_that_is_not_a_plain_identifier_is_refused() {
+        for bad in ["x; DROP TABLE y", "Sluice", "a-b", "1x", ""] {
+            let mut c = Config::default();
+            c.timescale.schema = bad.into();
+            let err = c.check().unwrap_err().to_string();
+            assert!(err.contains("timescale.schema"), "{bad}: {err}");
+        }
+        let mut c = Config::default();
+        c.timescale.schema = "t_abc_123".into();
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn one_key_for_two_tenants_is_refused() {
+        let mut c = Config::default();
+        for tenant in ["acme", "globex"] {
+            c.ingest.api_keys.push(sluice_ingest::config::ApiKey {
+                tenant: tenant.into(),
+                key: "shared-key".into(),
+            });
+        }
+        let err = c.check().unwrap_err().to_string();
+        assert!(
+            err.contains("\"acme\" and \"globex\" have the same key"),
+            "{err}"
+        );
+        assert!(!err.contains("shared-key"), "{err}");
     }
 
     #[test]

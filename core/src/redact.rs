@@ -5,22 +5,88 @@
 /// What replaces a secret.
 pub const MASK: &str = "***";
 
-/// `scheme://user:secret@host/...` → `scheme://user:***@host/...`. The credentials end at
-/// the authority's last `@` (a password may hold `@` itself); a URL without a password
-/// is returned as it is.
+/// Mask the credentials of a connection string:
+/// - a URL's password: `scheme://user:secret@host/...` → `scheme://user:***@host/...`
+///   (the credentials end at the authority's last `@`, as a password may hold `@`);
+/// - a URL's secret query parameters: `?sslpassword=x&password=y` → `=***`;
+/// - libpq's `key=value` form: `host=h password='p w'` → `host=h password=***`.
+///
+/// Anything without a secret is returned as it is.
 pub fn url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        return conninfo(url);
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:{MASK}@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:{MASK}@{host}"),
+            None => authority.to_string(),
         },
-        None => url.to_string(),
+        None => authority.to_string(),
+    };
+    format!("{scheme}://{authority}{}", query(tail))
+}
+
+/// A URL's path, query and fragment with the values of secret-named parameters masked.
+fn query(tail: &str) -> String {
+    let Some((path, rest)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let (params, fragment) = match rest.split_once('#') {
+        Some((q, f)) => (q, format!("#{f}")),
+        None => (rest, String::new()),
+    };
+    let params: Vec<String> = params
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}={MASK}"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{path}?{}{fragment}", params.join("&"))
+}
+
+/// libpq's `key = value` connection string with secret values masked. A value is a word
+/// or single-quoted with backslash escapes (libpq's rules).
+fn conninfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(eq) = rest.find('=') {
+        let (before, after) = rest.split_at(eq);
+        let key = before
+            .trim_end()
+            .rsplit(char::is_whitespace)
+            .next()
+            .unwrap_or("");
+        out.push_str(before);
+        out.push('=');
+        let after = &after[1..];
+        let spaces = after.len() - after.trim_start().len();
+        out.push_str(&after[..spaces]);
+        let value = &after[spaces..];
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        if is_secret_key(key) {
+            out.push_str(MASK);
+        } else {
+            out.push_str(&value[..end]);
+        }
+        rest = &value[end..];
     }
+    out.push_str(rest);
+    out
 }
 
 /// Whether a setting named `key` holds a secret.
@@ -55,7 +121,7 @@ pub fn toml_value(value: &mut toml::Value) {
             }
         }
         toml::Value::Array(items) => items.iter_mut().for_each(toml_value),
-        toml::Value::String(s) if s.contains("://") => *s = url(s),
+        toml::Value::String(s) if s.contains("://") || s.contains('=') => *s = url(s),
         _ => {}
     }
 }
@@ -89,6 +155,24 @@ mod tests {
     }
 
     #[test]
+    fn secret_query_parameters_and_libpq_strings_are_masked() {
+        assert_eq!(
+            url("postgres://h/db?sslmode=require&password=pw&sslpassword=k#x"),
+            "postgres://h/db?sslmode=require&password=***&sslpassword=***#x"
+        );
+        assert_eq!(
+            url("host=db port=5432 password=s3cret dbname=x"),
+            "host=db port=5432 password=*** dbname=x"
+        );
+        assert_eq!(
+            url(r"host=db password = 'it\'s a pw' user=u"),
+            "host=db password = *** user=u"
+        );
+        assert_eq!(url("host=db user=u"), "host=db user=u");
+        assert_eq!(url("a=b=c"), "a=b=c");
+    }
+
+    #[test]
     fn secrets_are_masked_wherever_they_sit() {
         let mut v: toml::Value = toml::from_str(
             r#"
@@ -101,6 +185,9 @@ mod tests {
             api_key = "es-key"
             [enrich]
             tenants_url = "postgres://t:t@pw@db/x"
+            [timescale]
+            url = "host=db password=libpq-pw"
+            replica = "postgres://db/x?password=query-pw"
             [[ingest.api_keys]]
             tenant = "acme"
             key = "ingest-key"
@@ -116,6 +203,8 @@ mod tests {
             "es-key",
             "t@pw",
             "ingest-key",
+            "libpq-pw",
+            "query-pw",
         ] {
             assert!(!text.contains(secret), "{secret} shows in {text}");
         }

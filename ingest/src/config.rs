@@ -97,6 +97,18 @@ impl IngestConfig {
         if self.api_keys.iter().any(|k| k.tenant.trim().is_empty()) {
             return Err("ingest.api_keys: a key has an empty tenant".into());
         }
+        // One key, two tenants: whichever matched first would get the other's events.
+        for (i, a) in self.api_keys.iter().enumerate() {
+            if let Some(b) = self.api_keys[..i]
+                .iter()
+                .find(|b| b.key.expose() == a.key.expose() && b.tenant != a.tenant)
+            {
+                return Err(format!(
+                    "ingest.api_keys: tenants {:?} and {:?} have the same key; each tenant needs its own",
+                    b.tenant, a.tenant
+                ));
+            }
+        }
         if self.max_concurrent_requests == 0 {
             return Err("ingest.max_concurrent_requests: must be at least 1".into());
         }

@@ -258,22 +258,39 @@ async fn accept(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
+/// Ready when the brokers answer a metadata request for the raw topic. The answer is
+/// shared and kept for a second; the public body is generic (the broker's error, which
+/// names hosts, goes to the log).
 pub(crate) async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
-    let producer = ingest.producer();
-    let topic = ingest.topic.clone();
-    let check = tokio::task::spawn_blocking(move || {
-        producer
-            .client()
-            .fetch_metadata(Some(&topic), Duration::from_secs(2))
-            .map(|_| ())
-    })
-    .await;
-    match check {
-        Ok(Ok(())) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
-            .into_response(),
-        Err(e) => Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string())
-            .into_response(),
+    let ready = ingest
+        .readiness
+        .ready(|| async {
+            let producer = ingest.producer();
+            let topic = ingest.topic.clone();
+            let check = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(error) = &check {
+                tracing::warn!(%error, topic = %ingest.topic, "not ready: the brokers did not answer a metadata request");
+            }
+            check.is_ok()
+        })
+        .await;
+    if ready {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        Rejection::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the event store is not reachable".to_string(),
+        )
+        .into_response()
     }
 }
 

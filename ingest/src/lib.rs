@@ -11,6 +11,7 @@ mod auth;
 mod http;
 mod limits;
 mod producer;
+mod readiness;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -72,6 +73,8 @@ pub struct Ingest {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Bytes of bodies being handled, in KiB permits.
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// `/readyz`'s shared, briefly kept answer.
+    readiness: readiness::Readiness,
 }
 
 impl Ingest {
@@ -104,6 +107,7 @@ impl Ingest {
             limits,
             in_flight,
             body_budget,
+            readiness: readiness::Readiness::new(Duration::from_secs(1)),
         }))
     }
 

@@ -56,6 +56,9 @@ impl RawHeaders<'_> {
     }
 }
 
+/// Longest key field value used as it is; a longer one is keyed by its digest.
+const MAX_KEY_VALUE_BYTES: usize = 256;
+
 impl Ingest {
     /// The producer in use now; a new one replaces it after a fatal error.
     pub fn producer(&self) -> FutureProducer {
@@ -107,7 +110,16 @@ impl Ingest {
                 (!v.is_empty() && v != "null").then_some(v)
             })
         });
-        format!("{tenant}:{}", value.unwrap_or(event_id))
+        let value = value.unwrap_or(event_id);
+        // The key rides beside the line: a long field value would make the record exceed
+        // what the broker takes although the line fits (an endless 503 for the client).
+        // A digest keeps the partitioning (same value, same key) at a bounded size.
+        if value.len() > MAX_KEY_VALUE_BYTES {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(value.as_bytes());
+            return format!("{tenant}:sha256:{}", hex::encode(&digest[..16]));
+        }
+        format!("{tenant}:{value}")
     }
 
     pub(crate) async fn write(

@@ -112,9 +112,9 @@ impl SchemaRegistry {
         }
     }
 
-    /// The first URL, for messages.
-    pub fn url(&self) -> &str {
-        self.urls.first().map_or("", String::as_str)
+    /// The first URL, for messages, with any password in it masked.
+    pub fn url(&self) -> String {
+        sluice_core::redact::url(self.urls.first().map_or("", String::as_str))
     }
 
     fn settings(&self) -> Result<SrSettings, RegistryError> {
@@ -139,13 +139,19 @@ impl SchemaRegistry {
     }
 
     fn request_error(&self, what: &str, e: &SRCError) -> RegistryError {
+        let mut reason = match &e.cause {
+            Some(c) => format!("{} ({c})", e.error),
+            None => e.error.clone(),
+        };
+        // The HTTP client's errors may quote the URL it was given, credentials and all.
+        for url in &self.urls {
+            let masked = sluice_core::redact::url(url);
+            reason = reason.replace(url.as_str(), &masked);
+        }
         RegistryError::Request {
-            url: self.url().to_string(),
+            url: self.url(),
             what: what.to_string(),
-            reason: match &e.cause {
-                Some(c) => format!("{} ({c})", e.error),
-                None => e.error.clone(),
-            },
+            reason,
             retriable: e.retriable,
         }
     }
@@ -169,7 +175,7 @@ impl SchemaRegistry {
                     RegistryError::Incompatible {
                         name,
                         subject: subject.to_string(),
-                        url: self.url().to_string(),
+                        url: self.url(),
                         reason: answer.message.clone(),
                     }
                 }
@@ -201,7 +207,7 @@ impl SchemaRegistry {
             if e.error.contains("404") {
                 RegistryError::UnknownId {
                     id,
-                    url: self.url().to_string(),
+                    url: self.url(),
                 }
             } else {
                 self.request_error(&format!("lookup of schema id {id}"), &e)
@@ -209,8 +215,25 @@ impl SchemaRegistry {
         })?;
         Schema::parse_str(&registered.schema).map_err(|e| RegistryError::BadSchema {
             id,
-            url: self.url().to_string(),
+            url: self.url(),
             reason: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_do_not_show_the_registry_password() {
+        let registry = SchemaRegistry::new(
+            vec!["http://sr-user:hunter2@127.0.0.1:1".into()],
+            RegistryAuth::None,
+            Duration::from_secs(2),
+        );
+        let err = registry.schema(5).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("sr-user:***@127.0.0.1:1"), "{err}");
     }
 }

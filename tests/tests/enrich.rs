@@ -200,3 +200,35 @@ async fn lookups_down_are_retried_dead_lettered_and_re_driven() {
         10
     );
 }
+
+/// The operator's `tenants_query` is theirs to write: a row whose id is NULL is skipped
+/// (the rest of the directory loads), a NULL name or plan is a missing value, and a
+/// column of the wrong type fails the load with its number, never the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_with_nulls_or_wrong_types_does_not_panic() {
+    use sluice_stages::enrich::tenants::{load, Tenant, TenantDirectory};
+    let url = stack_var("SLUICE_STACK_PG_URL");
+    let dir = TenantDirectory::new(Duration::from_secs(60));
+    load(
+        &url,
+        "SELECT NULL::text, 'Nobody', 'free' UNION ALL SELECT 'acme', NULL, 'pro'",
+        &dir,
+    )
+    .await;
+    assert_eq!(
+        dir.lookup("acme").unwrap(),
+        Some(Tenant {
+            name: None,
+            plan: Some("pro".into())
+        })
+    );
+    let typed = TenantDirectory::new(Duration::from_millis(1));
+    load(&url, "SELECT 42, 'Answer', 'free'", &typed).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let err = typed.lookup("42").unwrap_err();
+    assert!(
+        err.reason
+            .contains("enrich.tenants_query: column 1 (tenant id)"),
+        "{err}"
+    );
+}

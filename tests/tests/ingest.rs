@@ -417,6 +417,12 @@ async fn broker_down_answers_503_then_recovers() {
     assert!(h.contains_key("retry-after"));
     let ready = reqwest::get(server.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The public answer names no host, port or client error: those go to the log.
+    let body = ready.text().await.unwrap();
+    assert!(body.contains("the event store is not reachable"), "{body}");
+    for leak in ["127.0.0.1", &broker.brokers(), "Broker", "Transport"] {
+        assert!(!body.contains(leak), "{leak} in {body}");
+    }
 
     broker.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -639,6 +645,32 @@ async fn a_line_over_the_event_size_is_refused_naming_it() {
         server.records().await.is_empty(),
         "nothing of the request is written"
     );
+    server.shutdown().await;
+}
+
+/// A key field as long as the line allows is keyed by its digest: the record (line plus
+/// key) still fits what the broker takes, so the client gets a 202, not an endless 503;
+/// and the same value keeps the same key (its partition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_key_field_is_keyed_by_its_digest() {
+    let mut config = stack_config();
+    let largest = config.kafka.max_message_bytes() - sluice_core::config::RECORD_ROOM_BYTES;
+    config.topics.max_event_bytes = largest;
+    let server = Server::start(config).await;
+    let user = "u".repeat(largest - 100);
+    let line = format!(r#"{{"user_id":"{user}","type":"click","ts":1}}"#);
+    for _ in 0..2 {
+        let (s, _, b) = server
+            .post(Some(KEY_A), "application/json", line.clone())
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    }
+    let records = server.records().await;
+    assert_eq!(records.len(), 2);
+    let keys: Vec<&[u8]> = records.iter().map(|r| r.key().unwrap()).collect();
+    assert!(keys[0].len() < 100, "{} bytes of key", keys[0].len());
+    assert_eq!(keys[0], keys[1]);
+    assert_eq!(records[0].payload().unwrap(), line.as_bytes());
     server.shutdown().await;
 }
 

@@ -303,7 +303,12 @@ async fn evolution_is_read_by_old_and_new_consumers() {
         .unwrap()
         .schema(v2_id)
         .unwrap();
-    let old_view = apache_avro::from_avro_datum(&fetched, &mut &current[5..], Some(&v1)).unwrap();
+    let old_view = apache_avro::reader::datum::GenericDatumReader::builder(&fetched)
+        .reader_schema(&v1)
+        .build()
+        .unwrap()
+        .read_value(&mut &current[5..])
+        .unwrap();
     let expected = apache_avro::types::Value::Record(v1_fields(&event))
         .resolve(&v1)
         .unwrap();

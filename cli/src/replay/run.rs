@@ -186,6 +186,41 @@ pub struct SavedOffsets {
     pub offsets: Vec<(i32, i64)>,
 }
 
+/// `<group>.offsets-<time>.json`, with every character of the group's name that is not
+/// a letter, digit, `.`, `_` or `-` replaced by `_`, so that a name holding `/` or `..`
+/// cannot place the file elsewhere.
+fn offsets_file_name(group: &str, at: chrono::DateTime<chrono::Utc>) -> String {
+    let safe: String = group
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let safe = match safe.trim_start_matches('.') {
+        "" => "group",
+        name => name,
+    };
+    format!("{safe}.offsets-{}.json", at.format("%Y%m%dT%H%M%SZ"))
+}
+
+/// Write `bytes` to a file that must not exist yet (no overwrite, no following a
+/// symlink planted there), readable by its owner only: saved offsets say where a group
+/// stood, and a restore trusts them.
+fn write_new_private(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(file)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Print a group's offsets before and after, per partition.
 fn print_offsets(group: &str, topic: &str, current: &[(i32, i64)], new: &[(i32, i64)]) {
     println!("group {group} on {topic}:");
@@ -229,14 +264,14 @@ fn move_group(
     let now = chrono::Utc::now();
     let file = save_to
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| format!("{group}.offsets-{}.json", now.format("%Y%m%dT%H%M%SZ")).into());
+        .unwrap_or_else(|| offsets_file_name(group, now).into());
     let saved = SavedOffsets {
         group: group.to_string(),
         topic: topic.to_string(),
         saved_at: now.to_rfc3339(),
         offsets: current,
     };
-    std::fs::write(&file, serde_json::to_vec_pretty(&saved)?).with_context(|| {
+    write_new_private(&file, &serde_json::to_vec_pretty(&saved)?).with_context(|| {
         format!(
             "--offsets-file {}: cannot write the previous offsets",
             file.display()
@@ -262,12 +297,9 @@ pub fn restore(config: &Config, file: &Path, execute: bool) -> Result<()> {
             file.display()
         )
     })?;
-    // The offsets it replaces are saved beside the file restored from.
-    let beside = file.with_file_name(format!(
-        "{}.offsets-{}.json",
-        saved.group,
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
-    ));
+    // The offsets it replaces are saved beside the file restored from (the group's name
+    // comes from the file, so it is made safe as a file name first).
+    let beside = file.with_file_name(offsets_file_name(&saved.group, chrono::Utc::now()));
     let before = move_group(
         config,
         &saved.group,
@@ -436,4 +468,49 @@ fn group_positions(config: &Config, group: &str, topic: &str) -> Result<HashMap<
     let (kafka, g, t) = (config.kafka.clone(), group.to_string(), topic.to_string());
     let committed = blocking(move || Ok(sluice_core::kafka::committed_offsets(&kafka, &g, &t)?))?;
     Ok(committed.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_name_cannot_move_the_offsets_file() {
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap_or_default();
+        let name = offsets_file_name("../../etc/cron.d/x", at);
+        assert_eq!(name, "_.._etc_cron.d_x.offsets-19700101T000000Z.json");
+        assert!(!name.contains('/'));
+        let hidden = offsets_file_name("..", at);
+        assert!(!hidden.starts_with('.'), "{hidden}");
+    }
+
+    #[test]
+    fn offsets_files_are_new_and_private() {
+        let dir = std::env::temp_dir().join(format!("sluice-offsets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let file = dir.join("g.json");
+        let _ = std::fs::remove_file(&file);
+        write_new_private(&file, b"{}").unwrap_or_else(|e| panic!("{e}"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).map(|m| m.permissions().mode() & 0o777);
+            assert_eq!(mode.ok(), Some(0o600));
+        }
+        let again = write_new_private(&file, b"[]").unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&file).ok().as_deref(), Some(&b"{}"[..]));
+        // A symlink planted at the name is not followed.
+        #[cfg(unix)]
+        {
+            let link = dir.join("link.json");
+            let target = dir.join("target.json");
+            let _ = std::fs::remove_file(&link);
+            let _ = std::fs::remove_file(&target);
+            std::os::unix::fs::symlink(&target, &link).unwrap_or_else(|e| panic!("{e}"));
+            assert!(write_new_private(&link, b"x").is_err());
+            assert!(!target.exists());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -99,6 +99,38 @@ impl TenantDirectory {
     }
 }
 
+/// The directory from the rows of the operator's `tenants_query` (id, name, plan). A row
+/// whose id is NULL names no tenant and is skipped; a column of the wrong type fails the
+/// load, naming it.
+fn entries(rows: &[tokio_postgres::Row]) -> Result<HashMap<String, Tenant>, String> {
+    let column = |i: usize, what: &str, e: tokio_postgres::Error| {
+        format!("enrich.tenants_query: column {} ({what}): {e}", i + 1)
+    };
+    let mut out = HashMap::with_capacity(rows.len());
+    let mut nameless = 0;
+    for r in rows {
+        let Some(id) = r
+            .try_get::<_, Option<String>>(0)
+            .map_err(|e| column(0, "tenant id", e))?
+        else {
+            nameless += 1;
+            continue;
+        };
+        let tenant = Tenant {
+            name: r.try_get(1).map_err(|e| column(1, "name", e))?,
+            plan: r.try_get(2).map_err(|e| column(2, "plan", e))?,
+        };
+        out.insert(id, tenant);
+    }
+    if nameless > 0 {
+        tracing::warn!(
+            rows = nameless,
+            "tenant directory rows with a NULL id skipped"
+        );
+    }
+    Ok(out)
+}
+
 /// Load the directory from `url` with `query` once; a failure is logged and recorded
 /// (lookups fail transiently once the last good load is older than the TTL).
 pub async fn load(url: &str, query: &str, directory: &TenantDirectory) {
@@ -108,19 +140,7 @@ pub async fn load(url: &str, query: &str, directory: &TenantDirectory) {
         let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         let rows = client.query(query, &[]).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(
-            rows.iter()
-                .map(|r| {
-                    (
-                        r.get::<_, String>(0),
-                        Tenant {
-                            name: r.get(1),
-                            plan: r.get(2),
-                        },
-                    )
-                })
-                .collect(),
-        )
+        entries(&rows)
     };
     match tokio::time::timeout(Duration::from_secs(10), load).await {
         Ok(Ok(entries)) => directory.loaded(entries),

@@ -382,8 +382,19 @@ impl Transform for Parser {
             .codec
             .encode(&event)
             .map_err(|e| Failure::new("encode", e.to_string()))?;
-        let replaced = [headers::EVENT_ID, headers::RAW_EVENT_ID, headers::ENCODING];
+        // The tenant header is stamped whatever the tenant came from (header, field or
+        // default): replays by tenant, the audit and every later layer read it there.
+        let replaced = [
+            headers::EVENT_ID,
+            headers::RAW_EVENT_ID,
+            headers::ENCODING,
+            headers::TENANT,
+        ];
         let out_headers = headers::forward(h, &replaced)
+            .insert(Header {
+                key: headers::TENANT,
+                value: Some(event.tenant.as_str()),
+            })
             .insert(Header {
                 key: headers::EVENT_ID,
                 value: Some(event.event_id.as_str()),
@@ -509,7 +520,8 @@ fn parse_time(field: &str, v: &Value, tz: chrono_tz::Tz) -> Result<i64, Failure>
 }
 
 fn epoch_to_ms(i: i64) -> i64 {
-    if i.abs() < SECONDS_BELOW {
+    // unsigned_abs: `abs` of i64::MIN overflows (a panic in a debug build).
+    if i.unsigned_abs() < SECONDS_BELOW.unsigned_abs() {
         i.saturating_mul(1000)
     } else {
         i
@@ -650,6 +662,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_from_a_field_is_stamped_as_the_output_header() {
+        use rdkafka::message::{OwnedMessage, Timestamp};
+        let parser = Parser::new(ParseRules {
+            tenant_field: Some("org".into()),
+            ..ParseRules::default()
+        });
+        let line = br#"{"user_id":"u","type":"t","ts":1795428000000,"org":"globex"}"#;
+        let foreign = OwnedMessage::new(
+            Some(line.to_vec()),
+            None,
+            "raw".into(),
+            Timestamp::CreateTime(1_795_428_000_000),
+            0,
+            7,
+            None,
+        );
+        let out = parser.process(&foreign).unwrap();
+        assert_eq!(
+            headers::get(Some(&out[0].headers), headers::TENANT),
+            Some("globex")
+        );
+        assert_eq!(out[0].key.as_deref(), Some(&b"globex:u"[..]));
+    }
+
+    #[test]
     fn full_event() {
         let e = parse(
             r#"{"user_id":"u1","type":"page_view","ts":"2026-11-23T10:00:00.250Z","url":"/a","session_id":7,"color":"red","n":[1]}"#,
@@ -674,6 +711,12 @@ mod tests {
         assert_eq!(s.event_time, 1_795_428_000_000);
         assert_eq!(ms.event_time, 1_795_428_000_000);
         assert_eq!(f.event_time, 1_795_428_000_500);
+        // The extremes are refused with a reason, not a panic (i64::MIN has no abs).
+        for extreme in [i64::MIN, i64::MAX] {
+            let line = format!(r#"{{"user_id":1,"type":"click","ts":{extreme}}}"#);
+            let f = parse(&line).unwrap_err();
+            assert!(f.reason.contains("outside years 1970..9999"), "{f}");
+        }
     }
 
     #[test]

@@ -39,17 +39,7 @@ impl StackRegistry {
         let versions: Vec<u64> = answer.error_for_status().unwrap().json().await.unwrap();
         let mut ids = Vec::new();
         for v in versions {
-            let one: Value = self
-                .client
-                .get(format!("{url}/{v}"))
-                .send()
-                .await
-                .unwrap()
-                .error_for_status()
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let one = answer_of(self.client.get(format!("{url}/{v}"))).await;
             ids.push(one["id"].as_u64().unwrap() as u32);
         }
         ids
@@ -57,19 +47,17 @@ impl StackRegistry {
 
     /// Register the Avro schema `text` under `subject` as another writer would; its id.
     pub async fn register(&self, subject: &str, text: &str) -> u32 {
-        let answer: Value = self
+        let request = self
             .client
             .post(format!("{}/subjects/{subject}/versions", self.url))
             .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .json(&json!({ "schema": text }))
-            .send()
-            .await
-            .unwrap()
-            .error_for_status()
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["id"].as_u64().unwrap() as u32
+            .json(&json!({ "schema": text }));
+        answer_of(request).await["id"].as_u64().unwrap() as u32
     }
+}
+
+/// The JSON answer to `request`, which must succeed.
+async fn answer_of(request: reqwest::RequestBuilder) -> Value {
+    let answer = request.send().await.unwrap().error_for_status().unwrap();
+    answer.json().await.unwrap()
 }

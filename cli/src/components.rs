@@ -91,7 +91,29 @@ impl Config {
         self.ingest.check().map_err(|reason| ConfigError::Setting {
             key: "ingest",
             reason,
-        })
+        })?;
+        let t = &self.topics;
+        sluice_stages::parse::ParseRules::of(
+            &self.parse,
+            t.max_event_bytes,
+            &t.raw_extra,
+            &self.tenants(),
+        )
+        .map_err(|e| ConfigError::Setting {
+            key: "parse",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// The tenants ingest has API keys for: the directory other producers' tenant
+    /// fields are checked against.
+    pub fn tenants(&self) -> Vec<String> {
+        self.ingest
+            .api_keys
+            .iter()
+            .map(|k| k.tenant.clone())
+            .collect()
     }
 
     /// Load from a file (if any) and the given variables, in order.
@@ -320,9 +342,11 @@ pub static COMPONENTS: &[Component] = &[
         group_mut: |c| &mut c.parse.group,
         start: |c, r, s| {
             Box::pin(async move {
-                Ok(sluice_stages::parse::run(&c.shared(), &c.parse, &r, s)
-                    .await?
-                    .into())
+                Ok(
+                    sluice_stages::parse::run(&c.shared(), &c.parse, &c.tenants(), &r, s)
+                        .await?
+                        .into(),
+                )
             })
         },
         read_stored: None,

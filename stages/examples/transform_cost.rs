@@ -29,6 +29,7 @@ fn main() {
                     tenant: Some("acme"),
                     event_id: "e",
                     received_at: RECEIVED_AT_MS,
+                    source: None,
                 },
             )
             .unwrap()

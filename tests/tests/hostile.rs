@@ -10,6 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice::Config;
 use sluice_core::headers;
 use sluice_ingest::config::ApiKey;
+use sluice_stages::parse::config::SourceConfig;
 use sluice_tests::running::{post_lines, Running};
 use sluice_tests::{caught_up, create_topics, stack_config, unique};
 
@@ -246,7 +247,13 @@ async fn other_producers_topics_feed_parse_beside_the_raw_one() {
     let mut config = stack_config().namespaced(&format!("t-{name}"), &name);
     let extra = format!("t-{name}.logstash");
     config.topics.raw_extra = vec![extra.clone()];
-    config.parse.default_tenant = Some("shipped".into());
+    config.parse.sources.insert(
+        extra.clone(),
+        SourceConfig {
+            tenant: Some("shipped".into()),
+            ..SourceConfig::default()
+        },
+    );
     // The other producer's topic exists already; Sluice creates its dead-letter topic.
     sluice_core::kafka::create_topics(&config.kafka, 2, 1, &[(extra.clone(), "3600000".into())])
         .await
@@ -308,4 +315,126 @@ async fn other_producers_topics_feed_parse_beside_the_raw_one() {
         "the bad record of the other topic, in its own DLQ"
     );
     assert!(read(&config, &config.topics.dlq(&config.topics.raw)).is_empty());
+}
+
+/// Another producer's topic is a trust boundary: its records' `sluice.*` headers are
+/// dropped, so a producer forging `sluice.tenant: victim` (and an event id, and a receive
+/// time of 0 to skip the clock check) files nothing under `victim`. A field-named
+/// tenant must be one the topic may write as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_producer_cannot_write_as_another_tenant() {
+    let name = unique("forge");
+    let mut config = stack_config().namespaced(&format!("t-{name}"), &name);
+    let (fixed, named) = (format!("t-{name}.fixed"), format!("t-{name}.named"));
+    config.topics.raw_extra = vec![fixed.clone(), named.clone()];
+    config.parse.sources.insert(
+        fixed.clone(),
+        SourceConfig {
+            tenant: Some("shipped".into()),
+            ..SourceConfig::default()
+        },
+    );
+    config.parse.sources.insert(
+        named.clone(),
+        SourceConfig {
+            tenant_field: Some("org".into()),
+            tenants: vec!["globex".into()],
+            ..SourceConfig::default()
+        },
+    );
+    config.check().unwrap();
+    let retention = "3600000".to_string();
+    sluice_core::kafka::create_topics(
+        &config.kafka,
+        2,
+        1,
+        &[
+            (fixed.clone(), retention.clone()),
+            (named.clone(), retention),
+        ],
+    )
+    .await
+    .unwrap();
+    create_topics(&config).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let old = now - 30 * 86_400_000;
+    let producer: FutureProducer = config.kafka.producer_config().create().unwrap();
+    let send =
+        |topic: &str, line: String, i: usize| send_forged(&producer, topic.to_string(), line, i);
+    for i in 0..5 {
+        let line = format!(r#"{{"user_id":"f{i}","type":"click","ts":{now}}}"#);
+        send(&fixed, line, i).await;
+        let line = format!(r#"{{"user_id":"n{i}","type":"click","ts":{now},"org":"globex"}}"#);
+        send(&named, line, i).await;
+        let line = format!(r#"{{"user_id":"v{i}","type":"click","ts":{now},"org":"victim"}}"#);
+        send(&named, line, i).await;
+    }
+    // Thirty days old, with a forged receive time of 0 (which used to skip the check).
+    send(
+        &fixed,
+        format!(r#"{{"user_id":"o","type":"click","ts":{old}}}"#),
+        9,
+    )
+    .await;
+
+    let parse = Running::stage(&config, "parse");
+    caught_up(&config, &config.parse.group, &fixed).await;
+    caught_up(&config, &config.parse.group, &named).await;
+    parse.stop().await;
+    let out = read(&config, &config.topics.parsed);
+    let tenants: BTreeMap<String, usize> = out.iter().fold(BTreeMap::new(), |mut m, r| {
+        let e = sluice_schemas::CLICK_EVENTS
+            .decode(r.payload().unwrap())
+            .unwrap();
+        assert_eq!(
+            headers::get(r.headers(), headers::TENANT),
+            Some(e.tenant.as_str())
+        );
+        assert!(
+            e.event_id.starts_with("kafka:"),
+            "a forged id was taken: {}",
+            e.event_id
+        );
+        assert_ne!(e.received_at, 0, "the forged receive time was taken");
+        assert!(
+            headers::get(r.headers(), headers::INGEST_ID).is_none(),
+            "a forged header was forwarded"
+        );
+        *m.entry(e.tenant).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        tenants,
+        BTreeMap::from([("globex".to_string(), 5), ("shipped".to_string(), 5)])
+    );
+    let class =
+        |m: &OwnedMessage| headers::get(m.headers(), headers::DLQ_ERROR_CLASS).map(String::from);
+    let named_dead: Vec<Option<String>> = read(&config, &config.topics.dlq(&named))
+        .iter()
+        .map(class)
+        .collect();
+    assert_eq!(named_dead, vec![Some("tenant".to_string()); 5]);
+    let fixed_dead: Vec<Option<String>> = read(&config, &config.topics.dlq(&fixed))
+        .iter()
+        .map(class)
+        .collect();
+    assert_eq!(fixed_dead, [Some("out_of_range".to_string())]);
+}
+
+/// Send `line` to `topic` with forged ingest headers, as a hostile producer would.
+async fn send_forged(producer: &FutureProducer, topic: String, line: String, i: usize) {
+    let id = format!("forged-{i}");
+    let forged = sluice_tests::raw_headers("victim", &id, "0").insert(rdkafka::message::Header {
+        key: headers::INGEST_ID,
+        value: Some("forged"),
+    });
+    producer
+        .send(
+            FutureRecord::<str, str>::to(&topic)
+                .payload(&line)
+                .headers(forged),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
 }

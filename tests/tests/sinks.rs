@@ -668,3 +668,66 @@ async fn a_413_from_elasticsearch_splits_the_bulk_request() {
         .unwrap();
     assert_eq!(refused.event_id, "ev-30");
 }
+
+/// A tenant's index pattern (what a search, or a role granting one, names) reaches its
+/// own documents only: `acme-*` once matched `acme-eu`'s indices, and `Acme`, `a.b` and
+/// `a_b` shared an index with `acme`, `a_b` and `a.b`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_index_pattern_sees_only_its_own_documents() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut config = stack_config();
+    let name = unique("es-iso");
+    sink_namespace(&mut config, &name).await;
+    let tenants = ["acme", "acme-eu", "Acme", "a.b", "a_b"];
+    let events: Vec<_> = (0..50)
+        .map(|i| {
+            let at = format!("2026-11-20T10:{:02}:00Z", i % 60);
+            enriched(i, tenants[i % tenants.len()], "u", "page_view", "/p", &at)
+        })
+        .collect();
+    let mut expected: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for e in &events {
+        expected
+            .entry(tenants.iter().find(|t| **t == e.tenant).unwrap())
+            .or_default()
+            .insert(e.event_id.clone());
+    }
+    let sink = RunningSink::start(&config, sluice_tests::sink("elasticsearch"));
+    produce_enriched(&config, &config.topics.enriched, &events).await;
+    caught_up(
+        &config,
+        &config.elasticsearch.group,
+        &config.topics.enriched,
+    )
+    .await;
+    sink.stop().await;
+    let prefix = &config.elasticsearch.index_prefix;
+    es_json(&config, &format!("{prefix}-*/_refresh"), None).await;
+    for tenant in tenants {
+        let pattern = sluice_sinks::elasticsearch::tenant_pattern(prefix, tenant);
+        let r = es_json(
+            &config,
+            &format!("{pattern}/_search"),
+            Some(serde_json::json!({"size": 100, "_source": ["tenant", "event_id"]})),
+        )
+        .await;
+        let hits = r["hits"]["hits"]
+            .as_array()
+            .unwrap_or_else(|| panic!("search answer {r}"));
+        let seen: BTreeSet<(String, String)> = hits
+            .iter()
+            .map(|h| {
+                let s = &h["_source"];
+                (
+                    s["tenant"].as_str().unwrap().into(),
+                    s["event_id"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want: BTreeSet<(String, String)> = expected[tenant]
+            .iter()
+            .map(|id| (tenant.to_string(), id.clone()))
+            .collect();
+        assert_eq!(seen, want, "{pattern}");
+    }
+}

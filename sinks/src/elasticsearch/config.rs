@@ -19,7 +19,8 @@ pub struct ElasticsearchConfig {
     pub bearer_token: Option<Secret>,
     /// PEM file of the CA that signed the cluster's certificate (beside the system's roots).
     pub ca_file: Option<std::path::PathBuf>,
-    /// Indices are named `<index_prefix>-<tenant>-YYYY.MM.DD` from the event time.
+    /// Indices are named `<index_prefix>-<tenant>-YYYY.MM.DD` of the ingest day, the tenant
+    /// escaped so that no tenant's pattern `<index_prefix>-<tenant>-*` matches another's.
     pub index_prefix: String,
     /// Consumer group.
     pub group: String,

@@ -21,10 +21,11 @@ pub const PROCESSED_AT: &str = "processed_at";
 pub const REPLAY_EPOCH: &str = "replay_epoch";
 
 /// The index an event goes to: `<prefix>-<tenant>-YYYY.MM.DD` of the day ingest received
-/// it (UTC). The ingest time never changes when a replay corrects an event, so a
-/// corrected event (even one whose event time moved to another day) overwrites its
-/// document in place, like a data stream's backing indices, which also follow write time.
-/// Searches filter on `@timestamp` across `<prefix>-<tenant>-*`.
+/// it (UTC), the tenant written by [`index_tenant`]. The ingest time never changes when a
+/// replay corrects an event, so a corrected event (even one whose event time moved to
+/// another day) overwrites its document in place, like a data stream's backing indices,
+/// which also follow write time. A tenant's searches (and a role granting them) use
+/// [`tenant_pattern`], which matches no other tenant's indices.
 pub fn index_name(prefix: &str, tenant: &str, received_at_ms: i64) -> String {
     let day = chrono::DateTime::from_timestamp_millis(received_at_ms)
         .map(|t| t.format("%Y.%m.%d").to_string())
@@ -32,19 +33,36 @@ pub fn index_name(prefix: &str, tenant: &str, received_at_ms: i64) -> String {
     format!("{prefix}-{}-{day}", index_tenant(tenant))
 }
 
-/// A tenant as a part of an index name: lowercase, and free of the characters index
-/// names cannot hold (so two tenants can share a part: the document id tells them apart).
+/// The index pattern of one tenant's indices, `<prefix>-<tenant>-*`.
+pub fn tenant_pattern(prefix: &str, tenant: &str) -> String {
+    format!("{prefix}-{}-*", index_tenant(tenant))
+}
+
+/// Longest tenant part of an index name before it becomes a digest (index names hold
+/// at most 255 bytes).
+const MAX_INDEX_TENANT: usize = 180;
+
+/// A tenant as a part of an index name, one to one: lowercase ASCII letters and digits
+/// stay, every other byte (capitals, `-`, `_`, `.`, UTF-8) becomes `_` and two hex digits.
+/// No two tenants share a part (`Acme`, `acme`, `a.b` and `a_b` are four), and a part
+/// never holds `-`, so `<prefix>-acme-*` cannot match `acme-eu`'s indices. A part
+/// longer than [`MAX_INDEX_TENANT`] is `_h` and a SHA-256 prefix (`h` is no hex digit).
 pub fn index_tenant(tenant: &str) -> String {
-    tenant
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    use std::fmt::Write;
+    let mut out = String::with_capacity(tenant.len());
+    for b in tenant.bytes() {
+        if b.is_ascii_lowercase() || b.is_ascii_digit() {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "_{b:02x}");
+        }
+    }
+    if out.len() > MAX_INDEX_TENANT {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(tenant.as_bytes());
+        out = format!("_h{}", hex::encode(&digest[..16]));
+    }
+    out
 }
 
 /// The document id of an event: its identity `(tenant, event_id)` as `tenant:event_id`,
@@ -143,12 +161,52 @@ mod tests {
     }
 
     #[test]
-    fn index_follows_the_ingest_day_and_a_sanitised_tenant() {
+    fn index_follows_the_ingest_day_and_an_escaped_tenant() {
         let e = event();
         assert_eq!(
             index_name("ev", &e.tenant, e.received_at),
-            "ev-acme_eu-2026.11.23"
+            "ev-_41cme_3a_45_55-2026.11.23"
         );
+        assert_eq!(index_name("ev", "acme", 0), "ev-acme-1970.01.01");
+    }
+
+    #[test]
+    fn no_tenant_pattern_matches_another_tenants_index() {
+        let tenants = [
+            "acme",
+            "acme-eu",
+            "Acme",
+            "ACME",
+            "a.b",
+            "a_b",
+            "a_2eb",
+            "a-",
+            "café",
+            "acme-",
+            "x".repeat(300).as_str(),
+            &format!("{}y", "x".repeat(300)),
+        ]
+        .map(String::from);
+        for t in &tenants {
+            let part = index_tenant(t);
+            assert!(
+                part.len() <= MAX_INDEX_TENANT && !part.contains('-'),
+                "{t}: {part}"
+            );
+            assert!(part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            let pattern = tenant_pattern("ev", t);
+            let prefix = pattern.trim_end_matches('*');
+            for other in &tenants {
+                let index = index_name("ev", other, 1_795_478_399_000);
+                assert_eq!(
+                    index.starts_with(prefix),
+                    t == other,
+                    "{pattern} vs {index}"
+                );
+            }
+        }
     }
 
     #[test]

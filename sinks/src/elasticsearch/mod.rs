@@ -22,7 +22,7 @@ use elasticsearch::Elasticsearch;
 use serde_json::json;
 
 pub use bulk::ElasticsearchWriter;
-pub use document::{doc_id, document, index_name};
+pub use document::{doc_id, document, index_name, tenant_pattern};
 
 /// Why the Elasticsearch sink could not start.
 #[derive(Debug, thiserror::Error)]

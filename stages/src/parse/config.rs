@@ -1,6 +1,7 @@
 //! Settings of the parse stage (`[parse]`).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The parse stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,11 +24,14 @@ pub struct ParseConfig {
     pub time_fields: Vec<String>,
     /// IANA time zone of times written without an offset (`2026-11-23 10:00:00`).
     pub timezone: String,
-    /// Records written by other producers (Logstash, Fluent Bit, Vector…) carry no
-    /// `sluice.tenant` header: their tenant is this JSON field's value…
+    /// Records on the raw topic without a `sluice.tenant` header (another producer
+    /// shares it): their tenant is this JSON field's value…
     pub tenant_field: Option<String>,
     /// …or, failing that, this tenant. Without either such records are dead-lettered.
     pub default_tenant: Option<String>,
+    /// Other producers' topics (`topics.raw_extra`), each by name: whose records it
+    /// carries. Every such topic must be declared here.
+    pub sources: BTreeMap<String, SourceConfig>,
     /// Event times further than this before the ingest time are dead-lettered as
     /// `out_of_range` (a broken client clock, a unit mix-up).
     pub max_past_skew_s: u64,
@@ -54,8 +58,28 @@ impl Default for ParseConfig {
             timezone: "UTC".into(),
             tenant_field: None,
             default_tenant: None,
+            sources: BTreeMap::new(),
             max_past_skew_s: 7 * 24 * 3600,
             max_future_skew_s: 3600,
         }
     }
+}
+
+/// Whose records one of the other producers' topics carries (`[parse.sources."<topic>"]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Every record of the topic is this tenant's…
+    pub tenant: Option<String>,
+    /// …or the record names its tenant in this JSON field…
+    pub tenant_field: Option<String>,
+    /// …which must be one of these or of the tenants in `ingest.api_keys`; a record
+    /// naming another is dead-lettered as `tenant`.
+    pub tenants: Vec<String>,
+    /// With `tenant_field`: the tenant of a record without the field.
+    pub default_tenant: Option<String>,
+    /// Believe the records' `sluice.*` headers (a mirror of another Sluice's raw topic,
+    /// which only that ingest writes). Otherwise they are dropped: a producer that can
+    /// write the topic cannot file records as another tenant.
+    pub trust_headers: bool,
 }

@@ -22,6 +22,7 @@ use sluice_schemas::{ClickEvent, Codec, CLICK_EVENTS};
 
 pub mod config;
 mod fields;
+pub mod sources;
 
 use fields::{Document, Fields};
 
@@ -53,6 +54,8 @@ pub struct ParseRules {
     pub max_past_skew_ms: i64,
     /// Most milliseconds an event time may lie after its receive time.
     pub max_future_skew_ms: i64,
+    /// Other producers' topics, by name: whose records each carries.
+    pub sources: std::collections::BTreeMap<String, sources::Source>,
 }
 
 impl Default for ParseRules {
@@ -66,6 +69,7 @@ impl Default for ParseRules {
             default_tenant: None,
             max_past_skew_ms: c.max_past_skew_s as i64 * 1000,
             max_future_skew_ms: c.max_future_skew_s as i64 * 1000,
+            sources: Default::default(),
         }
     }
 }
@@ -82,13 +86,24 @@ pub enum ParseConfigError {
     /// An empty default tenant or tenant field.
     #[error("parse.{0}: must not be empty")]
     Empty(&'static str),
+    /// An other producer's topic is declared wrongly, or not at all.
+    #[error("parse.sources.{topic:?}: {reason}")]
+    Source {
+        /// The topic.
+        topic: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl ParseRules {
-    /// The rules of the `[parse]` settings, with the shared event size limit.
+    /// The rules of the `[parse]` settings, with the shared event size limit, for the
+    /// other producers' topics `extra`; `directory` names the tenants ingest has keys for.
     pub fn of(
         config: &config::ParseConfig,
         max_event_bytes: usize,
+        extra: &[String],
+        directory: &[String],
     ) -> Result<Self, ParseConfigError> {
         if config.time_fields.is_empty() {
             return Err(ParseConfigError::NoTimeFields);
@@ -111,6 +126,7 @@ impl ParseRules {
             default_tenant: config.default_tenant.clone(),
             max_past_skew_ms: ms(config.max_past_skew_s),
             max_future_skew_ms: ms(config.max_future_skew_s),
+            sources: sources::declared(config, extra, directory)?,
         })
     }
 }
@@ -137,6 +153,8 @@ pub struct RawMeta<'a> {
     pub event_id: &'a str,
     /// When ingest received it, Unix milliseconds.
     pub received_at: i64,
+    /// The other producer's topic it came from (`None`: the raw topic).
+    pub source: Option<&'a sources::Source>,
 }
 
 impl Parser {
@@ -227,7 +245,14 @@ impl Parser {
                 ));
             }
         }
-        let tenant = self.tenant(meta.tenant, &obj)?;
+        let tenant = match (meta.tenant, meta.source) {
+            (None, Some(source)) => source.tenant(|field| match obj.get(field) {
+                None | Some(Value::Null) => sources::FieldValue::Absent,
+                Some(Value::String(t)) if !t.is_empty() => sources::FieldValue::Text(t.clone()),
+                Some(other) => sources::FieldValue::Other(kind(other)),
+            })?,
+            (header, _) => self.tenant(header, &obj)?,
+        };
         Ok(ClickEvent {
             event_id,
             tenant,
@@ -285,8 +310,10 @@ impl Parser {
 
 /// The id of a record another producer wrote: `kafka:<topic>:<partition>:<offset>` of
 /// its first place in the log (a copy or a restore names it in `sluice.replayed_from`).
-fn place_id<M: Message>(msg: &M) -> String {
-    match headers::get(msg.headers(), headers::REPLAYED_FROM).and_then(headers::parse_origin) {
+/// `believe_origin`: that header was written by a replay, not by an untrusted producer.
+fn place_id<M: Message>(msg: &M, believe_origin: bool) -> String {
+    let origin = headers::get(msg.headers(), headers::REPLAYED_FROM).filter(|_| believe_origin);
+    match origin.and_then(headers::parse_origin) {
         Some((topic, partition, offset)) => format!("kafka:{topic}:{partition}:{offset}"),
         None => format!("kafka:{}:{}:{}", msg.topic(), msg.partition(), msg.offset()),
     }
@@ -298,10 +325,12 @@ fn show_ms(ms: i64) -> String {
         .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-/// Run the parse stage (raw → parsed) with `settings` until `shutdown`.
+/// Run the parse stage (raw → parsed) with `settings` until `shutdown`; `directory`
+/// names the tenants ingest has keys for.
 pub async fn run(
     shared: &Shared,
     settings: &config::ParseConfig,
+    directory: &[String],
     rewiring: &Rewiring,
     shutdown: CancellationToken,
 ) -> Result<StageStats, StageError> {
@@ -316,7 +345,7 @@ pub async fn run(
         .kafka
         .check_event_size(t.max_event_bytes)
         .map_err(|e| StageError::Settings(e.to_string()))?;
-    let rules = ParseRules::of(settings, t.max_event_bytes)
+    let rules = ParseRules::of(settings, t.max_event_bytes, &t.raw_extra, directory)
         .map_err(|e| StageError::Settings(e.to_string()))?;
     // The registry subject is the usual output's, also when a --diff writes elsewhere.
     let parser = Parser::new(rules).with_codec(writing_codec(&shared.schemas, &t.parsed).await?);
@@ -353,7 +382,12 @@ impl Transform for Parser {
     }
 
     fn process<M: Message>(&self, msg: &M) -> Result<Vec<Output>, Failure> {
-        let h = msg.headers();
+        let source = sources::source_of(&self.rules.sources, msg);
+        // An untrusted producer's `sluice.*` headers are not read; `replayed_from` only
+        // when a replay wrote it (the record is not on the producer's own topic).
+        let trusted = source.is_none_or(|s| s.trust_headers);
+        let copied = source.is_some_and(|s| s.topic != msg.topic());
+        let h = if trusted { msg.headers() } else { None };
         let tenant = headers::get(h, headers::TENANT);
         // A record another producer wrote: an id from its place in the log, the same on
         // every replay of it (also of a copy or a restore: their first place).
@@ -361,7 +395,7 @@ impl Transform for Parser {
         let event_id = match headers::get(h, headers::EVENT_ID) {
             Some(id) => id,
             None => {
-                position = place_id(msg);
+                position = place_id(msg, trusted || copied);
                 position.as_str()
             }
         };
@@ -376,6 +410,7 @@ impl Transform for Parser {
                 tenant,
                 event_id,
                 received_at,
+                source,
             },
         )?;
         let payload = self
@@ -390,7 +425,12 @@ impl Transform for Parser {
             headers::ENCODING,
             headers::TENANT,
         ];
-        let out_headers = headers::forward(h, &replaced)
+        let forwarded = if trusted {
+            headers::forward(h, &replaced)
+        } else {
+            sources::foreign_headers(msg.headers(), copied)
+        };
+        let out_headers = forwarded
             .insert(Header {
                 key: headers::TENANT,
                 value: Some(event.tenant.as_str()),
@@ -545,6 +585,7 @@ mod tests {
         tenant: Some("acme"),
         event_id: "ev-1",
         received_at: 0,
+        source: None,
     };
 
     fn parse(s: &str) -> Result<ClickEvent, Failure> {
@@ -557,6 +598,7 @@ mod tests {
         let at = |ts: &str| {
             RawMeta {
                 received_at: received,
+                source: None,
                 ..META
             }
             .then_parse(&format!(r#"{{"user_id":"u","type":"t","ts":{ts}}}"#))
@@ -585,6 +627,10 @@ mod tests {
         }
     }
 
+    fn place_id_of<M: Message>(msg: &M) -> String {
+        place_id(msg, true)
+    }
+
     #[test]
     fn a_foreign_record_keeps_the_id_of_its_first_place_when_copied_or_restored() {
         use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
@@ -599,7 +645,7 @@ mod tests {
                 headers,
             )
         };
-        assert_eq!(place_id(&at("raw", None)), "kafka:raw:2:9");
+        assert_eq!(place_id_of(&at("raw", None)), "kafka:raw:2:9");
         let from = |v: &str| {
             Some(OwnedHeaders::new().insert(Header {
                 key: headers::REPLAYED_FROM,
@@ -607,12 +653,12 @@ mod tests {
             }))
         };
         assert_eq!(
-            place_id(&at("raw.restore-20261201", from("raw/3/42"))),
+            place_id_of(&at("raw.restore-20261201", from("raw/3/42"))),
             "kafka:raw:3:42"
         );
         // An unreadable origin: its own place.
-        assert_eq!(place_id(&at("copy", from("raw/x/42"))), "kafka:copy:2:9");
-        assert_eq!(place_id(&at("copy", from("3/42"))), "kafka:copy:2:9");
+        assert_eq!(place_id_of(&at("copy", from("raw/x/42"))), "kafka:copy:2:9");
+        assert_eq!(place_id_of(&at("copy", from("3/42"))), "kafka:copy:2:9");
     }
 
     #[test]
@@ -621,6 +667,7 @@ mod tests {
             tenant: None,
             event_id: "kafka:raw:0:7",
             received_at: 0,
+            source: None,
         };
         let line = r#"{"user_id":"u","type":"t","ts":1,"org":"globex"}"#;
         let f = Parser::default()
@@ -748,7 +795,7 @@ mod tests {
             timezone: "Europe/Berlin".into(),
             ..Default::default()
         };
-        let p = Parser::new(ParseRules::of(&c, 1024).unwrap());
+        let p = Parser::new(ParseRules::of(&c, 1024, &[], &[]).unwrap());
         let e = p
             .parse(
                 br#"{"user_id":"u","type":"t","when":1795428000,"ts":"x"}"#,
@@ -763,7 +810,7 @@ mod tests {
         let f = p.parse(br#"{"user_id":"u","type":"t"}"#, META).unwrap_err();
         assert!(f.reason.starts_with("field `when`: required"), "{f}");
         c.timezone = "Mars/Olympus".into();
-        let err = ParseRules::of(&c, 1024).unwrap_err().to_string();
+        let err = ParseRules::of(&c, 1024, &[], &[]).unwrap_err().to_string();
         assert!(
             err.contains("parse.timezone") && err.contains("Mars/Olympus"),
             "{err}"
@@ -824,6 +871,7 @@ mod properties {
         tenant: Some("acme"),
         event_id: "ev-1",
         received_at: 0,
+        source: None,
     };
 
     fn json_value() -> impl Strategy<Value = Value> {

@@ -543,3 +543,80 @@ async fn racing_session_writers_leave_one_version() {
         assert!(s[0].ends_with("-0"), "{user} kept the older version {s:?}");
     }
 }
+
+/// The value of the sample `name{labels}` (labels as Prometheus writes them) at `addr`.
+async fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
+
+/// Run sessionize as its own process over the flood in `config`'s enriched topic with
+/// at most `cap` open sessions per partition; returns its peak RSS in MiB and the
+/// sessions it evicted.
+async fn flood_run(config: &Config, cap: usize, events: usize) -> (u64, u64) {
+    let mut c = config.clone();
+    c.sessionize.group = unique("flood-");
+    c.sessionize.max_open_sessions = cap;
+    c.sessionize.max_open_sessions_per_tenant = events;
+    let (process, addr) =
+        sluice_tests::process::SluiceProcess::spawn_serving(&c, &["stage", "sessionize"], "flood");
+    let read = format!(
+        "sluice_stage_records_in_total{{stage=\"sessionize\",topic=\"{}\"}}",
+        c.topics.enriched
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while metric(addr, &read).await != Some(events as f64) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessionize read {:?} of {events}; log {}",
+            metric(addr, &read).await,
+            process.log_file().display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let evicted = metric(
+        addr,
+        "sluice_sessionize_evicted_sessions_total{reason=\"max_open_sessions\"}",
+    )
+    .await
+    .unwrap_or(0.0) as u64;
+    (process.peak_rss_mib(), evicted)
+}
+
+/// A flood of distinct users (one tenant sending a new `user_id` per event, all within
+/// one gap) grew sessionize without bound: every open session is held until the
+/// watermark passes it. With `max_open_sessions` the state stays at the cap: the peak
+/// RSS is a fraction of the same flood's without it, and each eviction is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_distinct_users_keeps_memory_bounded() {
+    const USERS: usize = 300_000;
+    const CAP: usize = 500;
+    let name = unique("flood");
+    let config = stack_config().namespaced(&format!("t-{name}"), &name);
+    sluice_tests::create_topics(&config).await;
+    let t0 = chrono::DateTime::parse_from_rfc3339(T0).unwrap();
+    let events: Vec<EnrichedEvent> = (0..USERS)
+        .map(|i| {
+            // Ten minutes of events: no session ends by the gap.
+            let at = (t0 + chrono::Duration::milliseconds((i * 2) as i64)).to_rfc3339();
+            enriched(i, "noisy", &format!("user-{i}"), "page_view", "/p", &at)
+        })
+        .collect();
+    sluice_tests::produce_enriched(&config, &config.topics.enriched, &events).await;
+    let (unbounded_mib, none) = flood_run(&config, USERS, USERS).await;
+    assert_eq!(none, 0, "nothing is evicted without a cap");
+    let (bounded_mib, evicted) = flood_run(&config, CAP, USERS).await;
+    println!("peak RSS: {bounded_mib} MiB at {CAP} sessions per partition, {unbounded_mib} MiB without a cap");
+    let partitions = config.topics.partitions as usize;
+    assert_eq!(evicted as usize, USERS - CAP * partitions);
+    assert!(
+        (bounded_mib as f64) < 0.5 * unbounded_mib as f64,
+        "bounded {bounded_mib} MiB vs unbounded {unbounded_mib} MiB"
+    );
+}

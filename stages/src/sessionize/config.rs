@@ -13,6 +13,16 @@ pub struct SessionizeConfig {
     /// How far behind the newest event time an event may arrive and still count, in
     /// seconds; older ones are dead-lettered as `late`.
     pub allowed_lateness_s: u64,
+    /// Most open sessions per partition; one more closes the session that ends first
+    /// (counted in `sluice_sessionize_evicted_sessions_total`). Each costs a few hundred
+    /// bytes plus about 150 per event in it.
+    pub max_open_sessions: usize,
+    /// Most open sessions of one tenant per partition (one tenant sending many users
+    /// cannot crowd out the others); one more closes that tenant's that ends first.
+    pub max_open_sessions_per_tenant: usize,
+    /// Most events in one session (a bot that never pauses); one more closes it and
+    /// starts the user's next session.
+    pub max_session_events: usize,
 }
 
 impl Default for SessionizeConfig {
@@ -21,6 +31,9 @@ impl Default for SessionizeConfig {
             group: "sluice-sessionize".into(),
             gap_s: 1800,
             allowed_lateness_s: 300,
+            max_open_sessions: 100_000,
+            max_open_sessions_per_tenant: 100_000,
+            max_session_events: 10_000,
         }
     }
 }

@@ -23,7 +23,11 @@
 //! (processing time) closes its open sessions, which a re-read may not repeat.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -47,7 +51,8 @@ mod windows;
 
 use tokio_util::sync::CancellationToken;
 pub use windows::{
-    sessions_of, Click, CommitPoint, Emitted, Late, Sessionizer, Windows, CLOCK_SLACK_MS,
+    sessions_of, Click, CommitPoint, Emitted, Eviction, Late, Limits, Sessionizer, Windows,
+    CLOCK_SLACK_MS,
 };
 
 use crate::transform::{StageError, StageStats};
@@ -88,6 +93,11 @@ impl SessionizeSpec {
             windows: Windows {
                 gap_ms: (settings.gap_s * 1000) as i64,
                 allowed_lateness_ms: (settings.allowed_lateness_s * 1000) as i64,
+                limits: Limits {
+                    open_sessions: settings.max_open_sessions,
+                    open_sessions_per_tenant: settings.max_open_sessions_per_tenant,
+                    session_events: settings.max_session_events,
+                },
             },
             input_codec: reading_codec(&shared.schemas)?,
             output_codec: writing_codec(&shared.schemas, &t.sessions).await?,
@@ -127,10 +137,18 @@ pub async fn run_sessionize(
         (spec.windows.gap_ms + spec.windows.allowed_lateness_ms).max(0) as u64,
     );
     let mut stats = StageStats::default();
+    let mut pending = Pending::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let records_in = metrics::counter!("sluice_stage_records_in_total", "stage" => NAME, "topic" => spec.input.clone());
     let replayed_late = metrics::counter!("sluice_stage_skipped_total", "stage" => NAME, "reason" => "replayed_late");
     replayed_late.increment(0);
+    for why in [
+        Eviction::OpenSessions,
+        Eviction::TenantOpenSessions,
+        Eviction::SessionEvents,
+    ] {
+        metrics::counter!(EVICTED, "reason" => why.as_str()).increment(0);
+    }
     tracing::info!(input = %spec.input, output = %spec.output, group = %spec.group, "sessionize started");
     loop {
         tokio::select! {
@@ -142,13 +160,16 @@ pub async fn run_sessionize(
                         let closed = state.sessions.close_all();
                         tracing::debug!(partition = *p, sessions = closed.len(), "idle partition: sessions closed");
                         for s in closed {
-                            emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown).await?;
+                            pending.push(emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown)?);
                             stats.published += 1;
                         }
                     }
                 }
+                // Commits follow the acks of every session emitted before them.
+                settle(&mut pending).await?;
                 commit(&consumer, &spec.input, &mut partitions)
             }
+            Some(acked) = pending.next(), if !pending.is_empty() => acked?,
             (msg, _) = receiver.next() => {
                 stats.consumed += 1;
                 records_in.increment(1);
@@ -168,12 +189,19 @@ pub async fn run_sessionize(
                 let failure = match spec.input_codec.decode(msg.payload().unwrap_or_default()) {
                     Err(e) => Some(Failure::from(e)),
                     Ok(e) => match entry.sessions.add(&Click::of(&e, headers::version(&msg)), offset) {
-                        Ok(closed) => {
-                            let mut out: Vec<Emitted> = closed.into_iter().collect();
+                        Ok(mut out) => {
                             out.extend(entry.sessions.close_due());
                             for s in out {
-                                emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown).await?;
+                                if let Some(why) = s.evicted {
+                                    evicted(p, why);
+                                }
+                                pending.push(emit(&producer, &spec.output, &spec.output_codec, &s.summary, s.version, None, &shutdown)?);
                                 stats.published += 1;
+                                if pending.len() >= MAX_PENDING {
+                                    if let Some(acked) = pending.next().await {
+                                        acked?;
+                                    }
+                                }
                             }
                             None
                         }
@@ -204,6 +232,7 @@ pub async fn run_sessionize(
             }
         }
     }
+    settle(&mut pending).await?;
     commit(&consumer, &spec.input, &mut partitions);
     tracing::info!(
         consumed = stats.consumed,
@@ -217,11 +246,59 @@ pub async fn run_sessionize(
 /// The stage's name in metrics, logs and dead letters.
 const NAME: &str = "sessionize";
 
-/// Send one summary, stamped with `version` (and the replay, if any), and wait for
-/// its ack (sessions are few; commits follow acks). A summary that does not encode is a
+/// Sessions closed before the watermark passed them, to keep state within its limits.
+const EVICTED: &str = "sluice_sessionize_evicted_sessions_total";
+
+/// Count a session closed early, and say so (at most once a minute: a flood evicts on
+/// every event).
+fn evicted(partition: i32, why: Eviction) {
+    static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    metrics::counter!(EVICTED, "reason" => why.as_str()).increment(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_WARNED
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            partition,
+            limit = why.as_str(),
+            "session closed early to bound sessionize's memory (more in {EVICTED})"
+        );
+    }
+}
+
+/// One summary's delivery: it ends with the broker's ack.
+type Delivery = Pin<Box<dyn Future<Output = Result<(), StageError>> + Send>>;
+
+/// Summaries sent and not yet acknowledged; a commit waits for all of them.
+type Pending = FuturesUnordered<Delivery>;
+
+/// Most summaries awaiting acks. Each used to be awaited before the next record: a
+/// flood that evicts a session per event then ran at one broker round trip per event.
+const MAX_PENDING: usize = 10_000;
+
+/// Wait for every pending summary's ack.
+async fn settle(pending: &mut Pending) -> Result<(), StageError> {
+    while let Some(acked) = pending.next().await {
+        acked?;
+    }
+    Ok(())
+}
+
+/// Send one summary, stamped with `version` (and the replay, if any); the returned
+/// future ends with its ack (commits follow acks). A summary that does not encode is a
 /// defect of this stage: it stops; so does one still undelivered at shutdown (nothing
 /// more is committed, so a restart emits it again).
-async fn emit(
+fn emit(
     producer: &FutureProducer,
     topic: &str,
     codec: &Codec<SessionSummary>,
@@ -229,7 +306,7 @@ async fn emit(
     version: i64,
     replay: Option<&str>,
     shutdown: &CancellationToken,
-) -> Result<(), StageError> {
+) -> Result<Delivery, StageError> {
     let payload = codec
         .encode(s)
         .map_err(|e| StageError::Encode(e.to_string()))?;
@@ -247,20 +324,23 @@ async fn emit(
         version,
         replay,
     );
-    if deliver(
-        producer,
-        topic,
-        Some(key.as_bytes()),
-        &payload,
-        &h,
-        shutdown,
-    )
-    .await
-    {
-        Ok(())
-    } else {
-        Err(StageError::Undelivered(topic.to_string()))
-    }
+    let (producer, topic, shutdown) = (producer.clone(), topic.to_string(), shutdown.clone());
+    Ok(Box::pin(async move {
+        if deliver(
+            &producer,
+            &topic,
+            Some(key.as_bytes()),
+            &payload,
+            &h,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(())
+        } else {
+            Err(StageError::Undelivered(topic))
+        }
+    }))
 }
 
 /// What a sessionize replay did.
@@ -352,7 +432,7 @@ pub async fn replay_sessions(
             now,
             Some(replay),
             &stop,
-        )
+        )?
         .await?;
         out.sessions += 1;
     }
@@ -476,7 +556,7 @@ mod tests {
             let offset = offset as i64;
             state.at(offset);
             match state.sessions.add(&click(user, offset, *at), offset) {
-                Ok(closed) => emitted.extend(closed.map(|c| (offset, c))),
+                Ok(closed) => emitted.extend(closed.into_iter().map(|c| (offset, c))),
                 Err(_) => late.push(offset),
             }
             emitted.extend(state.sessions.close_due().into_iter().map(|c| (offset, c)));
@@ -493,6 +573,7 @@ mod tests {
         let w = Windows {
             gap_ms: 30 * MIN,
             allowed_lateness_ms: 5 * MIN,
+            limits: Limits::default(),
         };
         let events = [
             ("z", 300 * MIN),  // 0: moves the watermark to 295

@@ -13,6 +13,54 @@ pub struct Windows {
     pub gap_ms: i64,
     /// How far behind the newest event time an event may be, milliseconds.
     pub allowed_lateness_ms: i64,
+    /// Bounds of one partition's state.
+    pub limits: Limits,
+}
+
+/// Bounds of one partition's open sessions: state is held per event (its id, for
+/// de-duplication), so without them one user who never pauses, or one tenant sending
+/// many users, grows the process until it is killed, and sessions stop for everyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most open sessions; opening one more closes the one that ends first.
+    pub open_sessions: usize,
+    /// Most open sessions of one tenant; opening one more closes that tenant's session
+    /// that ends first.
+    pub open_sessions_per_tenant: usize,
+    /// Most events in one session; one more closes it and starts the next session.
+    pub session_events: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            open_sessions: 100_000,
+            open_sessions_per_tenant: 100_000,
+            session_events: 10_000,
+        }
+    }
+}
+
+/// Why a session was closed before the watermark passed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// The partition's open sessions were at [`Limits::open_sessions`].
+    OpenSessions,
+    /// Its tenant's open sessions were at [`Limits::open_sessions_per_tenant`].
+    TenantOpenSessions,
+    /// It held [`Limits::session_events`] events.
+    SessionEvents,
+}
+
+impl Eviction {
+    /// The name in metrics (`reason` label) and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenSessions => "max_open_sessions",
+            Self::TenantOpenSessions => "max_open_sessions_per_tenant",
+            Self::SessionEvents => "max_session_events",
+        }
+    }
 }
 
 /// One event of a session, as sessionize needs it.
@@ -129,6 +177,9 @@ struct OpenSessions {
     by_user: HashMap<UserKey, Open>,
     /// `(end, user)` of every open session.
     by_end: BTreeSet<(i64, UserKey)>,
+    /// `(end, user)` of every open session, by tenant (its tenant's cap closes the one
+    /// that ends first).
+    by_tenant: HashMap<String, BTreeSet<(i64, String)>>,
 }
 
 impl OpenSessions {
@@ -150,14 +201,48 @@ impl OpenSessions {
         let end = s.end;
         if let Some(old) = self.by_user.insert(key.clone(), s) {
             self.by_end.remove(&(old.end, key.clone()));
+            self.unindex_tenant(&key, old.end);
         }
+        self.by_tenant
+            .entry(key.0.clone())
+            .or_default()
+            .insert((end, key.1.clone()));
         self.by_end.insert((end, key));
     }
 
     fn remove(&mut self, key: &UserKey) -> Option<Open> {
         let s = self.by_user.remove(key)?;
         self.by_end.remove(&(s.end, key.clone()));
+        self.unindex_tenant(key, s.end);
         Some(s)
+    }
+
+    fn unindex_tenant(&mut self, key: &UserKey, end: i64) {
+        if let Some(ends) = self.by_tenant.get_mut(&key.0) {
+            ends.remove(&(end, key.1.clone()));
+            if ends.is_empty() {
+                self.by_tenant.remove(&key.0);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_user.len()
+    }
+
+    fn tenant_len(&self, tenant: &str) -> usize {
+        self.by_tenant.get(tenant).map_or(0, BTreeSet::len)
+    }
+
+    /// The open session that ends first: of `tenant`, or of all.
+    fn ending_first(&self, tenant: Option<&str>) -> Option<UserKey> {
+        match tenant {
+            Some(t) => {
+                let (_, user) = self.by_tenant.get(t)?.first()?;
+                Some((t.to_string(), user.clone()))
+            }
+            None => self.by_end.first().map(|(_, k)| k.clone()),
+        }
     }
 
     /// Change `key`'s open session with `f`, keeping the end index in step.
@@ -168,10 +253,15 @@ impl OpenSessions {
         let before = s.end;
         f(s);
         if s.end != before {
+            let end = s.end;
             let mut entry = (before, key.clone());
             self.by_end.remove(&entry);
-            entry.0 = s.end;
+            entry.0 = end;
             self.by_end.insert(entry);
+            if let Some(ends) = self.by_tenant.get_mut(&key.0) {
+                ends.remove(&(before, key.1.clone()));
+                ends.insert((end, key.1.clone()));
+            }
         }
     }
 
@@ -201,6 +291,8 @@ pub struct Emitted {
     pub summary: SessionSummary,
     /// Its version.
     pub version: i64,
+    /// Why it was closed early, if it was.
+    pub evicted: Option<Eviction>,
 }
 
 impl std::ops::Deref for Emitted {
@@ -272,7 +364,7 @@ impl Sessionizer {
         let mut keys = self.open.users();
         keys.sort_by_key(|k| self.open.get(k).map_or(0, |s| s.start));
         keys.into_iter()
-            .filter_map(|k| self.open.remove(&k).map(|s| self.emit(&k, s)))
+            .filter_map(|k| self.open.remove(&k).map(|s| self.emit(&k, s, None)))
             .collect()
     }
 
@@ -289,15 +381,15 @@ impl Sessionizer {
 
     /// Add one event at `offset`. A later version of an event an open session holds
     /// replaces it (even in another user's session, or at another time); the same or an
-    /// older version is ignored. Returns the session it closed, if it started a new one
-    /// for a user whose previous session had ended.
-    pub fn add(&mut self, c: &Click, offset: i64) -> Result<Option<Emitted>, Late> {
+    /// older version is ignored. Returns the sessions it closed: the user's previous one
+    /// if it started a new one, and any the [`Limits`] evicted to make room.
+    pub fn add(&mut self, c: &Click, offset: i64) -> Result<Vec<Emitted>, Late> {
         let id = (c.tenant.clone(), c.event_id.clone());
         if let Some(key) = self.holder.get(&id) {
             let held = self.open.get(key).and_then(|s| s.members.get(&c.event_id));
             if held.is_some_and(|m| m.version >= c.version) {
                 self.repeats += 1;
-                return Ok(None);
+                return Ok(Vec::new());
             }
             // A newer version: take the old one out of its session first.
             let key = key.clone();
@@ -319,23 +411,30 @@ impl Sessionizer {
         };
         let fits = |s: &Open| at >= s.start - gap && at <= s.end + gap;
         let watermark = self.watermark();
-        let mut closed = None;
-        let (fits_open, before_open) = self
-            .open
-            .get(&key)
-            .map_or((false, false), |s| (fits(s), at < s.start));
-        if fits_open {
+        let mut closed = Vec::new();
+        let limits = self.windows.limits;
+        let (fits_open, before_open, full) =
+            self.open.get(&key).map_or((false, false, false), |s| {
+                (
+                    fits(s),
+                    at < s.start,
+                    s.members.len() >= limits.session_events,
+                )
+            });
+        if fits_open && !full {
             self.open
                 .update(&key, |s| s.insert(c.event_id.clone(), member));
         } else {
             if let Some(w) = watermark {
-                if at < w || before_open {
+                if !fits_open && (at < w || before_open) {
                     return Err(Late { watermark: w });
                 }
             }
             if let Some(prev) = self.open.remove(&key) {
-                closed = Some(self.emit(&key, prev));
+                let evicted = fits_open.then_some(Eviction::SessionEvents);
+                closed.push(self.emit(&key, prev, evicted));
             }
+            self.make_room(&key.0, &mut closed);
             let mut s = Open::default();
             s.insert(c.event_id.clone(), member);
             self.open.insert(key.clone(), s);
@@ -349,7 +448,27 @@ impl Sessionizer {
         Ok(closed)
     }
 
-    fn emit(&mut self, key: &UserKey, s: Open) -> Emitted {
+    /// Close sessions until one more of `tenant`'s fits the [`Limits`]: the tenant's
+    /// that ends first while the tenant is at its cap, then the partition's.
+    fn make_room(&mut self, tenant: &str, closed: &mut Vec<Emitted>) {
+        let limits = self.windows.limits;
+        while self.open.tenant_len(tenant) >= limits.open_sessions_per_tenant.max(1) {
+            let Some(k) = self.open.ending_first(Some(tenant)) else {
+                break;
+            };
+            let Some(s) = self.open.remove(&k) else { break };
+            closed.push(self.emit(&k, s, Some(Eviction::TenantOpenSessions)));
+        }
+        while self.open.len() >= limits.open_sessions.max(1) {
+            let Some(k) = self.open.ending_first(None) else {
+                break;
+            };
+            let Some(s) = self.open.remove(&k) else { break };
+            closed.push(self.emit(&k, s, Some(Eviction::OpenSessions)));
+        }
+    }
+
+    fn emit(&mut self, key: &UserKey, s: Open, evicted: Option<Eviction>) -> Emitted {
         self.closed.push((s.first(), s.last_offset()));
         for id in s.members.keys() {
             self.holder.remove(&(key.0.clone(), id.clone()));
@@ -357,6 +476,7 @@ impl Sessionizer {
         Emitted {
             summary: summary(key, s.start, s.end, s.page_views, s.members.len() as i32),
             version: s.version(),
+            evicted,
         }
     }
 
@@ -371,7 +491,7 @@ impl Sessionizer {
             .ending_before(w.saturating_sub(self.windows.gap_ms));
         due.sort_by_key(|k| self.open.get(k).map_or(0, |s| s.start));
         due.into_iter()
-            .filter_map(|k| self.open.remove(&k).map(|s| self.emit(&k, s)))
+            .filter_map(|k| self.open.remove(&k).map(|s| self.emit(&k, s, None)))
             .collect()
     }
 
@@ -510,7 +630,7 @@ mod tests {
         page_view: bool,
         at: i64,
         offset: i64,
-    ) -> Result<Option<Emitted>, Late> {
+    ) -> Result<Vec<Emitted>, Late> {
         s.add(
             &click(user, &format!("e{offset}"), page_view, at, 1),
             offset,
@@ -521,10 +641,12 @@ mod tests {
         Windows {
             gap_ms: 30 * MIN,
             allowed_lateness_ms: 5 * MIN,
+            limits: Limits::default(),
         }
     }
 
-    /// The end index lists every open session at its end, and nothing else.
+    /// The end indexes list every open session at its end, and nothing else; the holder
+    /// lists every member of an open session, and nothing else.
     fn check_index(s: &Sessionizer) {
         let want: BTreeSet<(i64, UserKey)> = s
             .open
@@ -533,6 +655,114 @@ mod tests {
             .map(|(k, o)| (o.end, k.clone()))
             .collect();
         assert_eq!(s.open.by_end, want);
+        let by_tenant: BTreeSet<(i64, UserKey)> = s
+            .open
+            .by_tenant
+            .iter()
+            .flat_map(|(t, ends)| ends.iter().map(|(e, u)| (*e, (t.clone(), u.clone()))))
+            .collect();
+        assert_eq!(by_tenant, want);
+        assert!(s.open.by_tenant.values().all(|e| !e.is_empty()));
+        let members: usize = s.open.values().map(|o| o.members.len()).sum();
+        assert_eq!(s.holder.len(), members);
+    }
+
+    fn limited(open_sessions: usize, per_tenant: usize, session_events: usize) -> Windows {
+        Windows {
+            limits: Limits {
+                open_sessions,
+                open_sessions_per_tenant: per_tenant,
+                session_events,
+            },
+            ..windows()
+        }
+    }
+
+    fn tenant_click(tenant: &str, user: &str, at: i64, offset: i64) -> Click {
+        Click {
+            tenant: tenant.into(),
+            ..click(user, &format!("e{offset}"), true, at, 1)
+        }
+    }
+
+    #[test]
+    fn a_flood_of_users_keeps_the_open_sessions_at_the_cap() {
+        let mut s = Sessionizer::new(limited(100, 1_000, 10));
+        let mut evicted = Vec::new();
+        for i in 0..10_000i64 {
+            // Within one gap of each other: only the cap closes sessions.
+            let closed = s
+                .add(&tenant_click("t", &format!("u{i}"), i, i), i)
+                .unwrap();
+            assert!(s.open.len() <= 100);
+            evicted.extend(closed);
+        }
+        check_index(&s);
+        assert_eq!(s.open.len(), 100);
+        assert_eq!(evicted.len(), 9_900);
+        assert!(evicted
+            .iter()
+            .all(|e| e.evicted == Some(Eviction::OpenSessions)));
+        // The session that ends first goes first: here, the oldest user.
+        assert_eq!(evicted[0].user_id, "u0");
+        assert_eq!(evicted[9_899].user_id, "u9899");
+        assert!(s.holder.len() <= 100);
+    }
+
+    #[test]
+    fn one_noisy_tenant_evicts_only_its_own_sessions() {
+        let mut s = Sessionizer::new(limited(1_000, 50, 10));
+        for i in 0..10 {
+            s.add(&tenant_click("quiet", &format!("q{i}"), 0, i), i)
+                .unwrap();
+        }
+        let mut evicted = Vec::new();
+        for i in 10..5_000 {
+            evicted.extend(
+                s.add(&tenant_click("noisy", &format!("n{i}"), i, i), i)
+                    .unwrap(),
+            );
+        }
+        check_index(&s);
+        assert_eq!(
+            s.open.tenant_len("quiet"),
+            10,
+            "the quiet tenant keeps its sessions"
+        );
+        assert_eq!(s.open.tenant_len("noisy"), 50);
+        assert_eq!(evicted.len(), 4_990 - 50);
+        assert!(evicted
+            .iter()
+            .all(|e| e.tenant == "noisy" && e.evicted == Some(Eviction::TenantOpenSessions)));
+    }
+
+    #[test]
+    fn a_user_who_never_pauses_gets_sessions_of_at_most_the_cap() {
+        let mut s = Sessionizer::new(limited(100, 100, 10));
+        let mut closed = Vec::new();
+        for i in 0..25 {
+            closed.extend(s.add(&tenant_click("t", "bot", i * 1_000, i), i).unwrap());
+        }
+        assert_eq!(
+            closed.iter().map(|e| e.events).collect::<Vec<_>>(),
+            [10, 10]
+        );
+        assert!(closed
+            .iter()
+            .all(|e| e.evicted == Some(Eviction::SessionEvents)));
+        assert_eq!(
+            s.open
+                .get(&("t".into(), "bot".into()))
+                .unwrap()
+                .members
+                .len(),
+            5
+        );
+        check_index(&s);
+        // Every event is counted once across the sessions.
+        let rest = s.close_all();
+        assert_eq!(rest[0].events, 5);
+        assert_eq!(rest[0].evicted, None);
     }
 
     proptest::proptest! {
@@ -572,6 +802,31 @@ mod tests {
                 got.sort();
                 want.sort();
                 proptest::prop_assert_eq!(got, want);
+                check_index(&s);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives, the limits hold after every event and the indexes agree.
+        #[test]
+        fn the_limits_hold_after_every_event(
+            events in proptest::collection::vec(
+                (0u8..3, 0u8..12, 0u8..40, 0i64..120, 1i64..3),
+                1..300,
+            ),
+        ) {
+            let mut s = Sessionizer::new(limited(6, 3, 4));
+            for (offset, (tenant, user, id, min, version)) in events.into_iter().enumerate() {
+                let c = Click {
+                    tenant: format!("t{tenant}"),
+                    ..click(&format!("u{user}"), &format!("e{id}"), true, min * MIN, version)
+                };
+                let _ = s.add(&c, offset as i64);
+                s.close_due();
+                proptest::prop_assert!(s.open.len() <= 6);
+                proptest::prop_assert!(s.open.by_tenant.values().all(|e| e.len() <= 3));
+                proptest::prop_assert!(s.open.values().all(|o| o.members.len() <= 4));
                 check_index(&s);
             }
         }
@@ -711,7 +966,7 @@ mod tests {
         add(&mut s, "b", true, MIN, 2).unwrap();
         add(&mut s, "a", true, 2 * MIN, 3).unwrap();
         let closed = add(&mut s, "b", true, 40 * MIN, 4).unwrap();
-        assert!(closed.is_some());
+        assert_eq!(closed.len(), 1);
         assert_eq!(
             s.commit_point(5).offset,
             0,
@@ -734,7 +989,7 @@ mod tests {
         add(&mut s, "b", true, MIN, 1).unwrap();
         add(&mut s, "a", true, 2 * MIN, 2).unwrap();
         // a's first session (offsets 0..2) is emitted; b's (from offset 1) stays open.
-        assert!(add(&mut s, "a", true, 40 * MIN, 3).unwrap().is_some());
+        assert_eq!(add(&mut s, "a", true, 40 * MIN, 3).unwrap().len(), 1);
         // Committing 1 would cut a's emitted session: a restart would re-read half of it.
         assert_eq!(s.commit_point(4).offset, 0);
     }

@@ -53,6 +53,13 @@ pub struct IngestConfig {
     /// Longest `X-Source` and `Idempotency-Key` header values, in bytes: they are copied
     /// onto every record of the request.
     pub max_header_value_bytes: usize,
+    /// Refused bodies being drained at once (their own small budget, apart from the
+    /// requests'); a refusal beyond it closes its connection instead. A 401 or 403 is
+    /// never drained: its connection is closed.
+    pub max_draining: usize,
+    /// Open connections; beyond this a new connection is closed at once (idle and
+    /// trickling clients hold a connection each).
+    pub max_connections: usize,
 }
 
 impl Default for IngestConfig {
@@ -72,6 +79,8 @@ impl Default for IngestConfig {
             body_read_timeout_ms: 30_000,
             max_refused_body_bytes: 64 * 1024 * 1024,
             max_header_value_bytes: 256,
+            max_draining: 32,
+            max_connections: 10_000,
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Rejection {
     error: &'static str,
     reason: String,
     retry_after_s: Option<u64>,
+    /// Close the connection after the answer (its body is not read).
+    close: bool,
 }
 
 impl Rejection {
@@ -30,7 +32,14 @@ impl Rejection {
             error,
             reason: reason.into(),
             retry_after_s: None,
+            close: false,
         }
+    }
+
+    /// Answer, then close the connection rather than read the rest of the body.
+    pub(crate) fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub(crate) fn retry_after(mut self, seconds: u64) -> Self {
@@ -60,6 +69,11 @@ impl IntoResponse for Rejection {
         if let Some(s) = self.retry_after_s {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.close {
+            // hyper closes the connection after an answer that says so.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -95,15 +109,22 @@ pub(crate) async fn post_events(
     headers: HeaderMap,
     mut body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), Rejection> {
-    let answer = accept(&ingest, &headers, &mut body).await;
-    // A body that timed out is not arriving: nothing to wait for.
-    if answer
-        .as_ref()
-        .is_err_and(|r| r.status != StatusCode::REQUEST_TIMEOUT)
-    {
-        drain(&mut body, &ingest.config).await;
+    match accept(&ingest, &headers, &mut body).await {
+        Ok(accepted) => Ok(accepted),
+        // A body that timed out is not arriving: nothing to wait for.
+        Err(r) if r.status == StatusCode::REQUEST_TIMEOUT => Err(r),
+        // Who did not authenticate gets no bandwidth: the answer, then the socket closes.
+        Err(r) if matches!(r.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            Err(r.closing())
+        }
+        Err(r) => match ingest.draining.clone().try_acquire_owned() {
+            Ok(_permit) => {
+                drain(&mut body, &ingest.config).await;
+                Err(r)
+            }
+            Err(_) => Err(r.closing()),
+        },
     }
-    answer
 }
 
 /// Read and drop what is left of a refused request's body, at most

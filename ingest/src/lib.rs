@@ -75,6 +75,8 @@ pub struct Ingest {
     body_budget: Arc<tokio::sync::Semaphore>,
     /// `/readyz`'s shared, briefly kept answer.
     readiness: readiness::Readiness,
+    /// Refused bodies being drained (`max_draining`).
+    draining: Arc<tokio::sync::Semaphore>,
 }
 
 impl Ingest {
@@ -97,6 +99,9 @@ impl Ingest {
         let limits = limits::RateLimit::new(&config);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config_permits(&config)));
         let body_budget = Arc::new(tokio::sync::Semaphore::new(kib(config.max_in_flight_bytes)));
+        let draining = Arc::new(tokio::sync::Semaphore::new(
+            config.max_draining.min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Ok(Arc::new(Self {
             producer: RwLock::new(producer),
             kafka: kafka.clone(),
@@ -108,6 +113,7 @@ impl Ingest {
             in_flight,
             body_budget,
             readiness: readiness::Readiness::new(Duration::from_secs(1)),
+            draining,
         }))
     }
 
@@ -143,6 +149,13 @@ impl Ingest {
                 self.config.header_read_timeout_ms.max(1),
             ));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            self.config
+                .max_connections
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+        let refused = metrics::counter!("sluice_ingest_connections_refused_total");
+        refused.increment(0);
         tokio::pin!(shutdown);
         loop {
             let (stream, _) = tokio::select! {
@@ -157,11 +170,18 @@ impl Ingest {
                 },
                 () = &mut shutdown => break,
             };
+            // At the cap the newest connection is closed (dropped) at once: file
+            // descriptors and memory stay bounded whatever clients hold open.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                refused.increment(1);
+                continue;
+            };
             let conn = http.serve_connection(TokioIo::new(stream), service.clone());
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 // Timeouts and resets end here; they concern that client only.
                 let _ = conn.await;
+                drop(permit);
             });
         }
         drop(listener);

@@ -794,13 +794,6 @@ async fn a_large_refused_body_still_gets_its_json_answer() {
                 "body_too_large",
             ),
             (
-                None,
-                "application/x-ndjson",
-                big.clone().into(),
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-            ),
-            (
                 Some(KEY_A),
                 "text/csv",
                 big.clone().into(),
@@ -828,5 +821,222 @@ async fn a_large_refused_body_still_gets_its_json_answer() {
         server.records().await.is_empty(),
         "nothing of a refused request is written"
     );
+    server.shutdown().await;
+}
+
+/// The head of a POST declaring a body of `length` bytes, with `extra` header lines.
+fn post_head(extra: &str, length: usize) -> String {
+    format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\n{extra}Content-Type: application/x-ndjson\r\nContent-Length: {length}\r\n\r\n"
+    )
+}
+
+/// Who does not authenticate gets the answer and a closed connection at once: the body
+/// is not read. It used to be drained like any refused body (up to 64 MiB, for up to
+/// `body_read_timeout_ms`), so an unauthenticated client held a connection and took
+/// bandwidth for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_request_is_answered_and_closed_without_reading_its_body() {
+    let mut config = stack_config();
+    config.ingest.body_read_timeout_ms = 120_000;
+    let server = Server::start(config).await;
+    for (extra, status) in [
+        (String::new(), "401"),
+        ("Authorization: Bearer wrong\r\n".to_string(), "401"),
+        (
+            format!("Authorization: Bearer {KEY_A}\r\nX-Tenant: tenant-b\r\n"),
+            "403",
+        ),
+    ] {
+        let head = post_head(&extra, 10_000_000);
+        let (answer, closed) =
+            raw_exchange(server.addr, head.as_bytes(), Duration::from_secs(20)).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{extra:?}: {answer:?}"
+        );
+        assert!(answer.contains("\"reason\""), "{answer}");
+        assert!(
+            closed,
+            "{extra:?}: the connection stays open, waiting for the body"
+        );
+    }
+    server.shutdown().await;
+}
+
+/// Refused bodies are drained (so a client still sending gets its answer) only within a
+/// small budget of their own: beyond `max_draining`, a refusal closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_bodies_are_drained_within_their_own_budget() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = stack_config();
+    config.ingest.max_draining = 1;
+    config.ingest.max_body_bytes = 100;
+    config.ingest.body_read_timeout_ms = 120_000;
+    let server = Server::start(config).await;
+    let head = post_head(&format!("Authorization: Bearer {KEY_A}\r\n"), 1_000);
+    // The first refusal takes the drain budget: its answer waits for its body.
+    let mut first = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    first.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), first.read(&mut buf))
+            .await
+            .is_err(),
+        "the first refusal is drained before its answer"
+    );
+    // The second finds no budget: answered and closed at once.
+    let (answer, closed) =
+        raw_exchange(server.addr, head.as_bytes(), Duration::from_secs(20)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413") && closed,
+        "{answer:?} closed {closed}"
+    );
+    // The first, its body sent, gets its answer.
+    first.write_all(&[b'x'; 1_000]).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(20), first.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"));
+    server.shutdown().await;
+}
+
+/// Beyond `max_connections` a new connection is closed at once, and counted; when
+/// connections end, clients are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let mut config = stack_config();
+    config.ingest.max_connections = 20;
+    let server = Server::start(config).await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let (answer, closed) = raw_exchange(
+        server.addr,
+        post_head("", 0).as_bytes(),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(answer.is_empty() && closed, "{answer:?}");
+    drop(idle);
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        // The server notices the closed connections on its next read of each.
+        match reqwest::Client::new()
+            .post(server.url("/v1/events"))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/x-ndjson")
+            .body(line)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                status = r.status();
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let refused = metrics_handle().render().lines().find_map(|l| {
+        l.strip_prefix("sluice_ingest_connections_refused_total ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    server.shutdown().await;
+}
+
+/// Median time of `n` authenticated one-line requests, one after another.
+async fn median_post_ms(server: &Server, n: usize) -> f64 {
+    let client = reqwest::Client::new();
+    let line = r#"{"user_id":"u","type":"click","ts":1}"#;
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let r = client
+            .post(server.url("/v1/events"))
+            .bearer_auth(KEY_A)
+            .header("content-type", "application/x-ndjson")
+            .body(line)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    times[n / 2]
+}
+
+/// 5,000 unauthenticated connections trickling their request heads (one byte a second,
+/// within the head timeout) leave an authenticated client served within its usual
+/// latency, and 200 more sending a wrong key are closed without their bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_unauthenticated_connections_do_not_slow_a_real_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TRICKLERS: usize = 5_000;
+    let mut config = stack_config();
+    config.ingest.header_read_timeout_ms = 120_000;
+    config.ingest.body_read_timeout_ms = 120_000;
+    let server = Server::start(config).await;
+    let usual = median_post_ms(&server, 30).await;
+    let stop = CancellationToken::new();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tricklers = Vec::new();
+    for _ in 0..TRICKLERS {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+            .await
+            .unwrap();
+        let (stop, open) = (stop.clone(), open.clone());
+        tricklers.push(tokio::spawn(async move {
+            open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if tcp.write_all(b"a").await.is_err() {
+                    open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            }
+        }));
+    }
+    let wrong_key = post_head("Authorization: Bearer wrong\r\n", 50_000_000);
+    let mut refused = Vec::new();
+    for _ in 0..200 {
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        tcp.write_all(wrong_key.as_bytes()).await.unwrap();
+        refused.push(tcp);
+    }
+    let loaded = median_post_ms(&server, 30).await;
+    let still_open = open.load(std::sync::atomic::Ordering::Relaxed);
+    println!("median authenticated request: {usual:.2} ms alone, {loaded:.2} ms beside {still_open} trickling connections");
+    assert!(
+        still_open >= TRICKLERS * 9 / 10,
+        "only {still_open} tricklers held on"
+    );
+    assert!(
+        loaded < usual * 5.0 + 5.0,
+        "{loaded:.2} ms vs {usual:.2} ms alone"
+    );
+    // Every wrong-key connection was answered 401 and closed, its body never sent.
+    for mut tcp in refused {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut got))
+            .await
+            .expect("closed by the server")
+            .ok();
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"));
+    }
+    stop.cancel();
+    for t in tricklers {
+        t.await.unwrap();
+    }
     server.shutdown().await;
 }

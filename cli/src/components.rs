@@ -613,6 +613,42 @@ pub fn topics(config: &Config) -> Vec<(String, i64)> {
 mod tests {
     use super::*;
 
+    /// Secrets in URLs and librdkafka properties stay out of `Debug` (logs, panics).
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut c = Config::default();
+        c.timescale.url = "postgres://sluice:pg-secret-1@db/x".into();
+        c.enrich.tenants_url = Some("host=db user=u password=pg-secret-2".into());
+        c.elasticsearch.url = "https://elastic:es-secret-3@es:9200".into();
+        c.schemas.registry_url = "https://u:sr-secret-4@sr".into();
+        c.kafka
+            .properties
+            .insert("sasl.password".into(), "kafka-secret-5".into());
+        c.kafka
+            .consumer
+            .insert("ssl.key.password".into(), "kafka-secret-6".into());
+        let shown = format!("{c:?}");
+        for secret in [
+            "pg-secret-1",
+            "pg-secret-2",
+            "es-secret-3",
+            "sr-secret-4",
+            "kafka-secret-5",
+            "kafka-secret-6",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("postgres://sluice:") && shown.contains("sasl.password"),
+            "{shown}"
+        );
+        let auth = sluice_schemas::RegistryAuth::Basic {
+            username: "u".into(),
+            password: "sr-secret-7".into(),
+        };
+        assert!(!format!("{auth:?}").contains("sr-secret-7"));
+    }
+
     #[test]
     fn names_are_unique_per_kind_and_lookups_find_them() {
         for kind in [Kind::Stage, Kind::Sink] {
@@ -699,6 +735,14 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("shared-key"), "{err}");
+        // A tenant named like the archive's place for records without one is refused.
+        let mut c = Config::default();
+        c.ingest.api_keys.push(sluice_ingest::config::ApiKey {
+            tenant: "_unknown".into(),
+            key: "k".into(),
+        });
+        let err = c.check().unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
     }
 
     #[test]

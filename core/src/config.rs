@@ -57,7 +57,7 @@ pub enum ConfigError {
 }
 
 /// Kafka connection settings and librdkafka properties passed through as they are.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
@@ -361,7 +361,7 @@ pub enum SchemaMode {
 }
 
 /// How Avro records are framed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchemasConfig {
     /// `embedded` or `registry`.
@@ -680,3 +680,7 @@ mod tests {
         assert!(k.check_event_size(1024 * 1024).is_ok());
     }
 }
+
+crate::redacted_debug!(KafkaConfig);
+
+crate::redacted_debug!(SchemasConfig);

@@ -33,3 +33,18 @@ static CLOCK_OFFSET_MS: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 });
+
+/// Why `name` cannot be a tenant, if it cannot: names starting with `_` are Sluice's own
+/// (the archive files records without a tenant under `_unknown`), so a tenant named so
+/// would share their place.
+pub fn tenant_name_problem(name: &str) -> Option<String> {
+    if name.trim().is_empty() {
+        Some("a tenant name must not be empty".into())
+    } else if name.starts_with('_') {
+        Some(format!(
+            "tenant {name:?}: names starting with `_` are reserved (the archive's `_unknown`)"
+        ))
+    } else {
+        None
+    }
+}

@@ -126,6 +126,36 @@ pub fn toml_value(value: &mut toml::Value) {
     }
 }
 
+/// Write a settings struct for `Debug` as its redacted TOML (see [`toml_value`]): such
+/// structs hold URLs with passwords and librdkafka properties such as `sasl.password`,
+/// and a derived `Debug` printed them into any log or panic that showed one.
+pub fn debug<T: serde::Serialize>(
+    name: &str,
+    value: &T,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match toml::Value::try_from(value) {
+        Ok(mut v) => {
+            toml_value(&mut v);
+            let text = toml::to_string(&v).unwrap_or_default();
+            write!(f, "{name} {{ {} }}", text.trim().replace('\n', ", "))
+        }
+        Err(_) => write!(f, "{name} {{ .. }}"),
+    }
+}
+
+/// `impl Debug` through [`debug`] for settings structs.
+#[macro_export]
+macro_rules! redacted_debug {
+    ($($t:ty),+ $(,)?) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                $crate::redact::debug(stringify!($t), self, f)
+            }
+        }
+    )+};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

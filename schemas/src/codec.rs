@@ -41,7 +41,17 @@ struct Registered {
     /// Writer schemas met so far by id: `None` when it is this codec's own schema (read
     /// directly), otherwise resolved into it.
     writers: RwLock<HashMap<u32, Option<Arc<Schema>>>>,
+    /// Ids the registry does not have (or holds no valid Avro under), and when it said so:
+    /// a flood of records naming made-up ids asks the registry once per id and
+    /// [`UNKNOWN_ID_TTL`], not once per record.
+    unknown: RwLock<HashMap<u32, (std::time::Instant, crate::RegistryError)>>,
 }
+
+/// How long the registry's "no such schema id" is believed before it is asked again.
+const UNKNOWN_ID_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Most ids remembered as unknown; past it the oldest half is forgotten.
+const MAX_UNKNOWN_IDS: usize = 10_000;
 
 /// Encodes records of `T` in the configured mode and decodes records in either mode.
 pub struct Codec<T> {
@@ -98,6 +108,7 @@ impl<T: AvroRecord> Codec<T> {
                 registry,
                 write_id: Some(id),
                 writers: RwLock::new(HashMap::from([(id, None)])),
+                unknown: RwLock::default(),
             }),
         )
     }
@@ -111,6 +122,7 @@ impl<T: AvroRecord> Codec<T> {
                 registry,
                 write_id: None,
                 writers: RwLock::new(HashMap::new()),
+                unknown: RwLock::default(),
             }),
         )
     }
@@ -183,13 +195,39 @@ impl<T: AvroRecord> Codec<T> {
         {
             return Ok(w.clone());
         }
-        let fetched = r
-            .registry
-            .schema(id)
-            .map_err(|source| CodecError::Registry {
-                name: T::NAME,
-                source,
-            })?;
+        let err = |source| CodecError::Registry {
+            name: T::NAME,
+            source,
+        };
+        if let Some((at, e)) = r
+            .unknown
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            if at.elapsed() < UNKNOWN_ID_TTL {
+                return Err(err(e.clone()));
+            }
+        }
+        let fetched = match r.registry.schema(id) {
+            Ok(schema) => schema,
+            Err(e) => {
+                if !e.is_transient() {
+                    let mut unknown = r
+                        .unknown
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if unknown.len() >= MAX_UNKNOWN_IDS {
+                        let mut ages: Vec<_> = unknown.values().map(|(at, _)| *at).collect();
+                        ages.sort();
+                        let cut = ages[ages.len() / 2];
+                        unknown.retain(|_, (at, _)| *at > cut);
+                    }
+                    unknown.insert(id, (std::time::Instant::now(), e.clone()));
+                }
+                return Err(err(e));
+            }
+        };
         let writer =
             (fetched.canonical_form() != self.schema().canonical_form()).then(|| Arc::new(fetched));
         r.writers

@@ -64,6 +64,20 @@ pub enum RegistryError {
     },
 }
 
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"***")
+                .finish(),
+            Self::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
 impl RegistryError {
     /// Worth retrying later (the registry was unreachable or overloaded).
     pub fn is_transient(&self) -> bool {
@@ -78,7 +92,7 @@ impl RegistryError {
 }
 
 /// How to authenticate to the registry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum RegistryAuth {
     /// No credentials.
     #[default]
@@ -204,7 +218,10 @@ impl SchemaRegistry {
                 .unwrap_or_else(|_| Err(SRCError::new("lookup thread panicked", None, true)))
         });
         let registered = fetched.map_err(|e| {
-            if e.error.contains("404") {
+            // 40403: schema not found (Confluent's code; Apicurio answers the same).
+            if registry_answer(&e).is_some_and(|a| a.error_code == 40403 || a.error_code == 404)
+                || e.error.contains("404")
+            {
                 RegistryError::UnknownId {
                     id,
                     url: self.url(),

@@ -43,6 +43,8 @@ pub struct Relay {
     /// Where clients connect.
     pub addr: SocketAddr,
     down: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Relay {
@@ -53,12 +55,15 @@ impl Relay {
         let mut open = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = open.local_addr().unwrap();
         let watcher = state.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
         tokio::spawn(async move {
             loop {
                 loop {
                     tokio::select! {
                         accepted = open.accept() => {
                             let Ok((mut inbound, _)) = accepted else { continue };
+                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let mut cut = watcher.clone();
                             tokio::spawn(async move {
                                 let Ok(mut outbound) = TcpStream::connect(upstream).await else { return };
@@ -78,7 +83,16 @@ impl Relay {
                 open = TcpListener::bind(addr).await.unwrap();
             }
         });
-        Self { addr, down }
+        Self {
+            addr,
+            down,
+            accepted,
+        }
+    }
+
+    /// Connections it has accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Take the server away (refuse and cut connections), or bring it back.

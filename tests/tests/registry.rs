@@ -328,3 +328,29 @@ async fn evolution_is_read_by_old_and_new_consumers() {
     let failure = sluice_stages::Failure::from(err);
     assert_eq!((failure.class, failure.transient), ("registry", true));
 }
+
+/// Records naming a schema id the registry does not have ask it once per id, not once
+/// per record (a producer writing made-up ids turned every record into a registry
+/// request); each still fails with the registry's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_schema_id_is_asked_for_once() {
+    let registry = StackRegistry::new();
+    let (relay, url) = relayed(&registry).await;
+    let mut config = stack_config();
+    config.schemas.mode = SchemaMode::Registry;
+    config.schemas.registry_url = url;
+    let codec = sluice_schemas::setup::reading_codec::<EnrichedEvent>(&config.schemas).unwrap();
+    let before = relay.connections();
+    for round in 0..200 {
+        let id = 900_000 + round % 2;
+        let err = codec
+            .decode(&frame(id, &[2, 4, 6]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("schema id {id} is not in the registry")),
+            "{err}"
+        );
+    }
+    assert_eq!(relay.connections() - before, 2, "one lookup per unknown id");
+}

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use sluice_core::secret::Secret;
 
 /// The Elasticsearch sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ElasticsearchConfig {
     /// Base URL of the cluster; `https://user:password@host:9200` is basic auth too.
@@ -70,3 +70,5 @@ impl Default for ElasticsearchConfig {
         }
     }
 }
+
+sluice_core::redacted_debug!(ElasticsearchConfig);

@@ -15,7 +15,7 @@ pub enum DbMode {
 }
 
 /// The TimescaleDB / PostgreSQL sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TimescaleConfig {
     /// Connection URL (`postgres://user:pass@host:port/db?sslmode=require`); libpq's
@@ -66,3 +66,5 @@ impl Default for TimescaleConfig {
         }
     }
 }
+
+sluice_core::redacted_debug!(TimescaleConfig);

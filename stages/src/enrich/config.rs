@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// The enrich stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EnrichConfig {
     /// Consumer group.
@@ -46,3 +46,5 @@ impl Default for EnrichConfig {
         }
     }
 }
+
+sluice_core::redacted_debug!(EnrichConfig);

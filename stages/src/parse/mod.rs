@@ -86,6 +86,9 @@ pub enum ParseConfigError {
     /// An empty default tenant or tenant field.
     #[error("parse.{0}: must not be empty")]
     Empty(&'static str),
+    /// The default tenant is a name Sluice keeps for itself.
+    #[error("parse.default_tenant: {0}")]
+    Reserved(String),
     /// An other producer's topic is declared wrongly, or not at all.
     #[error("parse.sources.{topic:?}: {reason}")]
     Source {
@@ -113,6 +116,13 @@ impl ParseRules {
         }
         if config.tenant_field.as_deref() == Some("") {
             return Err(ParseConfigError::Empty("tenant_field"));
+        }
+        if let Some(problem) = config
+            .default_tenant
+            .as_deref()
+            .and_then(sluice_core::tenant_name_problem)
+        {
+            return Err(ParseConfigError::Reserved(problem));
         }
         let ms = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
         Ok(Self {
@@ -253,6 +263,12 @@ impl Parser {
             })?,
             (header, _) => self.tenant(header, &obj)?,
         };
+        // A field-named tenant (a header's is ingest's, checked at its start).
+        if meta.tenant.is_none() {
+            if let Some(problem) = sluice_core::tenant_name_problem(&tenant) {
+                return Err(Failure::new("validation", problem));
+            }
+        }
         Ok(ClickEvent {
             event_id,
             tenant,
@@ -693,6 +709,23 @@ mod tests {
             .parse(line.as_bytes(), foreign)
             .unwrap();
         assert_eq!(e.tenant, "fallback");
+        // `_unknown` is where the archive files records without a tenant: no tenant's.
+        let reserved = r#"{"user_id":"u","type":"t","ts":1,"org":"_unknown"}"#;
+        let f = Parser::new(rules(Some("org"), None))
+            .parse(reserved.as_bytes(), foreign)
+            .unwrap_err();
+        assert!(
+            f.class == "validation" && f.reason.contains("reserved"),
+            "{f}"
+        );
+        let c = config::ParseConfig {
+            default_tenant: Some("_unknown".into()),
+            ..Default::default()
+        };
+        assert!(ParseRules::of(&c, 1024, &[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
         // A header (written by ingest, authenticated) is never overridden by the body.
         let e = Parser::new(rules(Some("org"), None))
             .parse(line.as_bytes(), META)

@@ -84,6 +84,13 @@ fn source(topic: &str, c: &SourceConfig, directory: &[String]) -> Result<Source,
     nonempty(&c.tenant, "tenant")?;
     nonempty(&c.tenant_field, "tenant_field")?;
     nonempty(&c.default_tenant, "default_tenant")?;
+    let named = c.tenant.iter().chain(&c.default_tenant).chain(&c.tenants);
+    if let Some(problem) = named
+        .filter_map(|t| sluice_core::tenant_name_problem(t))
+        .next()
+    {
+        return Err(bad(&problem));
+    }
     let tenant = match (&c.tenant, &c.tenant_field) {
         (Some(_), Some(_)) => return Err(bad("give tenant or tenant_field, not both")),
         (None, None) => {
@@ -266,6 +273,10 @@ mod tests {
             ..SourceConfig::default()
         };
         assert!(declared(&config(&[("logs", both)]), &extra, &[]).is_err());
+        let err = declared(&config(&[("logs", fixed("_unknown"))]), &extra, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved"), "{err}");
     }
 
     #[test]

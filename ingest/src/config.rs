@@ -106,6 +106,13 @@ impl IngestConfig {
         if self.api_keys.iter().any(|k| k.tenant.trim().is_empty()) {
             return Err("ingest.api_keys: a key has an empty tenant".into());
         }
+        if let Some(problem) = self
+            .api_keys
+            .iter()
+            .find_map(|k| sluice_core::tenant_name_problem(&k.tenant))
+        {
+            return Err(format!("ingest.api_keys: {problem}"));
+        }
         // One key, two tenants: whichever matched first would get the other's events.
         for (i, a) in self.api_keys.iter().enumerate() {
             if let Some(b) = self.api_keys[..i]

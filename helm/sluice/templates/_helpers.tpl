@@ -127,16 +127,36 @@ integers, since Sluice's integer settings reject 6.0.
 {{- end }}
 {{- end -}}
 
-{{/* A container's environment: the Secret, the log settings, extra env and envFrom. */}}
+{{/*
+A container's environment: the Secret's keys its component needs (and no others), the
+log settings, extra env and envFrom.
+*/}}
 {{- define "sluice.containerEnv" -}}
 {{- $d := .root.Values.defaults -}}
+{{- $secret := include "sluice.secretName" .root -}}
+{{- $needs := .v.needs | default list -}}
+{{- $keys := list "SLUICE__KAFKA__SECURITY__USERNAME" "SLUICE__KAFKA__SECURITY__PASSWORD" -}}
+{{- if has "registry" $needs -}}
+{{- $keys = concat $keys (list "SLUICE__SCHEMAS__REGISTRY_USERNAME" "SLUICE__SCHEMAS__REGISTRY_PASSWORD") -}}
+{{- end -}}
+{{- if has "timescale" $needs -}}
+{{- $keys = append $keys "SLUICE__TIMESCALE__URL" -}}
+{{- end -}}
+{{- if .ingest -}}
+{{- $keys = append $keys "SLUICE__INGEST__API_KEYS" -}}
+{{- else if not .root.Values.secrets.existingSecret -}}
+{{- $keys = concat $keys (keys .root.Values.secrets.env | sortAlpha) -}}
+{{- end -}}
+{{- with (concat ($d.extraEnvFrom | default list) (.v.extraEnvFrom | default list)) }}
 envFrom:
-  - secretRef:
-      name: {{ include "sluice.secretName" .root }}
-  {{- with (concat ($d.extraEnvFrom | default list) (.v.extraEnvFrom | default list)) }}
   {{- toYaml . | nindent 2 }}
-  {{- end }}
+{{- end }}
 env:
+  {{- range $keys }}
+  - name: {{ . }}
+    valueFrom:
+      secretKeyRef: {name: {{ $secret }}, key: {{ . }}, optional: true}
+  {{- end }}
   - name: RUST_LOG
     value: {{ .v.logLevel | default $d.logLevel | default "info" | quote }}
   - name: SLUICE__LOG__FORMAT
@@ -144,6 +164,50 @@ env:
   {{- with (concat ($d.extraEnv | default list) (.v.extraEnv | default list)) }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
+{{- end -}}
+
+{{/* The database URL with `sslmode=require` unless it names a mode. */}}
+{{- define "sluice.timescaleUrl" -}}
+{{- $url := .Values.secrets.timescaleUrl -}}
+{{- if contains "sslmode=" $url -}}
+{{ $url }}
+{{- else if contains "?" $url -}}
+{{ $url }}&sslmode=require
+{{- else -}}
+{{ $url }}?sslmode=require
+{{- end -}}
+{{- end -}}
+
+{{/*
+Refuse placeholder or empty secrets unless allowInsecureDefaults (a local demo): an
+install with `change-me` keys is open to anyone who read this chart.
+*/}}
+{{- define "sluice.refuseInsecureSecrets" -}}
+{{- $s := .Values.secrets -}}
+{{- if not (or .Values.allowInsecureDefaults $s.existingSecret) -}}
+{{- $bad := list -}}
+{{- if and .Values.ingest.enabled (empty $s.apiKeys) -}}
+{{- $bad = append $bad "secrets.apiKeys is empty" -}}
+{{- end -}}
+{{- range $s.apiKeys -}}
+{{- if or (empty .key) (contains "change-me" .key) -}}
+{{- $bad = append $bad (printf "secrets.apiKeys: the key of tenant %s is %q" .tenant .key) -}}
+{{- end -}}
+{{- end -}}
+{{- if or (empty $s.timescaleUrl) (contains "change-me" $s.timescaleUrl) -}}
+{{- $bad = append $bad "secrets.timescaleUrl holds no password or the placeholder change-me" -}}
+{{- end -}}
+{{- range $user := list "kafka" "registry" -}}
+{{- $name := get $s (printf "%sUsername" $user) -}}
+{{- $password := get $s (printf "%sPassword" $user) -}}
+{{- if and $name (or (empty $password) (contains "change-me" $password)) -}}
+{{- $bad = append $bad (printf "secrets.%sPassword is empty or change-me" $user) -}}
+{{- end -}}
+{{- end -}}
+{{- if $bad -}}
+{{- fail (printf "refusing insecure secrets: %s. Set real ones, or existingSecret, or --set allowInsecureDefaults=true for a local demo." (join "; " $bad)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A container's mounts: the config, the Kafka CA, extra mounts. */}}

@@ -273,33 +273,53 @@ fn finish<C: Consumer<MeteredConsumer>>(
         Err(KafkaError::Transaction(e)) if !e.is_fatal() => {
             tracing::warn!(error = %e, records = done.records, "transaction failed; aborting and reprocessing the batch");
             tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT))?;
-            for (&p, &(first, _)) in &done.offsets {
-                // Leaving: its next owner starts from the last committed offset.
-                if leaving.is_some_and(|l| l.find_partition(&txn.input, p).is_some()) {
-                    continue;
-                }
-                let Err(e) =
+            let leaves = |p| leaving.is_some_and(|l| l.find_partition(&txn.input, p).is_some());
+            rewind(
+                &txn.input,
+                &done.offsets,
+                leaves,
+                |p, first| {
                     consumer.seek(&txn.input, p, Offset::Offset(first), Duration::from_secs(5))
-                else {
-                    continue;
-                };
-                // Still ours: its position is past the aborted records, and the next
-                // transaction would commit over them.
-                if owns(consumer, &txn.input, p) {
-                    return Err(StageError::Rewind {
-                        topic: txn.input.clone(),
-                        partition: p,
-                        offset: first,
-                        source: e,
-                    });
-                }
-                // Revoked meanwhile: its next owner starts from the last committed offset.
-                tracing::debug!(partition = p, error = %e, "rewind skipped: partition revoked");
-            }
+                },
+                |p| owns(consumer, &txn.input, p),
+            )?;
             Ok(StageStats::default())
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Rewind the partitions of an aborted batch to their first offsets (`offsets`: first
+/// and next per partition), all but those `leaving`. A rewind that fails on a partition
+/// still `owned` is an error: its position is past the aborted records, and the next
+/// transaction would commit over them (the stage stops and restarts from its committed
+/// offsets). One that fails on a partition revoked meanwhile is skipped: its next owner
+/// starts from the last committed offset.
+fn rewind(
+    topic: &str,
+    offsets: &HashMap<i32, (i64, i64)>,
+    leaving: impl Fn(i32) -> bool,
+    mut seek: impl FnMut(i32, i64) -> Result<(), KafkaError>,
+    owned: impl Fn(i32) -> bool,
+) -> Result<(), StageError> {
+    for (&p, &(first, _)) in offsets {
+        if leaving(p) {
+            continue;
+        }
+        let Err(e) = seek(p, first) else {
+            continue;
+        };
+        if owned(p) {
+            return Err(StageError::Rewind {
+                topic: topic.to_string(),
+                partition: p,
+                offset: first,
+                source: e,
+            });
+        }
+        tracing::debug!(partition = p, error = %e, "rewind skipped: partition revoked");
+    }
+    Ok(())
 }
 
 /// Whether the consumer still owns `topic` [`partition`]; when its assignment cannot be
@@ -308,4 +328,61 @@ fn owns<C: Consumer<MeteredConsumer>>(consumer: &C, topic: &str, partition: i32)
     consumer
         .assignment()
         .map_or(true, |a| a.find_partition(topic, partition).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    fn failed() -> KafkaError {
+        KafkaError::Seek("Local: Erroneous state".into())
+    }
+
+    /// An aborted batch's partitions go back to their first offsets; a seek that fails on
+    /// a partition still owned stops the stage (its position is past the aborted records),
+    /// one that fails on a partition revoked meanwhile, or one leaving, is left alone.
+    #[test]
+    fn a_failed_rewind_of_an_owned_partition_is_an_error() {
+        let offsets = HashMap::from([(0, (10, 20)), (1, (30, 40)), (2, (50, 60))]);
+        let sought = RefCell::new(Vec::new());
+        let ok = rewind(
+            "t",
+            &offsets,
+            |p| p == 2,
+            |p, first| {
+                sought.borrow_mut().push((p, first));
+                Ok(())
+            },
+            |_| true,
+        );
+        assert!(ok.is_ok());
+        let mut got = sought.take();
+        got.sort();
+        assert_eq!(
+            got,
+            [(0, 10), (1, 30)],
+            "the leaving partition is not sought"
+        );
+
+        let revoked = rewind("t", &offsets, |_| false, |_, _| Err(failed()), |_| false);
+        assert!(
+            revoked.is_ok(),
+            "revoked meanwhile: its next owner starts from the commit"
+        );
+
+        let owned = rewind(
+            "t",
+            &offsets,
+            |_| false,
+            |p, _| if p == 1 { Err(failed()) } else { Ok(()) },
+            |_| true,
+        );
+        match owned {
+            Err(StageError::Rewind {
+                partition, offset, ..
+            }) => assert_eq!((partition, offset), (1, 30)),
+            other => panic!("{other:?}"),
+        }
+    }
 }

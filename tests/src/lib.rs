@@ -509,3 +509,16 @@ pub fn inject_fatal_error<C: rdkafka::ClientContext>(client: &rdkafka::client::C
     };
     assert_eq!(rc, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
 }
+
+/// A memory figure of a process from `/proc/<pid>/status` (`pid` "self" for this one),
+/// such as `VmRSS` or `VmHWM`, in MiB; 0 when it cannot be read.
+pub fn proc_memory_mib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}

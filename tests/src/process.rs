@@ -41,14 +41,7 @@ impl SluiceProcess {
 
     /// Its peak resident memory so far (`VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .map_or(0, |kb| kb / 1024)
+        crate::proc_memory_mib(&self.0.id().to_string(), "VmHWM")
     }
 
     /// The file its stderr (the log) goes to.

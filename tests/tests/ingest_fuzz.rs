@@ -214,14 +214,7 @@ fn every_answer_is_a_202_or_a_clear_4xx() {
     stop.cancel();
 }
 
-/// This process's resident memory (the ingest server runs in it), in MB.
+/// This process's resident memory (the ingest server runs in it), in MiB.
 fn procfs_rss_mb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+    sluice_tests::proc_memory_mib("self", "VmRSS")
 }

@@ -76,6 +76,10 @@ struct Args {
     /// Where to write the results as JSON (default: target/bench-results/pipeline-<time>.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Skip the search: take this as the sustainable maximum (an earlier run's), in events
+    /// per second, and only measure the latencies at its shares (to compare settings).
+    #[arg(long)]
+    max: Option<f64>,
 }
 
 /// The bare rates the pipeline is compared with, events per second.
@@ -668,6 +672,11 @@ async fn run(
     let mut trials = Vec::new();
     let (mut good, mut bad) = (0.0f64, None::<f64>);
     let mut rate = args.start;
+    if let Some(max) = args.max {
+        ensure!(max > 0.0, "--max: {max} is not an events-per-second rate");
+        println!("taking {max:.0} events/s as the sustainable maximum (--max)");
+        (good, bad) = (max, Some(max));
+    }
     while bad.is_none() {
         settle(&load, &watch).await?;
         let t = trial(&load, &watch, rate, hold).await?;
@@ -680,7 +689,8 @@ async fn run(
         trials.push(t);
     }
     let mut high = bad.unwrap_or(rate);
-    for _ in 0..args.steps {
+    let steps = if args.max.is_some() { 0 } else { args.steps };
+    for _ in 0..steps {
         let mid = (good + high) / 2.0;
         settle(&load, &watch).await?;
         let t = trial(&load, &watch, mid, hold).await?;

@@ -510,6 +510,16 @@ pub fn inject_fatal_error<C: rdkafka::ClientContext>(client: &rdkafka::client::C
     assert_eq!(rc, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
 }
 
+/// The text a `/metrics` endpoint at `addr` serves; `None` when it does not answer.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> Option<String> {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
 /// A memory figure of a process from `/proc/<pid>/status` (`pid` "self" for this one),
 /// such as `VmRSS` or `VmHWM`, in MiB; 0 when it cannot be read.
 pub fn proc_memory_mib(pid: &str, field: &str) -> u64 {

@@ -39,12 +39,9 @@ async fn documented_metrics_are_exported() {
     demo::run_pipeline(config, &options).await.unwrap();
 
     // Ingest's requests go through HTTP in the demo; its counters share the recorder.
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    let text = sluice_tests::metrics_text(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .expect("the demo's metrics endpoint answers");
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
         .unwrap();
     let documented: Vec<&str> = doc

@@ -15,12 +15,7 @@ use sluice_tests::{create_topics, sluice_bin, stack_config, unique};
 type Sample = (String, BTreeMap<String, String>, f64);
 
 async fn scrape(addr: SocketAddr) -> Option<Vec<Sample>> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = sluice_tests::metrics_text(addr).await?;
     Some(text.lines().filter_map(sample).collect())
 }
 

@@ -546,12 +546,7 @@ async fn racing_session_writers_leave_one_version() {
 
 /// The value of the sample `name{labels}` (labels as Prometheus writes them) at `addr`.
 async fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = sluice_tests::metrics_text(addr).await?;
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }

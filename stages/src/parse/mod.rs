@@ -256,11 +256,7 @@ impl Parser {
             }
         }
         let tenant = match (meta.tenant, meta.source) {
-            (None, Some(source)) => source.tenant(|field| match obj.get(field) {
-                None | Some(Value::Null) => sources::FieldValue::Absent,
-                Some(Value::String(t)) if !t.is_empty() => sources::FieldValue::Text(t.clone()),
-                Some(other) => sources::FieldValue::Other(kind(other)),
-            })?,
+            (None, Some(source)) => source.tenant(|field| tenant_field(&obj, field))?,
             (header, _) => self.tenant(header, &obj)?,
         };
         // A field-named tenant (a header's is ingest's, checked at its start).
@@ -293,16 +289,15 @@ impl Parser {
             return Ok(t.to_string());
         }
         if let Some(field) = &self.rules.tenant_field {
-            match obj.get(field) {
-                Some(Value::String(t)) if !t.is_empty() => return Ok(t.clone()),
-                None | Some(Value::Null) => {}
-                Some(other) => {
+            match tenant_field(obj, field) {
+                sources::FieldValue::Text(t) => return Ok(t),
+                sources::FieldValue::Absent => {}
+                sources::FieldValue::Other(kind) => {
                     return Err(Failure::new(
                         "validation",
                         format!(
-                        "field `{field}` (parse.tenant_field): expected a non-empty string, got {}",
-                        kind(other)
-                    ),
+                            "field `{field}` (parse.tenant_field): expected a non-empty string, got {kind}"
+                        ),
                     ))
                 }
             }
@@ -468,6 +463,15 @@ impl Transform for Parser {
             payload,
             headers: out_headers,
         }])
+    }
+}
+
+/// A record's tenant field as a tenant: text, absent (or null), or something else.
+fn tenant_field(obj: &Fields<'_>, field: &str) -> sources::FieldValue {
+    match obj.get(field) {
+        None | Some(Value::Null) => sources::FieldValue::Absent,
+        Some(Value::String(t)) if !t.is_empty() => sources::FieldValue::Text(t.clone()),
+        Some(other) => sources::FieldValue::Other(kind(other)),
     }
 }
 

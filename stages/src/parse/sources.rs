@@ -77,13 +77,10 @@ fn source(topic: &str, c: &SourceConfig, directory: &[String]) -> Result<Source,
         topic: topic.to_string(),
         reason: reason.to_string(),
     };
-    let nonempty = |v: &Option<String>, what: &str| match v.as_deref() {
-        Some("") => Err(bad(&format!("{what} must not be empty"))),
-        _ => Ok(()),
-    };
-    nonempty(&c.tenant, "tenant")?;
-    nonempty(&c.tenant_field, "tenant_field")?;
-    nonempty(&c.default_tenant, "default_tenant")?;
+    if c.tenant_field.as_deref() == Some("") {
+        return Err(bad("tenant_field must not be empty"));
+    }
+    // Tenant names, empty ones included, are judged by the one rule for every tenant.
     let named = c.tenant.iter().chain(&c.default_tenant).chain(&c.tenants);
     if let Some(problem) = named
         .filter_map(|t| sluice_core::tenant_name_problem(t))
@@ -277,6 +274,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("reserved"), "{err}");
+        let err = declared(&config(&[("logs", fixed(""))]), &extra, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must not be empty"), "{err}");
     }
 
     #[test]

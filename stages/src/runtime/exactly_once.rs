@@ -333,7 +333,6 @@ fn owns<C: Consumer<MeteredConsumer>>(consumer: &C, topic: &str, partition: i32)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
 
     fn failed() -> KafkaError {
         KafkaError::Seek("Local: Erroneous state".into())
@@ -345,22 +344,21 @@ mod tests {
     #[test]
     fn a_failed_rewind_of_an_owned_partition_is_an_error() {
         let offsets = HashMap::from([(0, (10, 20)), (1, (30, 40)), (2, (50, 60))]);
-        let sought = RefCell::new(Vec::new());
+        let mut sought = Vec::new();
         let ok = rewind(
             "t",
             &offsets,
             |p| p == 2,
             |p, first| {
-                sought.borrow_mut().push((p, first));
+                sought.push((p, first));
                 Ok(())
             },
             |_| true,
         );
         assert!(ok.is_ok());
-        let mut got = sought.take();
-        got.sort();
+        sought.sort();
         assert_eq!(
-            got,
+            sought,
             [(0, 10), (1, 30)],
             "the leaving partition is not sought"
         );
